@@ -140,10 +140,10 @@ class BatchTopK(TopK):
                  per_layer: bool):
         super().__init__(k, k_aux, aux_coef)
         self.threshold_momentum, self.per_layer = threshold_momentum, per_layer
-        self.threshold: Tensor | None = None  # [L, F] buffer, registered by init_threshold
+        self.register_buffer("threshold", None)  # [L, F], sized by init_threshold; < 0 = not yet estimated
 
     def init_threshold(self, n_layers: int, n_latents: int) -> None:
-        self.register_buffer("threshold", torch.full((n_layers, n_latents), -1.0))
+        self.threshold = torch.full((n_layers, n_latents), -1.0)
 
     def forward(self, pre_BLF: Tensor) -> Latents:
         if not self.training:

@@ -1,0 +1,69 @@
+"""Checkpoints that load without Hydra: `dictionary.safetensors` (normalisation folded in),
+`config.yaml` (the resolved run config), `metadata.json`, and `trainer_state.pt` for resume.
+
+A checkpoint directory is replaced whole: written to a temporary sibling, then swapped in by
+rename, so a crash mid-write leaves the previous checkpoint intact.
+"""
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file, save_file
+
+from nn_decomp.coder import SparseCoder
+
+WEIGHTS, CONFIG, METADATA, TRAINER_STATE = "dictionary.safetensors", "config.yaml", "metadata.json", "trainer_state.pt"
+
+
+def build_coder(cfg: DictConfig, d_in: int, d_out: int) -> SparseCoder:
+    """The one place a config becomes a SparseCoder: arch picks the switches, act the module."""
+    act = instantiate(cfg.act)
+    arch = cfg.arch.name
+    return SparseCoder(d_in, d_out, cfg.arch.n_latents, len(cfg.arch.layers), act,
+                       cross_layer=arch == "clt", skip=arch == "skip_transcoder",
+                       dec_init_norm=cfg.arch.dec_init_norm, tied_init=arch == "sae")
+
+
+def save_checkpoint(path: Path, coder: SparseCoder, cfg: DictConfig, metadata: dict,
+                    trainer_state: dict | None = None) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tensors = {name: t.detach().contiguous().cpu() for name, t in coder.state_dict().items()}
+    save_file(tensors, tmp / WEIGHTS)
+    (tmp / CONFIG).write_text(OmegaConf.to_yaml(cfg))
+    (tmp / METADATA).write_text(json.dumps(metadata, indent=2))
+    if trainer_state is not None:
+        torch.save(trainer_state, tmp / TRAINER_STATE)
+    old = path.with_name(path.name + ".old")
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_config(path: Path) -> tuple[DictConfig, dict]:
+    path = Path(path)
+    if not (path / WEIGHTS).exists():
+        raise FileNotFoundError(
+            f"{path} is not a checkpoint (no {WEIGHTS}); pass a run's checkpoint dir, e.g. outputs/runs/.../checkpoint")
+    return OmegaConf.load(path / CONFIG), json.loads((path / METADATA).read_text())
+
+
+def load_dictionary(path: str | Path, device: str | torch.device = "cpu") -> SparseCoder:
+    """Rebuild the trained coder from its checkpoint directory alone. It maps raw activations at
+    `metadata['hooks_in']` to raw activations at `metadata['hooks_out']`."""
+    cfg, meta = read_config(path)
+    coder = build_coder(cfg, meta["d_in"], meta["d_out"])
+    state = load_file(Path(path) / WEIGHTS, device=str(device))
+    expected = {k: tuple(v.shape) for k, v in coder.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state.items()}
+    if expected != found:
+        raise ValueError(f"{path}: weights do not match its config.yaml (expected {expected}, found {found}); "
+                         "the checkpoint was edited or written by another version")
+    coder.load_state_dict(state)
+    return coder.to(device).eval()

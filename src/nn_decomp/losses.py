@@ -1,0 +1,69 @@
+"""Training objective and reconstruction metrics, shared by every architecture and activation."""
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from nn_decomp.activations import Latents
+from nn_decomp.coder import CoderOutput, SparseCoder
+
+
+class LossOutput(NamedTuple):
+    """loss: the scalar optimised. recon: Σ_d (y−ŷ)² per token, averaged over tokens and target
+    layers. sparsity: the activation's penalty. aux: AuxK dead-latent loss (unweighted).
+    fvu_L, l0_L: per-layer metrics, detached."""
+
+    loss: Tensor
+    recon: Tensor
+    sparsity: Tensor
+    aux: Tensor
+    fvu_L: Tensor
+    l0_L: Tensor
+
+
+def squared_error(recon_BLD: Tensor, y_BLD: Tensor) -> Tensor:
+    return (y_BLD - recon_BLD).pow(2).sum(-1).mean()
+
+
+def fvu(recon_BLD: Tensor, y_BLD: Tensor) -> Tensor:
+    """[L] fraction of variance unexplained = NMSE, centred: Σ(y−ŷ)² / Σ(y−ȳ)² over batch and dims."""
+    residual = (y_BLD - recon_BLD).pow(2).sum((0, 2))
+    total = (y_BLD - y_BLD.mean(0)).pow(2).sum((0, 2))
+    return residual / total
+
+
+def explained_variance(recon_BLD: Tensor, y_BLD: Tensor) -> Tensor:
+    """[L] 1 − Var(y−ŷ)/Var(y): unlike 1−FVU, a constant offset in ŷ is not counted as error."""
+    return 1 - (y_BLD - recon_BLD).var(0).sum(-1) / y_BLD.var(0).sum(-1)
+
+
+def aux_k_loss(coder: SparseCoder, pre_BLF: Tensor, residual_BLD: Tensor, dead_LF: Tensor,
+               k_aux: int) -> Tensor:
+    """AuxK (Gao et al. 2024, App. B.1): the top k_aux dead latents reconstruct the residual
+    error of the live ones, which gives dead latents a gradient. Same scale as the
+    reconstruction loss, scaled down when fewer than k_aux latents are dead (as in sparsify)."""
+    n_dead = int(dead_LF.sum())
+    if n_dead == 0:
+        return pre_BLF.new_zeros(())
+    k = min(k_aux, int(dead_LF.sum(-1).max()))
+    dead_pre_BLF = torch.where(dead_LF, pre_BLF, -torch.inf)
+    values, indices = dead_pre_BLF.topk(k, dim=-1, sorted=False)
+    aux_latents = Latents(torch.relu(values), indices, pre_BLF.shape[-1])
+    residual_hat = coder.decode(aux_latents, bias=False)
+    scale = min(n_dead / (k_aux * coder.n_layers), 1.0)
+    return scale * squared_error(residual_hat, residual_BLD.detach())
+
+
+def coder_loss(coder: SparseCoder, out: CoderOutput, y_BLD: Tensor, dead_LF: Tensor | None) -> LossOutput:
+    act = coder.activation
+    recon = squared_error(out.recon, y_BLD)
+    sparsity = act.penalty(out.pre_acts, out.latents, coder.decoder_norm())
+    aux = out.recon.new_zeros(())
+    loss = recon + sparsity
+    if act.uses_aux_loss and dead_LF is not None:
+        k_aux = act.k_aux or coder.d_out // 2
+        aux = aux_k_loss(coder, out.pre_acts, y_BLD - out.recon, dead_LF, k_aux)
+        loss = loss + act.aux_coef * aux
+    with torch.no_grad():
+        fvu_L, l0_L = fvu(out.recon, y_BLD), out.latents.l0()
+    return LossOutput(loss, recon, sparsity, aux, fvu_L, l0_L)

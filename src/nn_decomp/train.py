@@ -1,0 +1,278 @@
+"""`python -m nn_decomp.train [overrides]`: train one dictionary; `--multirun` sweeps.
+
+`train(cfg)` is a plain function (tests and sweeps call it directly); `main` only adds Hydra.
+"""
+import json
+import math
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from nn_decomp import config  # noqa: F401  (registers the schemas with Hydra's ConfigStore)
+from nn_decomp.checkpoint import TRAINER_STATE, build_coder, save_checkpoint
+from nn_decomp.coder import SparseCoder
+from nn_decomp.data import load_texts, split_documents, token_contexts
+from nn_decomp.logger import MetricsLogger
+from nn_decomp.losses import coder_loss, explained_variance, fvu
+from nn_decomp.models import load_model, resolve_device
+from nn_decomp.store import ActivationsStore, check_hooks
+
+
+def validate(cfg: DictConfig) -> None:
+    """Run every schema's checks on the composed config, plus the cross-group ones, before any
+    model is loaded."""
+    for group in ("arch", "act", "model", "data", "train", "logger"):
+        OmegaConf.to_object(cfg[group])
+    k = cfg.act.get("k")
+    assert k is None or k < cfg.arch.n_latents, (
+        f"act.k={k} must be < arch.n_latents={cfg.arch.n_latents}: lower act.k or raise arch.n_latents")
+
+
+def resolved(cfg: DictConfig, run_dir: Path) -> DictConfig:
+    """A fully resolved copy, so the saved config.yaml needs neither Hydra nor the environment."""
+    cfg = cfg.copy()
+    cfg.paths.output_dir = str(run_dir)
+    OmegaConf.resolve(cfg)
+    return cfg
+
+
+def lr_lambda(step: int, warmup_steps: int, total_steps: int, decay_fraction: float, decay: str) -> float:
+    """Linear warmup, constant, then decay to 0 over the last `decay_fraction` of training."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay_start = total_steps * (1 - decay_fraction)
+    if step < decay_start or decay_fraction == 0:
+        return 1.0
+    progress = min((step - decay_start) / (total_steps - decay_start), 1.0)
+    return 1 - progress if decay == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def geometric_median(points_ND: torch.Tensor, n_iter: int = 50) -> torch.Tensor:
+    """Weiszfeld's algorithm: the point minimising the summed distance to all points."""
+    median_D = points_ND.mean(0)
+    for _ in range(n_iter):
+        weights_N = 1 / (points_ND - median_D).norm(dim=-1).clamp(min=1e-8)
+        median_D = (weights_N[:, None] * points_ND).sum(0) / weights_N.sum()
+    return median_D
+
+
+def make_store(cfg: DictConfig, model, texts, device, seed: int) -> ActivationsStore:
+    contexts = token_contexts((row[cfg.data.column] for row in texts), model.tokenizer,
+                              cfg.data.context_size, cfg.data.prepend_bos)
+    tok = model.tokenizer
+    exclude = {t for t in (tok.bos_token_id, tok.pad_token_id, tok.eos_token_id) if t is not None}
+    return ActivationsStore(model, contexts, cfg.arch.hooks_in, cfg.arch.hooks_out, cfg.train.batch_size,
+                            cfg.data.buffer_tokens, cfg.data.lm_batch_size, device,
+                            exclude_token_ids=sorted(exclude), seed=seed)
+
+
+def take_tokens(store: ActivationsStore, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    batches = [store.next_batch() for _ in range(max(n_tokens // store.batch_size, 1))]
+    return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+
+
+def norm_scale(acts_NLD: torch.Tensor) -> torch.Tensor:
+    """[L] factor s so that E‖s·x‖² = d for each layer."""
+    return (acts_NLD.shape[-1] / acts_NLD.pow(2).sum(-1).mean(0)).sqrt()
+
+
+@torch.no_grad()
+def evaluate_coder(coder: SparseCoder, x_NLD, y_NLD, batch_size: int) -> dict:
+    """Reconstruction and sparsity on a fixed held-out set (eval mode: BatchTopK uses its threshold)."""
+    was_training = coder.training
+    coder.eval()
+    outs = [coder(x) for x in x_NLD.split(batch_size)]
+    coder.train(was_training)
+    recon = torch.cat([o.recon for o in outs])
+    l0_L = torch.stack([o.latents.l0() for o in outs]).mean(0)
+    fired_LF = torch.stack([o.latents.fired() for o in outs]).any(0)
+    fvu_L, ev_L = fvu(recon, y_NLD), explained_variance(recon, y_NLD)
+    metrics = {"nmse": fvu_L.mean().item(), "explained_variance": ev_L.mean().item(),
+               "mse": (y_NLD - recon).pow(2).mean().item(), "l0": l0_L.sum().item(),
+               "dead_fraction_eval": 1 - fired_LF.float().mean().item()}
+    if coder.n_layers > 1:
+        metrics |= {f"nmse/layer{i}": v.item() for i, v in enumerate(fvu_L)}
+        metrics |= {f"l0/layer{i}": v.item() for i, v in enumerate(l0_L)}
+    return metrics
+
+
+class Trainer:
+    """State of one training run; `train_encoder` drives it. Everything resume needs is in
+    `state_dict`."""
+
+    def __init__(self, cfg: DictConfig, coder: SparseCoder, total_steps: int, scale_in_L, scale_out_L):
+        tc = cfg.train
+        self.cfg, self.coder, self.total_steps = cfg, coder, total_steps
+        self.scale_in_L, self.scale_out_L = scale_in_L, scale_out_L
+        self.optimizer = instantiate(tc.optimizer)(coder.parameters())
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_lambda(s, tc.warmup_steps, total_steps, tc.decay_fraction, tc.decay))
+        self.step, self.tokens_seen = 0, 0
+        self.tokens_since_fired_LF = torch.zeros(coder.n_layers, coder.n_latents, dtype=torch.long,
+                                                 device=scale_in_L.device)
+
+    def dead_LF(self) -> torch.Tensor:
+        return self.tokens_since_fired_LF >= self.cfg.train.dead_tokens
+
+    def train_step(self, x_BLD, y_BLD):
+        coder, act = self.coder, self.coder.activation
+        out = coder(x_BLD * self.scale_in_L[:, None])
+        losses = coder_loss(coder, out, y_BLD * self.scale_out_L[:, None], self.dead_LF())
+        if not torch.isfinite(losses.loss):
+            raise FloatingPointError(
+                f"loss is {losses.loss.item()} at step {self.step}; the last good checkpoint is kept. "
+                "Lower train.optimizer.lr or the sparsity coefficient and resume with train.resume=true")
+        self.optimizer.zero_grad(set_to_none=True)
+        losses.loss.backward()
+        if act.unit_norm_decoder:
+            coder.remove_parallel_decoder_grad()
+        torch.nn.utils.clip_grad_norm_(coder.parameters(), self.cfg.train.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        if act.unit_norm_decoder:
+            coder.set_decoder_norm(1.0)
+        self.tokens_since_fired_LF += x_BLD.shape[0]
+        self.tokens_since_fired_LF[out.latents.fired()] = 0
+        self.step += 1
+        self.tokens_seen += x_BLD.shape[0]
+        return losses
+
+    def state_dict(self) -> dict:
+        return {"coder": self.coder.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "step": self.step, "tokens_seen": self.tokens_seen,
+                "tokens_since_fired": self.tokens_since_fired_LF, "scale_in": self.scale_in_L,
+                "scale_out": self.scale_out_L, "torch_rng": torch.get_rng_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.coder.load_state_dict(state["coder"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.tokens_since_fired_LF.copy_(state["tokens_since_fired"])
+        self.scale_in_L.copy_(state["scale_in"])
+        self.scale_out_L.copy_(state["scale_out"])
+        torch.set_rng_state(state["torch_rng"])
+
+
+def folded_copy(trainer: Trainer) -> SparseCoder:
+    """The coder as saved: a copy with the normalisation folded into its weights."""
+    cfg, coder = trainer.cfg, trainer.coder
+    folded = build_coder(cfg, coder.d_in, coder.d_out).to(trainer.scale_in_L.device)
+    folded.load_state_dict(coder.state_dict())
+    folded.fold_scales(trainer.scale_in_L, trainer.scale_out_L)
+    return folded
+
+
+def write_checkpoint(trainer: Trainer, run_dir: Path, metadata: dict) -> None:
+    meta = metadata | {"tokens_seen": trainer.tokens_seen, "step": trainer.step}
+    save_checkpoint(run_dir / "checkpoint", folded_copy(trainer), trainer.cfg, meta, trainer.state_dict())
+
+
+def train_encoder(trainer: Trainer, store: ActivationsStore, eval_set, run_dir: Path, metadata: dict,
+                  logger: MetricsLogger) -> dict:
+    """The one training loop for every architecture and activation."""
+    tc = trainer.cfg.train
+    x_eval, y_eval = eval_set
+    scaled_eval = (x_eval * trainer.scale_in_L[:, None], y_eval * trainer.scale_out_L[:, None])
+    last_steps = trainer.total_steps if tc.max_steps is None else min(tc.max_steps, trainer.total_steps)
+    progress = tqdm(total=trainer.total_steps, initial=trainer.step, desc="train", mininterval=2)
+    eval_metrics = {}
+    while trainer.step < last_steps:
+        x_BLD, y_BLD = store.next_batch()
+        losses = trainer.train_step(x_BLD, y_BLD)
+        progress.update(1)
+        if trainer.step % tc.log_every == 0 or trainer.step == last_steps:
+            row = {"loss": losses.loss.item(), "recon": losses.recon.item(), "sparsity": losses.sparsity.item(),
+                   "aux": losses.aux.item(), "nmse": losses.fvu_L.mean().item(), "l0": losses.l0_L.sum().item(),
+                   "dead_fraction": trainer.dead_LF().float().mean().item(),
+                   "lr": trainer.scheduler.get_last_lr()[0], "tokens": trainer.tokens_seen}
+            logger.log("train", row, trainer.step)
+            progress.set_postfix(loss=f"{row['loss']:.3g}", l0=f"{row['l0']:.1f}", nmse=f"{row['nmse']:.3f}")
+        if trainer.step % tc.eval_every == 0 or trainer.step == last_steps:
+            eval_metrics = evaluate_coder(trainer.coder, *scaled_eval, tc.batch_size)
+            eval_metrics["dead_fraction"] = trainer.dead_LF().float().mean().item()
+            logger.log("eval", eval_metrics, trainer.step)
+        if trainer.step % tc.checkpoint_every == 0 or trainer.step == last_steps:
+            write_checkpoint(trainer, run_dir, metadata | {"eval": eval_metrics})
+    progress.close()
+    return eval_metrics
+
+
+def setup(cfg: DictConfig):
+    """Everything before the first step: model, stores, normalisation, coder. Fails fast."""
+    validate(cfg)
+    device = resolve_device(cfg.train.device)
+    torch.manual_seed(cfg.train.seed)
+    n_needed = max(cfg.arch.layers) + 1
+    model = load_model(cfg.model.name, cfg.model.device, cfg.model.dtype,
+                       cfg.model.first_n_layers or n_needed, cfg.model.cache_dir)
+    assert n_needed <= model.cfg.n_layers, (
+        f"arch.layers={list(cfg.arch.layers)} out of range: {cfg.model.name} has {model.cfg.n_layers} layers")
+    check_hooks(model, cfg.arch.hooks_in + cfg.arch.hooks_out)
+    texts = load_texts(cfg.data.source, cfg.data.path, cfg.data.name, cfg.data.split, cfg.data.column,
+                       cfg.data.streaming)
+    train_texts, eval_texts = split_documents(texts, cfg.data.eval_fraction, cfg.train.seed)
+    eval_store = make_store(cfg, model, eval_texts, device, seed=cfg.train.seed + 1)
+    eval_set = take_tokens(eval_store, cfg.train.eval_tokens)
+    store = make_store(cfg, model, train_texts, device, seed=cfg.train.seed)
+    return model, store, eval_set, device
+
+
+def init_coder(cfg: DictConfig, store: ActivationsStore, device) -> tuple[SparseCoder, torch.Tensor, torch.Tensor]:
+    """Build the coder, then set normalisation scales and the decoder bias from the first batches
+    of the training stream (deterministic, so a resumed run re-draws the same ones)."""
+    x_NLD, y_NLD = take_tokens(store, 8 * cfg.train.batch_size)
+    d_in, d_out = x_NLD.shape[-1], y_NLD.shape[-1]
+    ones = torch.ones(x_NLD.shape[1], device=device)
+    scale_in = norm_scale(x_NLD) if cfg.train.normalize_activations else ones
+    scale_out = norm_scale(y_NLD) if cfg.train.normalize_activations else ones.clone()
+    coder = build_coder(cfg, d_in, d_out).to(device)
+    y_NLD = y_NLD * scale_out[:, None]
+    with torch.no_grad():
+        if cfg.train.b_dec_init == "mean":
+            coder.b_dec.copy_(y_NLD.mean(0))
+        elif cfg.train.b_dec_init == "geometric_median":
+            coder.b_dec.copy_(torch.stack([geometric_median(y_NLD[:, i]) for i in range(y_NLD.shape[1])]))
+    return coder, scale_in, scale_out
+
+
+def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
+    """Train one dictionary as `cfg` says; returns the final eval metrics. Writes checkpoint/,
+    metrics.json and metrics.jsonl into `run_dir` (default: the Hydra run dir)."""
+    run_dir = Path(run_dir or cfg.paths.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg = resolved(cfg, run_dir)
+    start = time.time()
+    model, store, eval_set, device = setup(cfg)
+    coder, scale_in, scale_out = init_coder(cfg, store, device)
+    total_steps = cfg.train.n_tokens // cfg.train.batch_size
+    trainer = Trainer(cfg, coder, total_steps, scale_in, scale_out)
+    ckpt_state = run_dir / "checkpoint" / TRAINER_STATE
+    if cfg.train.resume:
+        assert ckpt_state.exists(), f"train.resume=true but {ckpt_state} does not exist: train without resume first"
+        trainer.load_state_dict(torch.load(ckpt_state, map_location=device, weights_only=False))
+        for _ in range(trainer.step):  # replay the activation stream so the run continues exactly
+            store.next_batch()
+    metadata = {"model": cfg.model.name, "arch": cfg.arch.name, "act": type(coder.activation).__name__.lower(),
+                "layers": list(cfg.arch.layers), "hooks_in": cfg.arch.hooks_in, "hooks_out": cfg.arch.hooks_out,
+                "d_in": coder.d_in, "d_out": coder.d_out, "n_latents": coder.n_latents}
+    logger = MetricsLogger(cfg, run_dir)
+    final = train_encoder(trainer, store, eval_set, run_dir, metadata, logger)
+    final |= {"tokens_seen": trainer.tokens_seen, "steps": trainer.step, "wall_time_s": time.time() - start}
+    (run_dir / "metrics.json").write_text(json.dumps(final, indent=2))
+    logger.finish()
+    return final
+
+
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()
