@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 ARCHS = ("sae", "transcoder", "skip_transcoder", "clt")
 
@@ -183,6 +183,16 @@ class LoggerConfig:
     def __post_init__(self):
         assert self.name in ("none", "wandb"), f"logger.name={self.name!r}: use none or wandb"
         assert self.mode in ("online", "offline", "disabled"), f"logger.mode={self.mode!r}"
+
+
+def validate(cfg: DictConfig) -> None:
+    """Run every schema's checks on the composed config, plus the cross-group ones, before any
+    model is loaded."""
+    for group in ("arch", "act", "model", "data", "train", "logger"):
+        OmegaConf.to_object(cfg[group])
+    k = cfg.act.get("k")
+    assert k is None or k < cfg.arch.n_latents, (
+        f"act.k={k} must be < arch.n_latents={cfg.arch.n_latents}: lower act.k or raise arch.n_latents")
 
 
 def register_configs() -> None:

@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from nn_decomp import config  # noqa: F401  (registers the schemas with Hydra's ConfigStore)
+from nn_decomp.config import validate
 from nn_decomp.checkpoint import TRAINER_STATE, build_coder, save_checkpoint
 from nn_decomp.coder import SparseCoder
 from nn_decomp.data import load_texts, split_documents, token_contexts
@@ -21,16 +21,6 @@ from nn_decomp.logger import MetricsLogger
 from nn_decomp.losses import coder_loss, explained_variance, fvu
 from nn_decomp.models import load_model, resolve_device
 from nn_decomp.store import ActivationsStore, check_hooks
-
-
-def validate(cfg: DictConfig) -> None:
-    """Run every schema's checks on the composed config, plus the cross-group ones, before any
-    model is loaded."""
-    for group in ("arch", "act", "model", "data", "train", "logger"):
-        OmegaConf.to_object(cfg[group])
-    k = cfg.act.get("k")
-    assert k is None or k < cfg.arch.n_latents, (
-        f"act.k={k} must be < arch.n_latents={cfg.arch.n_latents}: lower act.k or raise arch.n_latents")
 
 
 def resolved(cfg: DictConfig, run_dir: Path) -> DictConfig:
