@@ -1,0 +1,142 @@
+"""Activations of a TransformerLens model, streamed into shuffled (x, y) training batches."""
+import difflib
+import re
+from collections.abc import Iterable, Sequence
+from itertools import islice
+
+import torch
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+
+def check_hooks(model: HookedTransformer, hooks: list[str]) -> None:
+    """Fail on a misspelt hook name before any compute is spent."""
+    for hook in hooks:
+        if hook not in model.hook_dict:
+            close = difflib.get_close_matches(hook, list(model.hook_dict), n=5)
+            raise ValueError(f"hook {hook!r} not in {model.cfg.model_name}; close matches: {close}")
+
+
+def hook_layer(hook: str) -> int:
+    """Block a hook lives in: "blocks.7.ln2.hook_normalized" -> 7.
+
+    Top-level hooks such as "hook_embed" run before block 0 and give -1.
+    """
+    match = re.match(r"blocks\.(\d+)\.", hook)
+    if match:
+        return int(match[1])
+    if hook.startswith("hook_"):
+        return -1
+    raise ValueError(f"hook {hook!r} is not inside a block; use a blocks.N.* or hook_embed hook")
+
+
+class ActivationsStore:
+    """Iterator of (x_BLD, y_BLD) batches of activations at hooks_in and hooks_out.
+
+    x_BLD: [batch_size, len(hooks_in), d_in], y_BLD: [batch_size, len(hooks_out), d_out], on
+    `device` in `dtype`. When hooks_in == hooks_out (an SAE) activations are computed once and
+    y_BLD is the same tensor object as x_BLD.
+
+    Positions whose token id is in exclude_token_ids (BOS, pad) are dropped. Rows go through a
+    mixing buffer on the model's device: whenever it is below half of buffer_tokens it is refilled
+    (to at least buffer_tokens rows) by running the LM on lm_batch_size contexts at a time, then
+    shuffled by a generator seeded with `seed`, so equal seeds give equal batches.
+
+    Once `contexts` is exhausted the buffer is drained and then next_batch raises StopIteration
+    (a final partial batch is dropped); the training loop decides whether to stop or start over.
+    """
+
+    def __init__(
+        self,
+        model: HookedTransformer,
+        contexts: Iterable[torch.LongTensor],
+        hooks_in: list[str],
+        hooks_out: list[str],
+        batch_size: int,
+        buffer_tokens: int,
+        lm_batch_size: int,
+        device: torch.device | str,
+        exclude_token_ids: Sequence[int] = (),
+        seed: int = 0,
+        dtype: torch.dtype = torch.float32,
+    ):
+        hooks = [*hooks_in, *hooks_out]
+        check_hooks(model, hooks)
+        if batch_size > buffer_tokens // 2:
+            raise ValueError(
+                f"batch_size={batch_size} exceeds half of data.buffer_tokens={buffer_tokens}; "
+                f"set data.buffer_tokens >= {2 * batch_size}"
+            )
+        self.model, self.contexts = model, iter(contexts)
+        self.hooks_in, self.hooks_out = list(hooks_in), list(hooks_out)
+        self.autoencode = self.hooks_in == self.hooks_out
+        self.names = sorted(set(hooks))
+        # Blocks after the last hooked one are never needed: stop_at_layer is exclusive.
+        self.stop_at_layer = max(hook_layer(h) for h in hooks) + 1
+        self.batch_size, self.buffer_tokens, self.lm_batch_size = batch_size, buffer_tokens, lm_batch_size
+        self.device, self.dtype = torch.device(device), dtype
+        self.lm_device = torch.device(model.cfg.device)
+        self.exclude_ids = torch.tensor(list(exclude_token_ids), dtype=torch.long, device=self.lm_device)
+        # A CPU generator gives the same permutation whatever device the buffer is on.
+        self.generator = torch.Generator().manual_seed(seed)
+        self.x_NLD: Tensor | None = None
+        self.y_NLD: Tensor | None = None
+        self.exhausted = False
+        self.tokens_generated = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[Tensor, Tensor]:
+        return self.next_batch()
+
+    def next_batch(self) -> tuple[Tensor, Tensor]:
+        if self._buffered() < self.buffer_tokens // 2 and not self.exhausted:
+            self._refill()
+        if self._buffered() < self.batch_size:
+            raise StopIteration
+        B = self.batch_size
+        x_BLD, self.x_NLD = self.x_NLD[:B].to(self.device), self.x_NLD[B:]
+        if self.autoencode:
+            return x_BLD, x_BLD
+        y_BLD, self.y_NLD = self.y_NLD[:B].to(self.device), self.y_NLD[B:]
+        return x_BLD, y_BLD
+
+    def _buffered(self) -> int:
+        return 0 if self.x_NLD is None else len(self.x_NLD)
+
+    def _refill(self) -> None:
+        xs = [] if self.x_NLD is None else [self.x_NLD]
+        ys = [] if self.y_NLD is None else [self.y_NLD]
+        n = self._buffered()
+        while n < self.buffer_tokens:
+            contexts = list(islice(self.contexts, self.lm_batch_size))
+            if not contexts:
+                self.exhausted = True
+                break
+            x_NLD, y_NLD = self._activations(torch.stack(contexts))
+            xs.append(x_NLD)
+            ys.append(y_NLD)
+            n += len(x_NLD)
+        if n == 0:
+            return
+        perm = torch.randperm(n, generator=self.generator).to(self.lm_device)
+        self.x_NLD = torch.cat(xs)[perm]
+        self.y_NLD = None if self.autoencode else torch.cat(ys)[perm]
+
+    @torch.no_grad()
+    def _activations(self, tokens_BT: Tensor) -> tuple[Tensor, Tensor]:
+        """Kept positions' activations: ([N, len(hooks_in), d_in], [N, len(hooks_out), d_out])."""
+        tokens_BT = tokens_BT.to(self.lm_device)
+        _, cache = self.model.run_with_cache(
+            tokens_BT, names_filter=self.names, stop_at_layer=self.stop_at_layer
+        )
+        keep_BT = ~torch.isin(tokens_BT, self.exclude_ids)
+
+        def rows(hooks: list[str]) -> Tensor:
+            return torch.stack([cache[h] for h in hooks], dim=2)[keep_BT].to(self.dtype)
+
+        x_NLD = rows(self.hooks_in)
+        y_NLD = x_NLD if self.autoencode else rows(self.hooks_out)
+        self.tokens_generated += len(x_NLD)
+        return x_NLD, y_NLD
