@@ -37,13 +37,11 @@ class ArchConfig:
                 f"arch.layers={self.layers}: arch={self.name} covers one layer; use arch=clt for several")
         assert sorted(set(self.layers)) == list(self.layers), f"arch.layers={self.layers}: give distinct increasing layers"
 
-    @property
-    def hooks_in(self) -> list[str]:
-        return [self.hook_in.format(layer=layer) for layer in self.layers]
 
-    @property
-    def hooks_out(self) -> list[str]:
-        return [(self.hook_out or self.hook_in).format(layer=layer) for layer in self.layers]
+def arch_hooks(arch) -> tuple[list[str], list[str]]:
+    """(hooks_in, hooks_out): one TransformerLens hook name per covered layer."""
+    hook_out = arch.hook_out or arch.hook_in
+    return [arch.hook_in.format(layer=n) for n in arch.layers], [hook_out.format(layer=n) for n in arch.layers]
 
 
 @dataclass

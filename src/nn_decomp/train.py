@@ -12,9 +12,10 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
+from transformer_lens import HookedTransformer
 
-from nn_decomp.config import validate
 from nn_decomp.checkpoint import TRAINER_STATE, build_coder, save_checkpoint
+from nn_decomp.config import arch_hooks, validate
 from nn_decomp.coder import SparseCoder
 from nn_decomp.data import load_texts, split_documents, token_contexts
 from nn_decomp.logger import MetricsLogger
@@ -56,7 +57,7 @@ def make_store(cfg: DictConfig, model, texts, device, seed: int) -> ActivationsS
                               cfg.data.context_size, cfg.data.prepend_bos)
     tok = model.tokenizer
     exclude = {t for t in (tok.bos_token_id, tok.pad_token_id, tok.eos_token_id) if t is not None}
-    return ActivationsStore(model, contexts, cfg.arch.hooks_in, cfg.arch.hooks_out, cfg.train.batch_size,
+    return ActivationsStore(model, contexts, *arch_hooks(cfg.arch), cfg.train.batch_size,
                             cfg.data.buffer_tokens, cfg.data.lm_batch_size, device,
                             exclude_token_ids=sorted(exclude), seed=seed)
 
@@ -193,17 +194,19 @@ def train_encoder(trainer: Trainer, store: ActivationsStore, eval_set, run_dir: 
     return eval_metrics
 
 
-def setup(cfg: DictConfig):
-    """Everything before the first step: model, stores, normalisation, coder. Fails fast."""
+def setup(cfg: DictConfig, model: HookedTransformer | None = None):
+    """Everything before the first step: the LM (unless given), the training store and a fixed
+    held-out eval set. Fails fast on bad hooks or layers."""
     validate(cfg)
     device = resolve_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
     n_needed = max(cfg.arch.layers) + 1
-    model = load_model(cfg.model.name, cfg.model.device, cfg.model.dtype,
-                       cfg.model.first_n_layers or n_needed, cfg.model.cache_dir)
+    if model is None:
+        model = load_model(cfg.model.name, cfg.model.device, cfg.model.dtype,
+                           cfg.model.first_n_layers or n_needed, cfg.model.cache_dir)
     assert n_needed <= model.cfg.n_layers, (
         f"arch.layers={list(cfg.arch.layers)} out of range: {cfg.model.name} has {model.cfg.n_layers} layers")
-    check_hooks(model, cfg.arch.hooks_in + cfg.arch.hooks_out)
+    check_hooks(model, sum(arch_hooks(cfg.arch), []))
     texts = load_texts(cfg.data.source, cfg.data.path, cfg.data.name, cfg.data.split, cfg.data.column,
                        cfg.data.streaming)
     train_texts, eval_texts = split_documents(texts, cfg.data.eval_fraction, cfg.train.seed)
@@ -231,14 +234,15 @@ def init_coder(cfg: DictConfig, store: ActivationsStore, device) -> tuple[Sparse
     return coder, scale_in, scale_out
 
 
-def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
+def train(cfg: DictConfig, run_dir: str | Path | None = None, model: HookedTransformer | None = None) -> dict:
     """Train one dictionary as `cfg` says; returns the final eval metrics. Writes checkpoint/,
-    metrics.json and metrics.jsonl into `run_dir` (default: the Hydra run dir)."""
+    metrics.json and metrics.jsonl into `run_dir` (default: the Hydra run dir). `model` replaces
+    the LM that `cfg.model` names (tests pass a tiny one)."""
     run_dir = Path(run_dir or cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = resolved(cfg, run_dir)
     start = time.time()
-    model, store, eval_set, device = setup(cfg)
+    model, store, eval_set, device = setup(cfg, model)
     coder, scale_in, scale_out = init_coder(cfg, store, device)
     total_steps = cfg.train.n_tokens // cfg.train.batch_size
     trainer = Trainer(cfg, coder, total_steps, scale_in, scale_out)
@@ -248,8 +252,9 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
         trainer.load_state_dict(torch.load(ckpt_state, map_location=device, weights_only=False))
         for _ in range(trainer.step):  # replay the activation stream so the run continues exactly
             store.next_batch()
+    hooks_in, hooks_out = arch_hooks(cfg.arch)
     metadata = {"model": cfg.model.name, "arch": cfg.arch.name, "act": type(coder.activation).__name__.lower(),
-                "layers": list(cfg.arch.layers), "hooks_in": cfg.arch.hooks_in, "hooks_out": cfg.arch.hooks_out,
+                "layers": list(cfg.arch.layers), "hooks_in": hooks_in, "hooks_out": hooks_out,
                 "d_in": coder.d_in, "d_out": coder.d_out, "n_latents": coder.n_latents}
     logger = MetricsLogger(cfg, run_dir)
     final = train_encoder(trainer, store, eval_set, run_dir, metadata, logger)
