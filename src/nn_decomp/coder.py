@@ -36,6 +36,8 @@ class SparseCoder(nn.Module):
         L, Fl = n_layers, n_latents
         self.W_dec = nn.ParameterList(
             [nn.Parameter(torch.randn(Fl, L - i, d_out)) for i in range(L)])
+        # Unit-norm activations renormalise after every step: start there, not at dec_init_norm.
+        dec_init_norm = 1.0 if activation.unit_norm_decoder else dec_init_norm
         self.set_decoder_norm(dec_init_norm)
         # Tied init for autoencoders (encoder = decoder transpose, unit columns): latents start
         # reading the direction they write, which speeds up early training (Conerly et al. 2024).

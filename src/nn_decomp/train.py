@@ -241,14 +241,15 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, model: HookedTrans
     run_dir = Path(run_dir or cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = resolved(cfg, run_dir)
+    ckpt_state = run_dir / "checkpoint" / TRAINER_STATE
+    assert not cfg.train.resume or ckpt_state.exists(), (
+        f"train.resume=true but {ckpt_state} does not exist: train without resume first")
     start = time.time()
     model, store, eval_set, device = setup(cfg, model)
     coder, scale_in, scale_out = init_coder(cfg, store, device)
     total_steps = cfg.train.n_tokens // cfg.train.batch_size
     trainer = Trainer(cfg, coder, total_steps, scale_in, scale_out)
-    ckpt_state = run_dir / "checkpoint" / TRAINER_STATE
     if cfg.train.resume:
-        assert ckpt_state.exists(), f"train.resume=true but {ckpt_state} does not exist: train without resume first"
         trainer.load_state_dict(torch.load(ckpt_state, map_location=device, weights_only=False))
         for _ in range(trainer.step):  # replay the activation stream so the run continues exactly
             store.next_batch()
