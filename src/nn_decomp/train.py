@@ -2,6 +2,7 @@
 
 `train(cfg)` is a plain function (tests and sweeps call it directly); `main` only adds Hydra.
 """
+import copy
 import json
 import math
 import time
@@ -152,9 +153,7 @@ class Trainer:
 
 def folded_copy(trainer: Trainer) -> SparseCoder:
     """The coder as saved: a copy with the normalisation folded into its weights."""
-    cfg, coder = trainer.cfg, trainer.coder
-    folded = build_coder(cfg, coder.d_in, coder.d_out).to(trainer.scale_in_L.device)
-    folded.load_state_dict(coder.state_dict())
+    folded = copy.deepcopy(trainer.coder)
     folded.fold_scales(trainer.scale_in_L, trainer.scale_out_L)
     return folded
 
@@ -168,8 +167,6 @@ def train_encoder(trainer: Trainer, store: ActivationsStore, eval_set, run_dir: 
                   logger: MetricsLogger) -> dict:
     """The one training loop for every architecture and activation."""
     tc = trainer.cfg.train
-    x_eval, y_eval = eval_set
-    scaled_eval = (x_eval * trainer.scale_in_L[:, None], y_eval * trainer.scale_out_L[:, None])
     last_steps = trainer.total_steps if tc.max_steps is None else min(tc.max_steps, trainer.total_steps)
     progress = tqdm(total=trainer.total_steps, initial=trainer.step, desc="train", mininterval=2)
     eval_metrics = {}
@@ -185,7 +182,8 @@ def train_encoder(trainer: Trainer, store: ActivationsStore, eval_set, run_dir: 
             logger.log("train", row, trainer.step)
             progress.set_postfix(loss=f"{row['loss']:.3g}", l0=f"{row['l0']:.1f}", nmse=f"{row['nmse']:.3f}")
         if trainer.step % tc.eval_every == 0 or trainer.step == last_steps:
-            eval_metrics = evaluate_coder(trainer.coder, *scaled_eval, tc.batch_size)
+            # The folded copy on raw activations: exactly what a user of the checkpoint gets.
+            eval_metrics = evaluate_coder(folded_copy(trainer), *eval_set, tc.batch_size)
             eval_metrics["dead_fraction"] = trainer.dead_LF().float().mean().item()
             logger.log("eval", eval_metrics, trainer.step)
         if trainer.step % tc.checkpoint_every == 0 or trainer.step == last_steps:
