@@ -120,7 +120,7 @@ class DataConfig:
     """Start each context with BOS; BOS positions are dropped from training data either way."""
     eval_fraction: float = 0.05
     """Documents held out for evaluation."""
-    buffer_tokens: int = 65536
+    buffer_tokens: int = 32768
     """Size of the shuffled mixing buffer, refilled when half empty."""
     lm_batch_size: int = 16
     """Contexts per LM forward pass."""
@@ -133,7 +133,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    n_tokens: int = 500_000
+    n_tokens: int = 300_000
     batch_size: int = 1024
     """Tokens per optimiser step."""
     optimizer: Any = None
