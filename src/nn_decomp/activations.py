@@ -28,9 +28,14 @@ class Latents(NamedTuple):
         return self.values.new_zeros(shape).scatter_add(-1, self.indices, self.values)
 
     def fired(self) -> Tensor:
-        """[L, F] bool: which latents were non-zero anywhere in the batch."""
-        dense = self.dense().detach()
-        return (dense != 0).any(dim=0)
+        """[L, F] bool: which latents were non-zero anywhere in the batch (sparse: no [B, L, F])."""
+        if self.indices is None:
+            return (self.values.detach() != 0).any(dim=0)
+        L = self.indices.shape[1]
+        offset_L1 = torch.arange(L, device=self.indices.device)[:, None] * self.n_latents
+        fired = torch.zeros(L * self.n_latents, dtype=torch.bool, device=self.indices.device)
+        fired[(self.indices + offset_L1)[self.values.detach() != 0]] = True
+        return fired.view(L, self.n_latents)
 
     def l0(self) -> Tensor:
         """[L]: mean number of non-zero latents per token, per source layer."""
@@ -95,6 +100,9 @@ class Activation(nn.Module):
 
     unit_norm_decoder = False
     uses_aux_loss = False
+    # True: forward returns sparse Latents whose values are either a selected pre-activation or 0,
+    # so the coder may select without autograd and use kernels.py's sparse backward.
+    sparse_output = False
 
     def penalty(self, pre_BLF: Tensor, latents: Latents, dec_norm_LF: Tensor) -> Tensor:
         return pre_BLF.new_zeros(())
@@ -120,6 +128,7 @@ class TopK(Activation):
 
     unit_norm_decoder = True
     uses_aux_loss = True
+    sparse_output = True
 
     def __init__(self, k: int, k_aux: int | None, aux_coef: float):
         super().__init__()
@@ -165,6 +174,8 @@ class BatchTopK(TopK):
     @torch.no_grad()
     def _update_threshold(self, values_BLK: Tensor, keep_BLK: Tensor) -> None:
         smallest_L = values_BLK.masked_fill(~keep_BLK, float("inf")).amin((0, 2)).clamp(min=0)
+        if not self.per_layer:  # one selection over all layers, so one cutoff (and no inf for a layer left empty)
+            smallest_L = smallest_L.amin().expand_as(smallest_L)
         first = self.threshold[:, :1] < 0
         momentum = self.threshold_momentum
         ema_L1 = momentum * self.threshold[:, :1] + (1 - momentum) * smallest_L[:, None]

@@ -10,25 +10,29 @@ The architecture decides only which hooks feed x and y (config.py) and these two
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nn_decomp.activations import Activation, Latents
+from nn_decomp import kernels
 
 
 class CoderOutput(NamedTuple):
-    """Result of a forward pass. pre_acts: [B, L, F]; latents: sparse or dense; recon: [B, L, D_out]."""
+    """Result of a forward pass. pre_acts: [B, L, F], detached when the sparse backward ran;
+    latents: sparse or dense; recon: [B, L, D_out]; x: the input (AuxK's sparse backward needs it)."""
 
     pre_acts: Tensor
     latents: Latents
     recon: Tensor
+    x: Tensor | None = None
 
 
 class SparseCoder(nn.Module):
     def __init__(self, d_in: int, d_out: int, n_latents: int, n_layers: int, activation: Activation,
                  cross_layer: bool = False, skip: bool = False, dec_init_norm: float = 0.1,
-                 tied_init: bool = False):
+                 tied_init: bool = False, sparse_backward: bool = True):
         super().__init__()
+        # sparse_backward=False keeps the dense reference path (tests compare the two).
+        self.sparse_backward = sparse_backward and activation.sparse_output
         assert cross_layer or n_layers == 1, "only a cross-layer transcoder spans several layers"
         assert not (cross_layer and skip), "skip connections are for single-layer transcoders"
         self.d_in, self.d_out, self.n_latents, self.n_layers = d_in, d_out, n_latents, n_layers
@@ -76,10 +80,18 @@ class SparseCoder(nn.Module):
     # --- forward ----------------------------------------------------------------------------
 
     def encode_pre(self, x_BLD: Tensor) -> Tensor:
-        return torch.einsum("bld,ldf->blf", x_BLD, self.W_enc) + self.b_enc
+        return kernels.encode_pre(x_BLD, self.W_enc, self.b_enc)
+
+    def encode_with_pre(self, x_BLD: Tensor) -> tuple[Latents, Tensor]:
+        """Latents and pre-activations. With the sparse backward, selection runs without autograd
+        and gradients come from the selected latents only (kernels.py); pre_acts are detached."""
+        if self.sparse_backward:
+            return kernels.sparse_encode(x_BLD, self.W_enc, self.b_enc, self.activation)
+        pre_BLF = self.encode_pre(x_BLD)
+        return self.activation(pre_BLF), pre_BLF
 
     def encode(self, x_BLD: Tensor) -> Latents:
-        return self.activation(self.encode_pre(x_BLD))
+        return self.encode_with_pre(x_BLD)[0]
 
     def decode(self, latents: Latents, x_BLD: Tensor | None = None, bias: bool = True) -> Tensor:
         """[B, L, D_out] reconstruction. Sparse latents decode as an embedding_bag over the selected
@@ -99,12 +111,11 @@ class SparseCoder(nn.Module):
         w_FX = w_FTD.flatten(1)
         if latents.indices is None:
             return latents.values[:, i] @ w_FX
-        return F.embedding_bag(latents.indices[:, i], w_FX, per_sample_weights=latents.values[:, i], mode="sum")
+        return kernels.decode_source(latents.indices[:, i], latents.values[:, i], w_FX)
 
     def forward(self, x_BLD: Tensor) -> CoderOutput:
-        pre_BLF = self.encode_pre(x_BLD)
-        latents = self.activation(pre_BLF)
-        return CoderOutput(pre_BLF, latents, self.decode(latents, x_BLD))
+        latents, pre_BLF = self.encode_with_pre(x_BLD)
+        return CoderOutput(pre_BLF, latents, self.decode(latents, x_BLD), x_BLD)
 
     @torch.no_grad()
     def fold_scales(self, scale_in_L: Tensor, scale_out_L: Tensor) -> None:

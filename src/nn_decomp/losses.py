@@ -6,6 +6,7 @@ from torch import Tensor
 
 from nn_decomp.activations import Latents
 from nn_decomp.coder import CoderOutput, SparseCoder
+from nn_decomp.kernels import aux_topk_latents
 
 
 class LossOutput(NamedTuple):
@@ -38,17 +39,21 @@ def explained_variance(recon_BLD: Tensor, y_BLD: Tensor) -> Tensor:
 
 
 def aux_k_loss(coder: SparseCoder, pre_BLF: Tensor, residual_BLD: Tensor, dead_LF: Tensor,
-               k_aux: int) -> Tensor:
+               k_aux: int, x_BLD: Tensor | None = None) -> Tensor:
     """AuxK (Gao et al. 2024, App. B.1): the top k_aux dead latents reconstruct the residual
     error of the live ones, which gives dead latents a gradient. Same scale as the
-    reconstruction loss, scaled down when fewer than k_aux latents are dead (as in sparsify)."""
+    reconstruction loss, scaled down when fewer than k_aux latents are dead (as in sparsify).
+    Detached pre-activations (the coder's sparse backward) need the input `x_BLD`: the gradient
+    then reaches the encoder through the selected dead latents only."""
     n_dead = int(dead_LF.sum())
     if n_dead == 0:
         return pre_BLF.new_zeros(())
     k = min(k_aux, int(dead_LF.sum(-1).max()))
-    dead_pre_BLF = torch.where(dead_LF, pre_BLF, -torch.inf)
-    values, indices = dead_pre_BLF.topk(k, dim=-1, sorted=False)
-    aux_latents = Latents(torch.relu(values), indices, pre_BLF.shape[-1])
+    if pre_BLF.requires_grad or x_BLD is None:  # dense reference: autograd through pre_BLF
+        values, indices = torch.where(dead_LF, pre_BLF, -torch.inf).topk(k, dim=-1, sorted=False)
+        aux_latents = Latents(torch.relu(values), indices, pre_BLF.shape[-1])
+    else:
+        aux_latents = aux_topk_latents(pre_BLF, dead_LF, k, x_BLD, coder.W_enc, coder.b_enc)
     residual_hat = coder.decode(aux_latents, bias=False)
     scale = min(n_dead / (k_aux * coder.n_layers), 1.0)
     return scale * squared_error(residual_hat, residual_BLD.detach())
@@ -62,7 +67,7 @@ def coder_loss(coder: SparseCoder, out: CoderOutput, y_BLD: Tensor, dead_LF: Ten
     loss = recon + sparsity
     if act.uses_aux_loss and dead_LF is not None:
         k_aux = act.k_aux or coder.d_out // 2
-        aux = aux_k_loss(coder, out.pre_acts, y_BLD - out.recon, dead_LF, k_aux)
+        aux = aux_k_loss(coder, out.pre_acts, y_BLD - out.recon, dead_LF, k_aux, out.x)
         loss = loss + act.aux_coef * aux
     with torch.no_grad():
         fvu_L, l0_L = fvu(out.recon, y_BLD), out.latents.l0()

@@ -1,0 +1,160 @@
+"""Sparse kernels (kernels.py) against the dense reference path (coder.py + losses.py)."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nn_decomp.activations import BatchTopK, Latents, TopK
+from nn_decomp.coder import SparseCoder
+from nn_decomp.kernels import (attach_encoder_grad, aux_topk_latents, bag_dots, decode_source, encode_pre,
+                               fused_topk_encode, group_by_latent, latent_sums, sparse_decode,
+                               sparse_encode)
+from nn_decomp.losses import aux_k_loss, coder_loss, squared_error
+
+B, F_LAT, K, K_AUX = 48, 64, 6, 5
+TOL = dict(rtol=1e-4, atol=1e-5)
+
+
+def make_coder(act_name: str, n_layers: int) -> SparseCoder:
+    torch.manual_seed(0)
+    act = TopK(K, K_AUX, aux_coef=1 / 32) if act_name == "topk" else BatchTopK(
+        K, K_AUX, aux_coef=1 / 32, threshold_momentum=0.9, per_layer=True)
+    d_in, d_out = (16, 16) if n_layers == 1 else (16, 12)
+    coder = SparseCoder(d_in, d_out, F_LAT, n_layers, act, cross_layer=n_layers > 1)
+    with torch.no_grad():
+        coder.b_enc.normal_(-1.0, 0.5)  # many negative pre-activations: ReLU'd top-k = padding
+        coder.b_dec.normal_()
+    return coder
+
+
+def make_batch(coder: SparseCoder):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(B, coder.n_layers, coder.d_in, generator=gen)
+    y = torch.randn(B, coder.n_layers, coder.d_out, generator=gen)
+    # Layer 0 has many dead latents, the others fewer than K_AUX: AuxK pads with −inf picks.
+    dead = torch.zeros(coder.n_layers, F_LAT, dtype=torch.bool)
+    dead[0, ::3] = True
+    dead[1:, :2] = True
+    return x, y, dead
+
+
+def fused_loss(coder: SparseCoder, x, y, dead):
+    """The training objective through kernels.py: what SparseCoder.forward + coder_loss become."""
+    act = coder.activation
+    latents, pre = sparse_encode(x, coder.W_enc, coder.b_enc, act)
+    recon = sparse_decode(latents, coder.W_dec, coder.d_out) + coder.b_dec
+    k_aux = min(act.k_aux, int(dead.sum(-1).max()))
+    aux_latents = aux_topk_latents(pre, dead, k_aux, x, coder.W_enc, coder.b_enc)
+    residual_hat = sparse_decode(aux_latents, coder.W_dec, coder.d_out)
+    scale = min(int(dead.sum()) / (act.k_aux * coder.n_layers), 1.0)
+    aux = scale * squared_error(residual_hat, (y - recon).detach())
+    return squared_error(recon, y) + act.aux_coef * aux, latents
+
+
+def sorted_by_index(latents: Latents):
+    indices, order = latents.indices.sort(-1)
+    return latents.values.detach().gather(-1, order), indices
+
+
+def grads(coder: SparseCoder, x):
+    named = {"x": x.grad, "W_enc": coder.W_enc.grad, "b_enc": coder.b_enc.grad, "b_dec": coder.b_dec.grad}
+    return named | {f"W_dec.{i}": w.grad for i, w in enumerate(coder.W_dec)}
+
+
+@pytest.mark.parametrize("n_layers", [1, 3])
+@pytest.mark.parametrize("act_name", ["topk", "batchtopk"])
+def test_fused_step_matches_dense(act_name, n_layers):
+    dense = make_coder(act_name, n_layers)
+    fused = copy.deepcopy(dense)
+    dense.sparse_backward = False  # pins the dense reference once SparseCoder defaults to kernels.py
+    x, y, dead = make_batch(dense)
+    x_dense, x_fused = x.clone().requires_grad_(), x.clone().requires_grad_()
+
+    out = dense(x_dense)
+    loss_dense = coder_loss(dense, out, y, dead).loss
+    loss_dense.backward()
+    loss_fused, latents = fused_loss(fused, x_fused, y, dead)
+    loss_fused.backward()
+
+    assert (latents.values == 0).any(), "the test must exercise padding"
+    torch.testing.assert_close(loss_fused, loss_dense, **TOL)
+    for got, want in zip(sorted_by_index(latents), sorted_by_index(out.latents)):
+        torch.testing.assert_close(got, want, **TOL)
+    grads_dense, grads_fused = grads(dense, x_dense), grads(fused, x_fused)
+    for name, want in grads_dense.items():
+        torch.testing.assert_close(grads_fused[name], want, **TOL, msg=lambda m: f"grad {name}: {m}")
+    if act_name == "batchtopk":
+        torch.testing.assert_close(fused.activation.threshold, dense.activation.threshold)
+    assert torch.equal(latents.fired(), (latents.dense() != 0).any(0))
+
+
+@pytest.mark.parametrize("n_layers", [1, 3])
+def test_aux_topk_matches_dense(n_layers):
+    """AuxK alone (not diluted by the reconstruction loss): same loss and encoder gradients."""
+    coder = make_coder("topk", n_layers)
+    x, y, dead = make_batch(coder)
+    pre = coder.encode_pre(x)
+    residual = torch.randn(B, n_layers, coder.d_out)
+    aux_k_loss(coder, pre, residual, dead, K_AUX).backward()
+    want = coder.W_enc.grad.clone(), coder.b_enc.grad.clone()
+    coder.zero_grad()
+    with torch.no_grad():
+        pre_detached = coder.encode_pre(x)
+    k = min(K_AUX, int(dead.sum(-1).max()))
+    latents = aux_topk_latents(pre_detached, dead, k, x, coder.W_enc, coder.b_enc)
+    scale = min(int(dead.sum()) / (K_AUX * n_layers), 1.0)
+    (scale * squared_error(sparse_decode(latents, coder.W_dec, coder.d_out), residual)).backward()
+    torch.testing.assert_close((coder.W_enc.grad, coder.b_enc.grad), want, **TOL)
+
+
+def test_fused_topk_encode_matches_module():
+    coder = make_coder("topk", 3)
+    x, _, _ = make_batch(coder)
+    enc = fused_topk_encode(x, coder.W_enc, coder.b_enc, K)
+    ref = coder.activation(coder.encode_pre(x))
+    torch.testing.assert_close(enc.pre_acts, coder.encode_pre(x).detach(), **TOL)
+    for got, want in zip(sorted_by_index(Latents(enc.values, enc.indices, F_LAT)), sorted_by_index(ref)):
+        torch.testing.assert_close(got, want, **TOL)
+    assert not enc.pre_acts.requires_grad and enc.values.requires_grad
+
+
+def test_encoder_gradcheck():
+    """Finite differences in float64, the selection held fixed."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 2, 4, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(2, 4, 7, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, 7, dtype=torch.float64, requires_grad=True)
+    with torch.no_grad():
+        indices = encode_pre(x, W, b).topk(3, dim=-1).indices
+
+    def encode(x, W, b):
+        with torch.no_grad():
+            values = encode_pre(x, W, b).gather(-1, indices).relu()
+        return attach_encoder_grad(Latents(values, indices, 7), x, W, b).values
+
+    assert torch.autograd.gradcheck(encode, (x, W, b))
+
+
+def test_decoder_gradcheck_and_builtin():
+    torch.manual_seed(0)
+    indices = torch.randint(0, 9, (6, 3))
+    values = torch.rand(6, 3, dtype=torch.float64)
+    values[0, 1] = 0  # padding
+    values.requires_grad_()
+    W = torch.randn(9, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(decode_source, (indices, values, W))
+    grad_out = torch.randn(6, 5, dtype=torch.float64)
+    got = torch.autograd.grad(decode_source(indices, values, W), (values, W), grad_out)
+    builtin = F.embedding_bag(indices, W, per_sample_weights=values, mode="sum")
+    torch.testing.assert_close(got, torch.autograd.grad(builtin, (values, W), grad_out))
+
+
+def test_latent_sums_and_bag_dots():
+    torch.manual_seed(0)
+    n_latents = 11  # more latents than the selection touches: empty bags must give 0
+    indices = torch.randint(0, 8, (7, 4))
+    weights, rows, table = torch.randn(7, 4), torch.randn(7, 3), torch.randn(n_latents, 3)
+    want = torch.zeros(n_latents, 3).index_add_(0, indices.flatten(), (weights[..., None] * rows[:, None]).flatten(0, 1))
+    torch.testing.assert_close(latent_sums(group_by_latent(indices, n_latents), weights, rows), want)
+    torch.testing.assert_close(bag_dots(indices, table, rows), (table[indices] * rows[:, None]).sum(-1))
