@@ -1,0 +1,202 @@
+"""SparseCoder invariants over every architecture × activation: shapes, gradients, training steps,
+decoder norms, the CLT's causal structure, sparse vs dense decoding, and folding the scales."""
+import copy
+
+import pytest
+import torch
+
+from helpers import ACTS, ARCHS, arch_act_cfg, make_coder, one_thread  # noqa: F401
+from nn_decomp.activations import Latents
+from nn_decomp.checkpoint import build_coder
+from nn_decomp.losses import coder_loss
+from nn_decomp.train import Trainer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+D_IN, D_OUT, F, L_CLT = 12, 10, 64, 3
+
+
+def dims(arch: str) -> tuple[int, int, int]:
+    """(d_in, d_out, n_layers): an SAE reconstructs its input; transcoders map 12 → 10 dims."""
+    return D_IN, D_IN if arch == "sae" else D_OUT, L_CLT if arch == "clt" else 1
+
+
+def batch(arch: str, n: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """x and a learnable target: x itself for an SAE, else a fixed random linear map of x."""
+    d_in, d_out, L = dims(arch)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, L, d_in, generator=g)
+    if arch == "sae":
+        return x, x
+    A = torch.randn(L, d_in, d_out, generator=g) / d_in ** 0.5
+    return x, torch.einsum("bld,lde->ble", x, A)
+
+
+def fresh_coder(arch: str, act: str, *overrides: str, seed: int = 0):
+    torch.manual_seed(seed)
+    d_in, d_out, _ = dims(arch)
+    cfg = arch_act_cfg(arch, act, *overrides, n_latents=F, n_layers=L_CLT)
+    return cfg, build_coder(cfg, d_in, d_out)
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_forward_shapes(arch, act):
+    d_in, d_out, L = dims(arch)
+    coder = make_coder(arch, act, d_in=d_in, d_out=d_out, n_latents=F, n_layers=L_CLT)
+    x, _ = batch(arch, n=8)
+    out = coder(x)
+    assert out.pre_acts.shape == (8, L, F)
+    assert out.recon.shape == (8, L, d_out)
+    assert out.latents.dense().shape == (8, L, F)
+    assert out.latents.n_latents == F
+    assert [tuple(w.shape) for w in coder.W_dec] == [(F, L - i, d_out) for i in range(L)]
+    assert (out.latents.indices is not None) == (act in ("topk", "batchtopk"))
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_loss_is_finite_and_every_parameter_gets_a_gradient(arch, act):
+    _, coder = fresh_coder(arch, act)
+    if arch == "skip_transcoder":
+        assert (coder.W_skip == 0).all()  # zero at init ...
+    x, y = batch(arch)
+    _, _, L = dims(arch)
+    all_dead = torch.ones(L, F, dtype=torch.bool)  # exercise AuxK too
+    losses = coder_loss(coder, coder(x), y, all_dead)
+    for term in losses[:4]:
+        assert torch.isfinite(term)
+    assert (losses.aux > 0) == (act in ("topk", "batchtopk"))
+    losses.loss.backward()
+    names = dict(coder.named_parameters())
+    expected = {"W_enc", "b_enc", "b_dec"} | {f"W_dec.{i}" for i in range(L)}
+    expected |= {"W_skip"} if arch == "skip_transcoder" else set()  # ... but it learns
+    expected |= {"activation.log_threshold"} if act == "jumprelu" else set()
+    assert set(names) == expected
+    for name, p in names.items():
+        assert p.grad is not None and (p.grad != 0).any(), f"{name} gets no gradient"
+        assert torch.isfinite(p.grad).all(), name
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_trainer_steps_decrease_the_loss_on_a_fixed_batch(arch, act):
+    cfg, coder = fresh_coder(arch, act, "train.warmup_steps=5", "train.optimizer.lr=3e-3")
+    _, _, L = dims(arch)
+    x, y = batch(arch, n=64)
+    trainer = Trainer(cfg, coder, total_steps=60, scale_in_L=torch.ones(L), scale_out_L=torch.ones(L))
+
+    def loss_now() -> float:
+        with torch.no_grad():
+            return coder_loss(coder, coder(x), y, None).loss.item()
+
+    before = loss_now()
+    for _ in range(60):
+        trainer.train_step(x, y)
+    assert trainer.step == 60 and trainer.tokens_seen == 60 * 64
+    assert loss_now() < 0.8 * before
+    if coder.activation.unit_norm_decoder:
+        torch.testing.assert_close(coder.decoder_norm(), torch.ones(L, F))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_relu_decoder_norms_are_free(arch):
+    cfg, coder = fresh_coder(arch, "relu", "train.warmup_steps=1")
+    _, _, L = dims(arch)
+    torch.testing.assert_close(coder.decoder_norm(), torch.full((L, F), 0.1))  # arch.dec_init_norm
+    x, y = batch(arch)
+    trainer = Trainer(cfg, coder, total_steps=10, scale_in_L=torch.ones(L), scale_out_L=torch.ones(L))
+    for _ in range(10):
+        trainer.train_step(x, y)
+    norms = coder.decoder_norm()
+    assert not torch.allclose(norms, torch.full_like(norms, 0.1)) and (norms < 0.5).all()
+
+
+@pytest.mark.parametrize("act", ACTS)
+def test_clt_input_at_layer_i_changes_only_layers_from_i_on(act):
+    coder = make_coder("clt", act, d_in=D_IN, d_out=D_OUT, n_latents=F, n_layers=L_CLT)
+    x, _ = batch("clt", n=16)
+    base = coder(x).recon
+    for i in range(L_CLT):
+        x2 = x.clone()
+        x2[:, i] += 3 * torch.randn_like(x2[:, i])
+        diff = coder(x2).recon - base
+        if act == "batchtopk":
+            # same latents, but the padded width K follows the busiest row of any layer, so the
+            # embedding_bag sums in another order: equal up to float rounding
+            torch.testing.assert_close(diff[:, :i], torch.zeros_like(diff[:, :i]), atol=1e-5, rtol=0)
+        else:
+            assert (diff[:, :i] == 0).all(), f"input at layer {i} changed an earlier layer"
+        assert (diff[:, i:].abs().amax((0, 2)) > 1e-3).all(), f"input at layer {i} changed nothing downstream"
+
+
+def test_clt_latents_at_layer_i_write_only_to_layers_from_i_on():
+    coder = make_coder("clt", "relu", d_in=D_IN, d_out=D_OUT, n_latents=F, n_layers=L_CLT)
+    values = torch.relu(torch.randn(4, L_CLT, F))
+    base = coder.decode(Latents(values, None, F))
+    for i in range(L_CLT):
+        bumped = values.clone()
+        bumped[:, i, :5] += 1.0
+        diff = coder.decode(Latents(bumped, None, F)) - base
+        assert (diff[:, :i] == 0).all()
+        # the change at layer j is exactly Σ_f Δf · W_dec[i][f, j − i]
+        expected = coder.W_dec[i][:5].sum(0).detach()  # [L − i, D]
+        torch.testing.assert_close(diff[:, i:].detach(), expected.expand(4, -1, -1))
+
+
+def test_clt_decoder_has_no_weight_for_earlier_layers():
+    coder = make_coder("clt", "relu", d_in=D_IN, d_out=D_OUT, n_latents=F, n_layers=4)
+    assert [tuple(w.shape) for w in coder.W_dec] == [(F, 4, D_OUT), (F, 3, D_OUT), (F, 2, D_OUT), (F, 1, D_OUT)]
+    # the concatenated decoder norm covers exactly those targets
+    expected = torch.stack([torch.cat([w[:, t] for t in range(w.shape[1])], -1).norm(dim=-1) for w in coder.W_dec])
+    torch.testing.assert_close(coder.decoder_norm(), expected)
+
+
+def random_sparse(B: int, L: int, K: int, seed: int = 0) -> Latents:
+    g = torch.Generator().manual_seed(seed)
+    indices = torch.rand(B, L, F, generator=g).argsort(-1)[..., :K]  # distinct per row
+    values = torch.relu(torch.randn(B, L, K, generator=g))
+    values[:, :, -1] = 0  # a padding slot, as BatchTopK produces
+    return Latents(values.requires_grad_(), indices, F)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sparse_decode_equals_dense_decode_values_and_gradients(arch):
+    d_in, d_out, L = dims(arch)
+    sparse = random_sparse(6, L, K=7)
+    x, _ = batch(arch, n=6)
+    upstream = torch.randn(6, L, d_out)
+    grads = []
+    for as_dense in (False, True):
+        coder = make_coder(arch, "topk", d_in=d_in, d_out=d_out, n_latents=F, n_layers=L_CLT)
+        sparse.values.grad = None
+        latents = Latents(sparse.dense(), None, F) if as_dense else sparse
+        recon = coder.decode(latents, x)
+        (recon * upstream).sum().backward()
+        grads.append((recon.detach(), sparse.values.grad.clone(),
+                      {n: p.grad.clone() for n, p in coder.named_parameters() if p.grad is not None}))
+    (r_sparse, g_sparse, p_sparse), (r_dense, g_dense, p_dense) = grads
+    torch.testing.assert_close(r_sparse, r_dense)
+    torch.testing.assert_close(g_sparse, g_dense)
+    assert (g_sparse != 0).any()
+    assert set(p_sparse) == set(p_dense) and {f"W_dec.{i}" for i in range(L)} <= set(p_sparse)
+    for name in p_sparse:
+        torch.testing.assert_close(p_sparse[name], p_dense[name], msg=name)
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fold_scales_maps_raw_activations_like_the_scaled_coder(arch, act):
+    d_in, d_out, L = dims(arch)
+    coder = make_coder(arch, act, d_in=d_in, d_out=d_out, n_latents=F, n_layers=L_CLT)
+    s_in = torch.tensor([0.5, 2.0, 3.0])[:L]
+    s_out = torch.tensor([4.0, 0.25, 1.5])[:L] if arch != "sae" else s_in.clone()
+    x, _ = batch(arch, n=16)
+    scaled = coder(x * s_in[:, None])
+    folded = copy.deepcopy(coder)
+    folded.fold_scales(s_in, s_out)
+    raw = folded(x)
+    torch.testing.assert_close(raw.latents.dense(), scaled.latents.dense(), rtol=1e-4, atol=1e-5)
+    assert (raw.latents.dense() != 0).any()
+    torch.testing.assert_close(raw.recon, scaled.recon / s_out[:, None], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(raw.recon, scaled.recon, rtol=1e-2)  # the scales did matter
