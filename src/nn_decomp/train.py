@@ -1,28 +1,39 @@
-"""`python -m nn_decomp.train [overrides]`: train one dictionary; `--multirun` sweeps.
+"""`python -m nn_decomp.train [overrides]`: train one dictionary; `--multirun` sweeps;
+`torchrun --nproc-per-node=N -m nn_decomp.train [overrides]` trains data-parallel (distributed.py).
 
 `train(cfg)` is a plain function (tests and sweeps call it directly); `main` only adds Hydra.
+Data comes from the LM (store.py) or, with `data=cache`, from an activation cache (cache.py), in
+which case the LM is never loaded, nor even imported.
 """
+from __future__ import annotations
+
 import copy
 import json
 import math
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
-from transformer_lens import HookedTransformer
 
+from nn_decomp import distributed
+from nn_decomp.cache import open_cache
 from nn_decomp.checkpoint import TRAINER_STATE, build_coder, save_checkpoint
 from nn_decomp.config import arch_hooks, validate
 from nn_decomp.coder import SparseCoder
-from nn_decomp.data import load_texts, split_documents, token_contexts
+from nn_decomp.distributed import SINGLE, DistInfo
 from nn_decomp.logger import MetricsLogger
-from nn_decomp.losses import coder_loss, explained_variance, fvu
-from nn_decomp.models import load_model, resolve_device
-from nn_decomp.store import ActivationsStore, check_hooks
+from nn_decomp.losses import LossOutput, coder_loss, explained_variance, fvu
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
+INIT_BATCHES = 8
+"""Batches init_coder draws for the normalisation scales and the decoder bias."""
 
 
 def resolved(cfg: DictConfig, run_dir: Path) -> DictConfig:
@@ -53,19 +64,18 @@ def geometric_median(points_ND: torch.Tensor, n_iter: int = 50) -> torch.Tensor:
     return median_D
 
 
-def make_store(cfg: DictConfig, model, texts, device, seed: int) -> ActivationsStore:
-    contexts = token_contexts((row[cfg.data.column] for row in texts), model.tokenizer,
-                              cfg.data.context_size, cfg.data.prepend_bos)
-    tok = model.tokenizer
-    exclude = {t for t in (tok.bos_token_id, tok.pad_token_id, tok.eos_token_id) if t is not None}
-    return ActivationsStore(model, contexts, *arch_hooks(cfg.arch), cfg.train.batch_size,
-                            cfg.data.buffer_tokens, cfg.data.lm_batch_size, device,
-                            exclude_token_ids=sorted(exclude), seed=seed)
-
-
-def take_tokens(store: ActivationsStore, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+def take_tokens(store, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whole batches of `store` (at least one) adding up to at most n_tokens rows, concatenated."""
     batches = [store.next_batch() for _ in range(max(n_tokens // store.batch_size, 1))]
     return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+
+
+def global_rows(rows_NLD: torch.Tensor, n_batches: int, info: DistInfo) -> torch.Tensor:
+    """Rows of n_batches local batches -> the same batches' global rows, in one-process order (each
+    global batch is the ranks' local batches in rank order)."""
+    parts_WNLD = distributed.all_gather_cat(rows_NLD, info)
+    W, N = parts_WNLD.shape[:2]
+    return parts_WNLD.view(W, n_batches, N // n_batches, *parts_WNLD.shape[2:]).transpose(0, 1).flatten(0, 2)
 
 
 def norm_scale(acts_NLD: torch.Tensor) -> torch.Tensor:
@@ -97,9 +107,10 @@ class Trainer:
     """State of one training run; `train_encoder` drives it. Everything resume needs is in
     `state_dict`."""
 
-    def __init__(self, cfg: DictConfig, coder: SparseCoder, total_steps: int, scale_in_L, scale_out_L):
+    def __init__(self, cfg: DictConfig, coder: SparseCoder, total_steps: int, scale_in_L, scale_out_L,
+                 info: DistInfo = SINGLE):
         tc = cfg.train
-        self.cfg, self.coder, self.total_steps = cfg, coder, total_steps
+        self.cfg, self.coder, self.total_steps, self.info = cfg, coder, total_steps, info
         self.scale_in_L, self.scale_out_L = scale_in_L, scale_out_L
         self.optimizer = instantiate(tc.optimizer)(coder.parameters())
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -112,15 +123,18 @@ class Trainer:
         return self.tokens_since_fired_LF >= self.cfg.train.dead_tokens
 
     def train_step(self, x_BLD, y_BLD):
+        """One optimiser step on this rank's rows; with several ranks, on their average gradient."""
         coder, act = self.coder, self.coder.activation
         out = coder(x_BLD * self.scale_in_L[:, None])
         losses = coder_loss(coder, out, y_BLD * self.scale_out_L[:, None], self.dead_LF())
+        self.optimizer.zero_grad(set_to_none=True)
+        losses.loss.backward()
+        # After the average, so that every rank sees the same loss and stops at the same step.
+        losses, fired_LF = self.average_over_ranks(losses, out.latents.fired())
         if not torch.isfinite(losses.loss):
             raise FloatingPointError(
                 f"loss is {losses.loss.item()} at step {self.step}; the last good checkpoint is kept. "
                 "Lower train.optimizer.lr or the sparsity coefficient and resume with train.resume=true")
-        self.optimizer.zero_grad(set_to_none=True)
-        losses.loss.backward()
         if act.unit_norm_decoder:
             coder.remove_parallel_decoder_grad()
         torch.nn.utils.clip_grad_norm_(coder.parameters(), self.cfg.train.grad_clip)
@@ -128,11 +142,28 @@ class Trainer:
         self.scheduler.step()
         if act.unit_norm_decoder:
             coder.set_decoder_norm(1.0)
-        self.tokens_since_fired_LF += x_BLD.shape[0]
-        self.tokens_since_fired_LF[out.latents.fired()] = 0
+        n_tokens = x_BLD.shape[0] * self.info.world_size
+        self.tokens_since_fired_LF += n_tokens
+        self.tokens_since_fired_LF[fired_LF] = 0
         self.step += 1
-        self.tokens_seen += x_BLD.shape[0]
+        self.tokens_seen += n_tokens
         return losses
+
+    def average_over_ranks(self, losses: LossOutput, fired_LF: torch.Tensor) -> tuple[LossOutput, torch.Tensor]:
+        """Average gradients, float buffers (BatchTopK's threshold) and loss terms over ranks, and
+        OR the fired latents, in one all_reduce. A parameter without a gradient counts as zeros."""
+        if not self.info.active:
+            return losses, fired_LF
+        params = list(self.coder.parameters())
+        buffers = [b for b in self.coder.buffers() if b.is_floating_point()]
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+        averaged = distributed.all_reduce_mean([*grads, *buffers, fired_LF.float(), *losses], self.info)
+        for p, g in zip(params, averaged):
+            p.grad = g
+        for b, avg in zip(buffers, averaged[len(params):]):
+            b.copy_(avg)
+        fired_avg, *loss_avg = averaged[len(params) + len(buffers):]
+        return LossOutput(*loss_avg), fired_avg > 0
 
     def state_dict(self) -> dict:
         return {"coder": self.coder.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -163,17 +194,22 @@ def write_checkpoint(trainer: Trainer, run_dir: Path, metadata: dict) -> None:
     save_checkpoint(run_dir / "checkpoint", folded_copy(trainer), trainer.cfg, meta, trainer.state_dict())
 
 
-def train_encoder(trainer: Trainer, store: ActivationsStore, eval_set, run_dir: Path, metadata: dict,
-                  logger: MetricsLogger) -> dict:
-    """The one training loop for every architecture and activation."""
+def train_encoder(trainer: Trainer, store, eval_set, run_dir: Path, metadata: dict,
+                  logger: MetricsLogger | None) -> dict:
+    """The one training loop for every architecture and activation. `store` is an ActivationsStore
+    or a CachedActivations. Only rank 0 logs, evaluates and checkpoints (its eval_set and logger;
+    the other ranks pass None)."""
     tc = trainer.cfg.train
+    main = trainer.info.is_main
     last_steps = trainer.total_steps if tc.max_steps is None else min(tc.max_steps, trainer.total_steps)
-    progress = tqdm(total=trainer.total_steps, initial=trainer.step, desc="train", mininterval=2)
+    progress = tqdm(total=trainer.total_steps, initial=trainer.step, desc="train", mininterval=2, disable=not main)
     eval_metrics = {}
     while trainer.step < last_steps:
         x_BLD, y_BLD = store.next_batch()
         losses = trainer.train_step(x_BLD, y_BLD)
         progress.update(1)
+        if not main:
+            continue
         if trainer.step % tc.log_every == 0 or trainer.step == last_steps:
             row = {"loss": losses.loss.item(), "recon": losses.recon.item(), "sparsity": losses.sparsity.item(),
                    "aux": losses.aux.item(), "nmse": losses.fvu_L.mean().item(), "l0": losses.l0_L.sum().item(),
@@ -192,32 +228,31 @@ def train_encoder(trainer: Trainer, store: ActivationsStore, eval_set, run_dir: 
     return eval_metrics
 
 
-def setup(cfg: DictConfig, model: HookedTransformer | None = None):
-    """Everything before the first step: the LM (unless given), the training store and a fixed
-    held-out eval set. Fails fast on bad hooks or layers."""
+def setup(cfg: DictConfig, model: HookedTransformer | None = None, info: DistInfo = SINGLE):
+    """Everything before the first step: the training stream (this rank's shard), a fixed held-out
+    eval set (rank 0 only, else None) and the device. From the LM (loaded unless given; fails fast
+    on bad hooks or layers) or, with data=cache, from the cache (model is then None)."""
     validate(cfg)
-    device = resolve_device(cfg.train.device)
+    device = distributed.rank_device(cfg.train.device, info)
     torch.manual_seed(cfg.train.seed)
-    n_needed = max(cfg.arch.layers) + 1
-    if model is None:
-        model = load_model(cfg.model.name, cfg.model.device, cfg.model.dtype,
-                           cfg.model.first_n_layers or n_needed, cfg.model.cache_dir)
-    assert n_needed <= model.cfg.n_layers, (
-        f"arch.layers={list(cfg.arch.layers)} out of range: {cfg.model.name} has {model.cfg.n_layers} layers")
-    check_hooks(model, sum(arch_hooks(cfg.arch), []))
-    texts = load_texts(cfg.data.source, cfg.data.path, cfg.data.name, cfg.data.split, cfg.data.column,
-                       cfg.data.streaming)
-    train_texts, eval_texts = split_documents(texts, cfg.data.eval_fraction, cfg.train.seed)
-    eval_store = make_store(cfg, model, eval_texts, device, seed=cfg.train.seed + 1)
-    eval_set = take_tokens(eval_store, cfg.train.eval_tokens)
-    store = make_store(cfg, model, train_texts, device, seed=cfg.train.seed)
-    return model, store, eval_set, device
+    assert cfg.train.batch_size % info.world_size == 0, (
+        f"train.batch_size={cfg.train.batch_size} must be a multiple of the {info.world_size} ranks")
+    if cfg.data.source == "cache":
+        _, store, eval_set = open_cache(cfg, device, info)
+        return None, store, eval_set, device
+    from nn_decomp.store import lm_stores  # imports transformer_lens and datasets (~10 s): cache runs skip it
+
+    lm = lm_stores(cfg, model, device, cfg.train.batch_size // info.world_size, info)
+    eval_set = take_tokens(lm.eval, cfg.train.eval_tokens) if info.is_main else None
+    return lm.model, lm.train, eval_set, device
 
 
-def init_coder(cfg: DictConfig, store: ActivationsStore, device) -> tuple[SparseCoder, torch.Tensor, torch.Tensor]:
+def init_coder(cfg: DictConfig, store, device, info: DistInfo = SINGLE) -> tuple[SparseCoder, torch.Tensor, torch.Tensor]:
     """Build the coder, then set normalisation scales and the decoder bias from the first batches
-    of the training stream (deterministic, so a resumed run re-draws the same ones)."""
-    x_NLD, y_NLD = take_tokens(store, 8 * cfg.train.batch_size)
+    of the training stream (deterministic, so a resumed run re-draws the same ones). With several
+    ranks they are the global batches (all_gather), and rank 0's coder is broadcast to all."""
+    x_NLD, y_NLD = take_tokens(store, INIT_BATCHES * store.batch_size)
+    x_NLD, y_NLD = global_rows(x_NLD, INIT_BATCHES, info), global_rows(y_NLD, INIT_BATCHES, info)
     d_in, d_out = x_NLD.shape[-1], y_NLD.shape[-1]
     ones = torch.ones(x_NLD.shape[1], device=device)
     scale_in = norm_scale(x_NLD) if cfg.train.normalize_activations else ones
@@ -229,37 +264,50 @@ def init_coder(cfg: DictConfig, store: ActivationsStore, device) -> tuple[Sparse
             coder.b_dec.copy_(y_NLD.mean(0))
         elif cfg.train.b_dec_init == "geometric_median":
             coder.b_dec.copy_(torch.stack([geometric_median(y_NLD[:, i]) for i in range(y_NLD.shape[1])]))
+    distributed.broadcast_([*coder.parameters(), *coder.buffers(), scale_in, scale_out], info)
     return coder, scale_in, scale_out
 
 
 def train(cfg: DictConfig, run_dir: str | Path | None = None, model: HookedTransformer | None = None) -> dict:
     """Train one dictionary as `cfg` says; returns the final eval metrics. Writes checkpoint/,
     metrics.json and metrics.jsonl into `run_dir` (default: the Hydra run dir). `model` replaces
-    the LM that `cfg.model` names (tests pass a tiny one)."""
-    run_dir = Path(run_dir or cfg.paths.output_dir)
+    the LM that `cfg.model` names (tests pass a tiny one; unused with data=cache).
+
+    Under torchrun (or SLURM with several tasks) every rank runs this: they join one process group,
+    use rank 0's run dir, and train on their own shards; rank 0 alone logs and writes files."""
+    info = distributed.init(distributed.rank_device(cfg.train.device, SINGLE).type)
+    run_dir = Path(distributed.broadcast_object(str(run_dir or cfg.paths.output_dir), info))
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = resolved(cfg, run_dir)
     ckpt_state = run_dir / "checkpoint" / TRAINER_STATE
     assert not cfg.train.resume or ckpt_state.exists(), (
         f"train.resume=true but {ckpt_state} does not exist: train without resume first")
     start = time.time()
-    model, store, eval_set, device = setup(cfg, model)
-    coder, scale_in, scale_out = init_coder(cfg, store, device)
-    total_steps = cfg.train.n_tokens // cfg.train.batch_size
-    trainer = Trainer(cfg, coder, total_steps, scale_in, scale_out)
-    if cfg.train.resume:
-        trainer.load_state_dict(torch.load(ckpt_state, map_location=device, weights_only=False))
-        for _ in range(trainer.step):  # replay the activation stream so the run continues exactly
-            store.next_batch()
-    hooks_in, hooks_out = arch_hooks(cfg.arch)
-    metadata = {"model": cfg.model.name, "arch": cfg.arch.name, "act": type(coder.activation).__name__.lower(),
-                "layers": list(cfg.arch.layers), "hooks_in": hooks_in, "hooks_out": hooks_out,
-                "d_in": coder.d_in, "d_out": coder.d_out, "n_latents": coder.n_latents}
-    logger = MetricsLogger(cfg, run_dir)
-    final = train_encoder(trainer, store, eval_set, run_dir, metadata, logger)
-    final |= {"tokens_seen": trainer.tokens_seen, "steps": trainer.step, "wall_time_s": time.time() - start}
-    (run_dir / "metrics.json").write_text(json.dumps(final, indent=2))
-    logger.finish()
+    model, store, eval_set, device = setup(cfg, model, info)
+    try:
+        coder, scale_in, scale_out = init_coder(cfg, store, device, info)
+        total_steps = cfg.train.n_tokens // cfg.train.batch_size
+        trainer = Trainer(cfg, coder, total_steps, scale_in, scale_out, info)
+        if cfg.train.resume:
+            trainer.load_state_dict(torch.load(ckpt_state, map_location=device, weights_only=False))
+            store.skip(trainer.step)  # continue the activation stream exactly where the run stopped
+        hooks_in, hooks_out = arch_hooks(cfg.arch)
+        metadata = {"model": cfg.model.name, "arch": cfg.arch.name, "act": type(coder.activation).__name__.lower(),
+                    "layers": list(cfg.arch.layers), "hooks_in": hooks_in, "hooks_out": hooks_out,
+                    "d_in": coder.d_in, "d_out": coder.d_out, "n_latents": coder.n_latents,
+                    "world_size": info.world_size}
+        if cfg.data.source == "cache":  # where the activations came from: the cache's text
+            metadata["cache"] = {"path": str(store.meta.path), "text_source": store.meta.text_source,
+                                 "n_tokens": store.meta.n_tokens, "dtype": store.meta.dtype}
+        logger = MetricsLogger(cfg, run_dir) if info.is_main else None
+        final = train_encoder(trainer, store, eval_set, run_dir, metadata, logger)
+        final |= {"tokens_seen": trainer.tokens_seen, "steps": trainer.step, "wall_time_s": time.time() - start}
+        if info.is_main:
+            (run_dir / "metrics.json").write_text(json.dumps(final, indent=2))
+            logger.finish()
+    finally:
+        store.close()
+    distributed.barrier(info)  # no rank returns before rank 0's files are written
     return final
 
 

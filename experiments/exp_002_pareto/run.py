@@ -1,0 +1,86 @@
+"""exp_002: Pareto fronts of L0 vs NMSE and L0 vs CE loss recovered, per arch x act (README.md).
+
+    python experiments/exp_002_pareto/run.py [scale=smoke|cpu|gpu] [override ...]
+        runs the sweeps below, evaluates every checkpoint (nn_decomp.evaluate), collects, plots
+    ... --plot-only              re-collects and re-plots (no training, no evaluation)
+    ... --no-train SWEEP_DIR ... evaluates + plots existing sweep dirs instead (e.g. exp_001's)
+    ... --print-commands         prints the sweep commands and exits
+"""
+import sys
+from pathlib import Path
+
+from nn_decomp.collect import collect, write_table
+from nn_decomp.sweeps import (Experiment, evaluate_jobs, family, knob, n_layers, number, one_thread_if_smoke,
+                              pareto_front, parse_args, pyplot, save_figure, write_points)
+
+NAME = "exp_002_pareto"
+GRIDS = {
+    "smoke": [["arch=transcoder,clt", "act=topk", "act.k=8,16"]],
+    "cpu": [["arch=transcoder,clt", "act=topk", "act.k=8,16,32"]],
+    "gpu": [["arch=transcoder,skip_transcoder,clt", "act=topk,batchtopk", "act.k=16,32,64,128"],
+            ["arch=transcoder,skip_transcoder,clt", "act=jumprelu", "act.sparsity_coef=0.01,0.03,0.1,0.3,1"]],
+}
+COLUMNS = ["job", "status", "family", "knob", "knob_value", "l0_per_layer", "nmse", "ce_recovered_zero",
+           "ce_recovered_mean", "kl_spliced", "ce_clean", "ce_spliced", "replacement_ce_recovered_zero", "n_eval_tokens"]
+PANELS = [("nmse", "NMSE (held-out, mean over layers)", True),
+          ("ce_recovered_zero", "CE loss recovered (vs zero ablation)", False)]
+
+
+def points(rows: list[dict]) -> list[dict]:
+    """Per job: L0 per covered layer and the evaluator's metrics. A CLT's CE recovered is the mean
+    over its layers of splicing that one layer (its features from every earlier layer included);
+    replacement_* patches all its layers at once."""
+    out = []
+    for r in rows:
+        name, value = knob(r)
+        ev = lambda key: number(r.get(f"eval.{key}"))  # noqa: E731
+        l0 = ev("l0") if r.get("eval.l0") is not None else number(r.get("l0"))
+        out.append({"job": r["job"], "status": r["status"], "family": family(r), "knob": name, "knob_value": value,
+                    "l0_per_layer": l0 / n_layers(r),
+                    "nmse": ev("nmse") if r.get("eval.nmse") is not None else number(r.get("nmse")),
+                    **{k: ev(k) for k in COLUMNS[7:-1]}, "n_eval_tokens": ev("n_tokens")})
+    return out
+
+
+def plot(rows: list[dict], out_dir: Path) -> list[Path]:
+    pts = [p for p in points(rows) if p["status"] == "completed"]
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(11, 4.2))
+    for ax, (key, label, lower_is_better) in zip(axes, PANELS):
+        for i, fam in enumerate(sorted({p["family"] for p in pts})):
+            xy = [(p["l0_per_layer"], p[key]) for p in pts if p["family"] == fam and p[key] == p[key]]
+            if not xy:
+                continue
+            color = f"C{i}"
+            ax.scatter(*zip(*xy), color=color, alpha=0.4, s=18)
+            ax.plot(*zip(*pareto_front(xy, lower_is_better)), "o-", color=color, label=fam)
+        ax.set(xscale="log", xlabel="L0 per layer", ylabel=label, title=f"Pareto front: {key}")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    return [save_figure(fig, out_dir / "pareto.png"), write_points(points(rows), out_dir / "pareto.csv", COLUMNS)]
+
+
+def main(argv: list[str]) -> list[Path]:
+    scale, flags, overrides, sweep_dirs = parse_args(argv, __doc__)
+    one_thread_if_smoke(scale)
+    exp = Experiment(NAME, scale, overrides)
+    if "--print-commands" in flags:
+        print("\n".join(exp.command(g) for g in GRIDS[scale]))
+        return []
+    if "--no-train" in flags:  # evaluate and plot sweeps that already exist
+        rows = [row | {"job": str(Path(d) / row["job"])} for d in sweep_dirs
+                for row in evaluate_jobs(collect(d), Path(d), exp.analysis)]
+    elif "--plot-only" in flags:
+        rows = exp.collect()
+    else:
+        exp.run_sweeps(GRIDS[scale])
+        rows = evaluate_jobs(collect(exp.sweep_dir), exp.sweep_dir, exp.analysis)
+    write_table(rows, exp.out_dir / "runs.csv")
+    written = plot(rows, exp.out_dir)
+    print("wrote " + ", ".join(map(str, written)))
+    return written
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

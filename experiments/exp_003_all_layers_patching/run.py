@@ -1,0 +1,123 @@
+"""exp_003: every MLP of a block of layers replaced at once: per-layer transcoders vs one CLT
+(README.md).
+
+    python experiments/exp_003_all_layers_patching/run.py [scale=smoke|cpu|gpu] [override ...]
+        trains the per-layer transcoders and the CLT for each k, evaluates each as one
+        replacement model (nn_decomp.evaluate), plots
+    ... --no-train           evaluates (where eval.json is missing) and plots the existing sweep
+    ... --plot-only          re-plots from the eval.json files already written
+    ... --print-commands     prints the sweep commands and exits
+"""
+import json
+import sys
+from pathlib import Path
+
+from nn_decomp.checkpoint import read_config
+from nn_decomp.evaluate import EVAL_JSON
+from nn_decomp.sweeps import (Experiment, evaluate_checkpoints, evaluation_model, number, one_thread_if_smoke,
+                              parse_args, pyplot, save_figure, write_points)
+
+NAME = "exp_003_all_layers_patching"
+BLOCKS = {"smoke": [0, 1], "cpu": [0, 1, 2, 3], "gpu": list(range(12))}
+KS = {"smoke": [8], "cpu": [8, 16, 32], "gpu": [16, 32, 64, 128]}
+COLUMNS = ["family", "k", "layers", "mean_l0_per_module", "active_latents_per_mlp", "active_decoder_params",
+           "replacement_ce", "replacement_kl", "replacement_top1_agreement", "replacement_ce_recovered_zero",
+           "ce_clean", "n_tokens", "eval_json"]
+X_AXES = [("mean_l0_per_module", "mean L0 per module"),
+          ("active_latents_per_mlp", "active latents per MLP reconstruction\n(CLT: incl. cross-layer writes)"),
+          ("active_decoder_params", "active decoder parameters per token")]
+Y_AXES = [("replacement_ce", "CE, all MLPs replaced"), ("replacement_kl", "KL(clean ‖ replaced)")]
+
+
+def grids(scale: str) -> list[list[str]]:
+    block, ks = BLOCKS[scale], ",".join(map(str, KS[scale]))
+    per_layer = ",".join(f"[{layer}]" for layer in block)
+    return [["arch=transcoder", f"arch.layers={per_layer}", "act=topk", f"act.k={ks}"],
+            ["arch=clt", f"arch.layers=[{','.join(map(str, block))}]", "act=topk", f"act.k={ks}"]]
+
+
+def replacements(rows: list[dict], block: list[int], ks: list[int]) -> list[tuple[str, int, list[Path]]]:
+    """(family, k, checkpoints) of each replacement model: the CLT alone, or one transcoder per
+    layer of the block (only when every layer's transcoder completed)."""
+    done = [r for r in rows if r["status"] == "completed"]
+    out = []
+    for k in ks:
+        clt = [r for r in done if r.get("arch.name") == "clt" and r.get("act.k") == k]
+        per_layer = {r["arch.layers"][0]: r for r in done if r.get("arch.name") == "transcoder" and r.get("act.k") == k}
+        if clt:
+            out.append(("clt", k, [Path(clt[0]["job"])]))
+        if sorted(per_layer) == block:
+            out.append(("transcoders", k, [Path(per_layer[layer]["job"]) for layer in block]))
+    return out
+
+
+def sparsity_costs(ev: dict, cross_layer: bool, d_out: int) -> dict:
+    """From the per-source-layer L0s: active latents that write each MLP's reconstruction (a CLT
+    latent of layer i writes every layer j >= i) and the decoder parameters those writes use."""
+    l0 = ev["l0_per_layer"]
+    n = len(l0)
+    writes_into = [sum(l0[: j + 1]) if cross_layer else l0[j] for j in range(n)]
+    targets = [n - i if cross_layer else 1 for i in range(n)]
+    return {"mean_l0_per_module": sum(l0) / n, "active_latents_per_mlp": sum(writes_into) / n,
+            "active_decoder_params": sum(a * t * d_out for a, t in zip(l0, targets))}
+
+
+def point(family: str, k: int, eval_json: Path) -> dict:
+    ev = json.loads(eval_json.read_text())
+    _, meta = read_config(Path(ev["checkpoints"][0]))
+    return {"family": family, "k": k, "layers": ev["layers"], **sparsity_costs(ev, family == "clt", meta["d_out"]),
+            **{key: number(ev.get(key)) for key in COLUMNS[6:11]}, "n_tokens": ev["n_tokens"],
+            "eval_json": str(eval_json)}
+
+
+def evaluate_replacements(exp: Experiment, rows: list[dict], scale: str, plot_only: bool) -> list[dict]:
+    model, points = None, []
+    for family, k, jobs in replacements(rows, BLOCKS[scale], KS[scale]):
+        ckpts = [exp.sweep_dir / job / "checkpoint" for job in jobs]
+        out = ckpts[0] if family == "clt" else exp.out_dir / "transcoder_sets" / f"k{k}"
+        if not (out / EVAL_JSON).exists() and not plot_only:
+            model = model or evaluation_model(exp.analysis, ckpts[0])
+            evaluate_checkpoints(ckpts, exp.analysis, model, out=None if family == "clt" else out)
+        if (out / EVAL_JSON).exists():
+            points.append(point(family, k, out / EVAL_JSON))
+    return points
+
+
+def plot(points: list[dict], out_dir: Path) -> list[Path]:
+    plt = pyplot()
+    fig, axes = plt.subplots(len(Y_AXES), len(X_AXES), figsize=(13, 7), squeeze=False)
+    for row, (y, y_label) in enumerate(Y_AXES):
+        for col, (x, x_label) in enumerate(X_AXES):
+            ax = axes[row][col]
+            for family in sorted({p["family"] for p in points}):
+                series = sorted((p for p in points if p["family"] == family), key=lambda p: p[x])
+                ax.plot([p[x] for p in series], [p[y] for p in series], "o-", label=family)
+                for p in series:
+                    ax.annotate(f"k={p['k']}", (p[x], p[y]), fontsize=7, textcoords="offset points", xytext=(3, 3))
+            if y == "replacement_ce" and points:
+                ax.axhline(points[0]["ce_clean"], color="gray", linestyle="--", label="clean LM")
+            ax.set(xscale="log", xlabel=x_label, ylabel=y_label)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    layers = points[0]["layers"] if points else []
+    fig.suptitle(f"all MLPs of layers {layers} replaced at once: per-layer transcoders vs one CLT")
+    return [save_figure(fig, out_dir / "all_layers_patching.png"),
+            write_points(points, out_dir / "all_layers_patching.csv", COLUMNS)]
+
+
+def main(argv: list[str]) -> list[Path]:
+    scale, flags, overrides, _ = parse_args(argv, __doc__)
+    one_thread_if_smoke(scale)
+    exp = Experiment(NAME, scale, overrides)
+    if "--print-commands" in flags:
+        print("\n".join(exp.command(g) for g in grids(scale)))
+        return []
+    rows = exp.collect() if flags & {"--plot-only", "--no-train"} else exp.run_sweeps(grids(scale))
+    points = evaluate_replacements(exp, rows, scale, "--plot-only" in flags)
+    written = plot(points, exp.out_dir)
+    print("wrote " + ", ".join(map(str, written)))
+    return written
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,226 @@
+"""`python -m nn_decomp.convert checkpoint=PATH to=jumprelu [out=DIR] [calibrate=true]`: turn a
+TopK / BatchTopK dictionary into a JumpReLU one (what circuit-tracer and SAELens transcoders run).
+
+The weights are kept; only the activation changes, to pre·H(pre − θ_f) with one threshold per latent
+and layer. Thresholds come from the source dictionary's own behaviour on held-out tokens (the first
+`n_tokens` of the checkpoint's held-out documents), by one of two estimators:
+
+- estimator=rate (default): θ_f is the value that latent f's pre-activation exceeds on exactly as
+  many tokens as the source activation selects f (the (n_f+1)-th largest pre-activation of f). Each
+  latent keeps its firing frequency, so the L0 matches the source's on these tokens by construction.
+- estimator=min: θ_f is the smallest pre-activation at which the source selected f (the per-latent
+  analogue of the BatchTopK paper's threshold, the mean over batches of the minimum selected
+  activation). Latents fire at least as often as before, so L0 rises; calibrate=true corrects it.
+
+A latent never selected gets θ_f = its largest pre-activation seen (it stays silent on those tokens).
+calibrate=true then bisects one scale c per layer (thresholds c·θ) until the layer's L0 on the same
+tokens equals the source's. Before/after NMSE and L0 are measured on the next `n_eval_tokens`
+held-out tokens (disjoint from the fitting tokens), written into the new checkpoint's metadata.json
+and printed.
+"""
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+
+from nn_decomp.checkpoint import build_coder, read_config, save_checkpoint
+from nn_decomp.coder import SparseCoder
+from nn_decomp.config import JumpReLUConfig
+from nn_decomp.evaluate import (UsageError, check_compatible, check_model_choice, load_dictionaries, refuse_existing,
+                                text_config)
+from nn_decomp.patching import layer_latents
+
+CONVERTIBLE = ("topk", "batchtopk")
+ESTIMATORS = ("rate", "min")
+MIN_THRESHOLD = 1e-6  # JumpReLU stores log θ, so θ > 0; a latent active on most tokens would get θ ≤ 0
+
+
+@dataclass
+class ConvertConfig:
+    checkpoint: str | None = None
+    """The TopK / BatchTopK checkpoint dir to convert."""
+    to: str = "jumprelu"
+    """Target activation; only jumprelu."""
+    out: str | None = None
+    """New checkpoint dir (default: <checkpoint>_jumprelu next to the source)."""
+    overwrite: bool = False
+    estimator: str = "rate"
+    """rate (keep each latent's firing frequency) or min (smallest selected pre-activation)."""
+    calibrate: bool = False
+    """Bisect a per-layer scale on the thresholds so each layer's L0 matches the source's."""
+    n_tokens: int = 16384
+    """Held-out tokens for the threshold statistics."""
+    n_eval_tokens: int = 8192
+    """Further held-out tokens for the before/after report."""
+    device: str = "auto"
+    dtype: str = "float32"
+    cache_dir: str = "${paths.cache_dir}"
+    model: Any = None
+    """Optional `model=<option>`: fail unless the checkpoint was trained on that model."""
+    paths: Any = None
+
+    def __post_init__(self):
+        assert self.estimator in ESTIMATORS, f"estimator={self.estimator!r}: choose one of {ESTIMATORS}"
+
+
+ConfigStore.instance().store(name="base_convert", node=ConvertConfig)
+
+
+# --- threshold estimators --------------------------------------------------------------------
+
+def pre_activations(coder: SparseCoder, x_ND: Tensor, i: int) -> Tensor:
+    return x_ND @ coder.W_enc[i] + coder.b_enc[i]
+
+
+def rate_thresholds(pre_NF: Tensor, active_NF: Tensor, chunk: int = 1024) -> Tensor:
+    """[F] θ_f = the (n_f+1)-th largest pre-activation of latent f, n_f = tokens f is active on:
+    exactly n_f tokens exceed it (ties aside)."""
+    N = pre_NF.shape[0]
+    n_F = active_NF.sum(0)
+    out = []
+    for start in range(0, pre_NF.shape[1], chunk):
+        sorted_NF = pre_NF[:, start:start + chunk].sort(dim=0).values  # ascending
+        rank_F = (N - 1 - n_F[start:start + chunk]).clamp(min=0)
+        theta_F = sorted_NF.gather(0, rank_F[None]).squeeze(0)
+        # Never active: the largest value seen (strict >, so it stays silent on these tokens).
+        out.append(torch.where(n_F[start:start + chunk] == 0, sorted_NF[-1], theta_F))
+    return torch.cat(out)
+
+
+def min_thresholds(pre_NF: Tensor, active_NF: Tensor) -> Tensor:
+    """[F] θ_f = the smallest pre-activation at which f was active, minus nothing: pre > θ then
+    excludes that token itself, so step down by one ulp to keep it."""
+    smallest_F = pre_NF.masked_fill(~active_NF, float("inf")).amin(0)
+    never = torch.isinf(smallest_F)
+    theta_F = torch.nextafter(smallest_F, torch.full_like(smallest_F, -float("inf")))
+    return torch.where(never, pre_NF.amax(0), theta_F)
+
+
+def calibrate_scale(pre_NF: Tensor, theta_F: Tensor, target_l0: float, n_iter: int = 50) -> float:
+    """Bisection on log c so that mean_t #{f: pre_tf > c·θ_f} = target_l0 (L0 falls as c grows)."""
+    def l0(c: float) -> float:
+        return (pre_NF > c * theta_F).sum().item() / len(pre_NF)
+
+    lo, hi = -10.0, 10.0  # log c
+    for _ in range(n_iter):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if l0(torch.tensor(mid).exp().item()) > target_l0 else (lo, mid)
+    return torch.tensor((lo + hi) / 2).exp().item()
+
+
+@torch.no_grad()
+def fit_thresholds(coder: SparseCoder, x_NLD: Tensor, estimator: str, calibrate: bool) -> tuple[Tensor, dict]:
+    """[L, F] thresholds and per-layer fit statistics (source L0, JumpReLU L0, calibration scale)."""
+    thresholds, stats = [], {"source_l0": [], "jumprelu_l0": [], "scale": []}
+    for i in range(coder.n_layers):
+        x_ND = x_NLD[:, i]
+        pre_NF = pre_activations(coder, x_ND, i)
+        active_NF = layer_latents(coder, x_ND, i).dense()[:, 0] != 0
+        target = active_NF.sum().item() / len(x_ND)
+        theta_F = (rate_thresholds if estimator == "rate" else min_thresholds)(pre_NF, active_NF)
+        theta_F = theta_F.clamp(min=MIN_THRESHOLD)
+        scale = calibrate_scale(pre_NF, theta_F, target) if calibrate else 1.0
+        theta_F = (scale * theta_F).clamp(min=MIN_THRESHOLD)
+        thresholds.append(theta_F)
+        stats["source_l0"].append(target)
+        stats["jumprelu_l0"].append((pre_NF > theta_F).sum().item() / len(x_ND))
+        stats["scale"].append(scale)
+    return torch.stack(thresholds), stats
+
+
+def jumprelu_coder(source: SparseCoder, ckpt_cfg: DictConfig, thresholds_LF: Tensor) -> tuple[SparseCoder, DictConfig]:
+    """A JumpReLU coder with the source's weights and the given thresholds, and its config."""
+    cfg = ckpt_cfg.copy()
+    cfg.act = OmegaConf.structured(JumpReLUConfig)
+    coder = build_coder(cfg, source.d_in, source.d_out).to(thresholds_LF.device)
+    weights = {k: v for k, v in source.state_dict().items() if not k.startswith("activation.")}
+    weights["activation.log_threshold"] = thresholds_LF.log().float()
+    coder.load_state_dict(weights)
+    return coder.eval(), cfg
+
+
+# --- driver ----------------------------------------------------------------------------------
+
+def heldout_activations(ckpt_cfg: DictConfig, model, device, n_fit: int, n_eval: int):
+    """((x, y) fitting tokens, (x, y) report tokens): disjoint batches of the held-out stream (the
+    training run's eval store: held-out documents, seeded with train.seed + 1)."""
+    from nn_decomp.store import lm_stores
+    from nn_decomp.train import take_tokens
+
+    store = lm_stores(ckpt_cfg, model, device, ckpt_cfg.train.batch_size).eval
+    try:
+        return take_tokens(store, n_fit), take_tokens(store, n_eval)
+    except StopIteration:
+        raise UsageError(f"the held-out split has fewer than n_tokens + n_eval_tokens = {n_fit + n_eval} "
+                         "tokens: lower n_tokens / n_eval_tokens") from None
+
+
+def convert(cfg: DictConfig, model=None) -> dict:
+    """Convert the checkpoint `cfg` names; returns the before/after report."""
+    if cfg.to != "jumprelu":
+        raise UsageError(f"to={cfg.to}: only to=jumprelu is supported")
+    if not cfg.checkpoint:
+        raise UsageError("no checkpoint given: pass checkpoint=PATH")
+    (d,) = load_dictionaries([Path(cfg.checkpoint)])
+    ckpt_cfg, meta = read_config(d.path)
+    if meta["act"] not in CONVERTIBLE:
+        raise UsageError(f"{d.path} has act={meta['act']}; convert works on {'/'.join(CONVERTIBLE)} "
+                         "(a jumprelu or relu dictionary exports as it is)")
+    out = Path(cfg.out) if cfg.out else d.path.with_name(d.path.name + "_jumprelu")
+    refuse_existing([out], cfg.overwrite)
+    model_name = check_model_choice(cfg, [d])
+    from nn_decomp.train import evaluate_coder
+
+    if model is None:
+        from nn_decomp.models import load_model
+
+        model = load_model(model_name, cfg.device, cfg.dtype, max(d.layers) + 1, cfg.cache_dir)
+    d.coder.to(model.cfg.device)
+    check_compatible(model, [d])
+    (x_fit, _), (x_eval, y_eval) = heldout_activations(text_config(ckpt_cfg, meta), model, model.cfg.device,
+                                                       cfg.n_tokens, cfg.n_eval_tokens)
+    thresholds, fit = fit_thresholds(d.coder, x_fit.to(d.coder.W_enc.dtype), cfg.estimator, cfg.calibrate)
+    coder, new_cfg = jumprelu_coder(d.coder, ckpt_cfg, thresholds)
+    batch = ckpt_cfg.train.batch_size
+    before = evaluate_coder(d.coder, x_eval, y_eval, batch)
+    after = evaluate_coder(coder, x_eval, y_eval, batch)
+    report = {"source": str(d.path), "out": str(out), "estimator": cfg.estimator, "calibrate": cfg.calibrate,
+              "n_fit_tokens": len(x_fit), "n_eval_tokens": len(x_eval), "fit": fit,
+              "before": before, "after": after}
+    new_meta = meta | {"act": "jumprelu", "eval": after, "converted_from": report}
+    for key in ("step", "tokens_seen"):
+        new_meta.pop(key, None)
+    save_checkpoint(out, coder.cpu(), new_cfg, new_meta)
+    print(table(report))
+    return report
+
+
+def table(report: dict) -> str:
+    b, a = report["before"], report["after"]
+    rows = [("", "source", "jumprelu"), ("nmse", f"{b['nmse']:.4f}", f"{a['nmse']:.4f}"),
+            ("explained_variance", f"{b['explained_variance']:.4f}", f"{a['explained_variance']:.4f}"),
+            ("l0", f"{b['l0']:.2f}", f"{a['l0']:.2f}"),
+            ("dead_fraction_eval", f"{b['dead_fraction_eval']:.3f}", f"{a['dead_fraction_eval']:.3f}")]
+    lines = [f"{r[0]:>20}  {r[1]:>10}  {r[2]:>10}" for r in rows]
+    lines.append(f"estimator={report['estimator']} calibrate={report['calibrate']}; fit on "
+                 f"{report['n_fit_tokens']} held-out tokens, measured on the next {report['n_eval_tokens']}")
+    lines.append(f"wrote {report['out']}")
+    return "\n".join(lines)
+
+
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="convert")
+def main(cfg: DictConfig) -> None:
+    try:
+        convert(cfg)
+    except UsageError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

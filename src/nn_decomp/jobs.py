@@ -1,0 +1,177 @@
+"""Sweep jobs: a status file per job, resume of requeued jobs, and running the CLIs from scripts.
+
+- `JobStatusCallback` (a Hydra callback, conf/hydra/default.yaml) writes `status.json` into every
+  job's output dir: `running` when the job starts, then `completed` or `failed` with the error and
+  its traceback. Hydra 1.3 already runs every job of a sweep when one raises (its `run_job` catches
+  the exception into the JobReturn; the basic sweeper re-raises the first one only after the whole
+  batch, so the command still exits non-zero); the file makes each failure visible to
+  `python -m nn_decomp.collect` and to a person listing the sweep dir. `fail_fast=true`
+  (`hydra.callbacks.job_status.fail_fast=true`) instead stops a basic-launcher sweep at the first
+  failed job. A job killed outright (OOM, SIGKILL, a SLURM requeue) stays `running`; `attempts`
+  counts its starts.
+- `resolve_resume(resume, trainer_state)`: `train.resume=auto` resumes when the run dir already
+  holds a trainer state; `finished_run` skips a run that already wrote metrics.json. A preempted
+  or timed-out SLURM job is requeued by submitit into the same sweep subdir (the launcher's
+  `checkpoint()` resubmits the same overrides, and the sweep dir's `${now:}` comes from the
+  pickled config's resolver cache), so `auto` is what makes it continue.
+  train.py hook-up (in `train`, after `cfg = resolved(cfg, run_dir)`):
+      if (done := finished_run(cfg.train.resume, run_dir)) is not None:
+          return done  # train.resume=auto on a run that already finished
+      ckpt_state = run_dir / "checkpoint" / TRAINER_STATE
+      cfg.train.resume = resolve_resume(cfg.train.resume, ckpt_state)  # replaces the assert
+  and in config.py `resume: Any = False` checked against RESUME_CHOICES.
+- `run_cli(module, args)`: `python -m module args` in this process (experiment scripts run several
+  sweeps and evaluations without paying the imports each time) or as a subprocess.
+"""
+import json
+import logging
+import os
+import runpy
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+STATUS_JSON = "status.json"
+log = logging.getLogger(__name__)
+
+
+# --- status per job ----------------------------------------------------------------------------
+
+def read_status(job_dir: Path) -> dict:
+    path = Path(job_dir) / STATUS_JSON
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def write_status(job_dir: Path, status: dict) -> None:
+    path = Path(job_dir) / STATUS_JSON
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(status, indent=2))
+    os.replace(tmp, path)
+
+
+def is_first_rank() -> bool:
+    """False in every process but the first of a multi-process job (torchrun, or SLURM / submitit
+    with several tasks): they all run the same Hydra job, and one status file is enough."""
+    for var in ("RANK", "SLURM_PROCID", "SUBMITIT_LOCAL_GLOBALID"):
+        if os.environ.get(var, "0") != "0":
+            return False
+    return True
+
+
+class JobStatusCallback(Callback):
+    """Writes `status.json` into each job's output dir (module docstring); first rank only."""
+
+    def __init__(self, fail_fast: bool = False):
+        self.fail_fast = fail_fast
+        self._start = 0.0
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if not is_first_rank():
+            return
+        job_dir = Path(config.hydra.runtime.output_dir)
+        previous = read_status(job_dir)
+        self._start = time.time()
+        write_status(job_dir, {
+            "status": "running", "attempts": previous.get("attempts", 0) + 1,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "host": socket.gethostname(),
+            "job_id": str(OmegaConf.select(config, "hydra.job.id", default="")),
+            "overrides": list(OmegaConf.select(config, "hydra.overrides.task", default=[]))})
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        if not is_first_rank():
+            return
+        job_dir = Path(config.hydra.runtime.output_dir)
+        status = read_status(job_dir) | {"wall_time_s": round(time.time() - self._start, 3)}
+        # JobReturn.return_value re-raises a failed job's exception: read the stored one.
+        error = job_return._return_value if job_return.status.name == "FAILED" else None
+        if error is None:
+            write_status(job_dir, status | {"status": "completed"})
+            return
+        tb = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+        write_status(job_dir, status | {"status": "failed", "error": f"{type(error).__name__}: {error}",
+                                        "traceback": tb})
+        log.error(f"job {config.hydra.job.num} failed ({job_dir}):\n{tb}")
+        if self.fail_fast:
+            # Hydra turns an Exception raised by a callback into a warning; SystemExit passes
+            # through run_job and the launcher, which ends the sweep here.
+            raise SystemExit(f"job {config.hydra.job.num} failed and fail_fast=true: stopping the sweep")
+
+
+# --- resume ------------------------------------------------------------------------------------
+
+RESUME_CHOICES = (True, False, "auto")
+
+
+def resolve_resume(resume: bool | str, trainer_state: Path) -> bool:
+    """train.resume → whether to load `trainer_state`. true: it must exist; auto: when it exists
+    (a requeued SLURM job, a re-run sweep); false: never."""
+    assert resume in RESUME_CHOICES, f"train.resume={resume!r}: use true, false or auto"
+    if resume == "auto":
+        return Path(trainer_state).exists()
+    assert not resume or Path(trainer_state).exists(), (
+        f"train.resume=true but {trainer_state} does not exist: train without resume first")
+    return bool(resume)
+
+
+def finished_run(resume: bool | str, run_dir: Path) -> dict | None:
+    """With train.resume=auto, a run dir that already holds metrics.json is a finished run (a
+    re-run sweep): its metrics, to return instead of training again. None otherwise."""
+    metrics = Path(run_dir) / "metrics.json"
+    return json.loads(metrics.read_text()) if resume == "auto" and metrics.exists() else None
+
+
+# --- sizes of the analyses of an experiment (conf/scale/*.yaml: `analysis`) ----------------------
+
+@dataclass
+class AnalysisConfig:
+    name: str = "cpu"
+    """The scale's name: smoke, cpu or gpu (names the experiment's output dir)."""
+    eval_tokens: int = 16384
+    """Held-out tokens for `nn_decomp.evaluate` (its eval.n_tokens)."""
+    eval_batch_contexts: int = 8
+    """Contexts per LM forward pass in evaluations."""
+    eval_lm_layers: int | None = None
+    """Cut the LM to its first blocks for downstream metrics (smoke only: the CE values are then
+    meaningless); null evaluates with the whole LM."""
+    interp_tokens: int = 1_000_000
+    """Held-out tokens scanned for each feature's max-activating examples (exp_004)."""
+    interp_features: int = 100
+    """Features shown in the dashboard and scored by autointerp, intruders and faithfulness."""
+    interp_examples: int = 10
+    """Max-activating examples kept per feature."""
+
+
+def analysis_config(cfg: DictConfig) -> AnalysisConfig:
+    """cfg.analysis checked against its schema (a typo fails here, naming the key)."""
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(AnalysisConfig), cfg.get("analysis") or {}))
+
+
+# --- running the CLIs --------------------------------------------------------------------------
+
+def run_cli(module: str, args: list[str], in_process: bool = True, cwd: Path | None = None) -> int:
+    """`python -m module *args`; returns its exit code. In process, the module runs as __main__
+    under a patched argv (Hydra's multirun included); a failed Hydra job exits through SystemExit,
+    which becomes the return code."""
+    if not in_process:
+        return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd).returncode
+    from hydra.core.global_hydra import GlobalHydra
+
+    argv = sys.argv
+    sys.argv = [module, *args]
+    GlobalHydra.instance().clear()  # @hydra.main initialises it and refuses to run twice
+    try:
+        runpy.run_module(module, run_name="__main__", alter_sys=False)
+        return 0
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = argv
+        GlobalHydra.instance().clear()

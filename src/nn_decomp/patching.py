@@ -1,0 +1,202 @@
+"""Run a TransformerLens model with dictionaries patched into its forward pass.
+
+`patched(model, dictionaries, mode)` is a context manager over `model.hooks(fwd_hooks=...)`:
+
+- "splice": every covered hook_out is replaced by the dictionary's reconstruction, computed from the
+  hook_in activation of the *same* forward pass. Splicing all layers of a CLT, or a list of per-layer
+  transcoders, is the replacement model: layer j's features are encoded from the residual stream as
+  the earlier replacements left it (not teacher-forced from a clean run), and a CLT sums the writes
+  of every source layer i ≤ j through its cross-layer decoders. `layers=` splices only some targets
+  (a CLT's output at j still reads its features at every i ≤ j).
+- "zero" / "mean": hook_out is replaced by zeros / by a fixed mean vector (the ablation baselines).
+
+Hook functions come from `functools.partial` over module-level functions, so each binds its own
+layer and dictionary when it is built (no late-binding closures in loops).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from nn_decomp.activations import Latents
+from nn_decomp.checkpoint import load_dictionary, read_config
+from nn_decomp.coder import SparseCoder
+
+if TYPE_CHECKING:  # transformer_lens takes seconds to import; export and CLI errors never need it
+    from transformer_lens import HookedTransformer
+
+MODES = ("splice", "zero", "mean")
+
+
+@dataclass
+class HookedDictionary:
+    """A coder and where it sits in the model: it reads `hooks_in[i]` and writes `hooks_out[i]` for
+    each covered model layer `layers[i]` (one entry unless a CLT)."""
+
+    coder: SparseCoder
+    hooks_in: list[str]
+    hooks_out: list[str]
+    layers: list[int]
+    model_name: str
+    path: Path | None = None
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "HookedDictionary":
+        _, meta = read_config(path)
+        return cls(load_dictionary(path, device), list(meta["hooks_in"]), list(meta["hooks_out"]),
+                   list(meta["layers"]), meta["model"], Path(path))
+
+
+def layer_latents(coder: SparseCoder, x_ND: Tensor, i: int) -> Latents:
+    """Latents [N, 1, ·] of source layer i alone, as `coder.encode` gives them in eval mode.
+
+    ReLU and TopK act row by row, so the module applies as is; threshold activations (JumpReLU,
+    and BatchTopK at inference) use layer i's own per-latent thresholds."""
+    act = coder.activation
+    pre_N1F = (x_ND @ coder.W_enc[i] + coder.b_enc[i])[:, None]
+    threshold_LF = getattr(act, "threshold", None)
+    if threshold_LF is None:
+        return act(pre_N1F)
+    assert not act.training, "put the coder in eval mode: BatchTopK selects per batch while training"
+    # JumpReLU's θ = exp(·) > 0; BatchTopK's threshold is −1 until estimated, and its eval clamps at 0.
+    threshold_F = threshold_LF[i].to(pre_N1F.dtype).clamp(min=0)
+    return Latents(pre_N1F * (pre_N1F > threshold_F), None, coder.n_latents)
+
+
+def decode_source(latents: Latents, w_FD: Tensor) -> Tensor:
+    """[N, D] write of one source layer's latents through one decoder slice W_dec[i][:, j−i]."""
+    values_NK = latents.values[:, 0]
+    if latents.indices is None:
+        return values_NK @ w_FD
+    return F.embedding_bag(latents.indices[:, 0], w_FD, per_sample_weights=values_NK, mode="sum")
+
+
+def target_sources(d: HookedDictionary, j: int) -> list[int]:
+    """Source layers (indices into d.layers) that write to target index j."""
+    return list(range(j + 1)) if d.coder.cross_layer else [j]
+
+
+# --- hook functions (bound with functools.partial) -------------------------------------------
+
+def _read_input(act_BTD: Tensor, hook, *, cache: dict, key: tuple, coder: SparseCoder, i: int) -> None:
+    x_ND = act_BTD.reshape(-1, act_BTD.shape[-1]).to(coder.W_enc.dtype)
+    cache[key] = (x_ND, layer_latents(coder, x_ND, i))
+
+
+def _write_output(act_BTD: Tensor, hook, *, cache: dict, d_idx: int, coder: SparseCoder, j: int,
+                  decoders: dict[int, Tensor], positions_BT: Tensor | None, clear: bool) -> Tensor:
+    missing = [i for i in decoders if (d_idx, i) not in cache]
+    if missing:
+        raise RuntimeError(f"{hook.name}: the dictionary's input for source index {missing} did not run "
+                           "before its output hook; hook_in must come before hook_out in the forward pass")
+    recon_ND = coder.b_dec[j].expand(act_BTD.shape[:-1].numel(), -1).clone()
+    for i, w_FD in decoders.items():
+        recon_ND += decode_source(cache[(d_idx, i)][1], w_FD)
+    if coder.W_skip is not None:
+        recon_ND += cache[(d_idx, j)][0] @ coder.W_skip[j]
+    if clear:  # the last target of this dictionary: its inputs are not needed again this pass
+        for key in [k for k in cache if k[0] == d_idx]:
+            del cache[key]
+    recon_BTD = recon_ND.view(act_BTD.shape).to(act_BTD.dtype)
+    return _where(positions_BT, recon_BTD, act_BTD)
+
+
+def _ablate(act_BTD: Tensor, hook, *, value_D: Tensor, positions_BT: Tensor | None) -> Tensor:
+    return _where(positions_BT, value_D.to(act_BTD).expand_as(act_BTD), act_BTD)
+
+
+def _where(positions_BT: Tensor | None, patched_BTD: Tensor, clean_BTD: Tensor) -> Tensor:
+    if positions_BT is None:
+        return patched_BTD
+    return torch.where(positions_BT[..., None].to(clean_BTD.device), patched_BTD, clean_BTD)
+
+
+# --- the context manager ---------------------------------------------------------------------
+
+def splice_hooks(dictionaries: Sequence[HookedDictionary], layers: Sequence[int] | None = None,
+                 positions_BT: Tensor | None = None) -> list[tuple[str, object]]:
+    """fwd_hooks that replace each covered hook_out (model layers in `layers`, default all) by its
+    reconstruction, encoded from the hook_in activations of the same forward pass."""
+    cache: dict = {}
+    ranked = []  # (rank, hook name, fn): on one hook point, own reads < writes < other reads
+    for d_idx, d in enumerate(dictionaries):
+        targets = [j for j, layer in enumerate(d.layers) if layers is None or layer in layers]
+        needed = sorted({i for j in targets for i in target_sources(d, j)})
+        written = {d.hooks_out[j] for j in targets}
+        for i in needed:
+            # An SAE reads its hook point before replacing it; a dictionary reading another's
+            # output reads it after the replacement, as the replacement model would.
+            rank = 0 if d.hooks_in[i] in written else 2
+            ranked.append((rank, d.hooks_in[i], partial(_read_input, cache=cache, key=(d_idx, i),
+                                                        coder=d.coder, i=i)))
+        for j in targets:
+            # Contiguous copies of the decoder slices this target reads, made once per context.
+            decoders = {i: d.coder.W_dec[i][:, j - i].detach().contiguous() for i in target_sources(d, j)}
+            ranked.append((1, d.hooks_out[j], partial(
+                _write_output, cache=cache, d_idx=d_idx, coder=d.coder, j=j, decoders=decoders,
+                positions_BT=positions_BT, clear=j == targets[-1])))
+    return [(name, fn) for _, name, fn in sorted(ranked, key=lambda r: r[0])]
+
+
+def ablation_hooks(hooks_out: Sequence[str], mode: str, means: dict[str, Tensor] | None = None,
+                   positions_BT: Tensor | None = None) -> list[tuple[str, object]]:
+    """fwd_hooks that replace each hook in `hooks_out` by zeros ("zero") or by means[hook] ("mean")."""
+    hooks = []
+    for name in hooks_out:
+        if mode == "mean":
+            if means is None or name not in means:
+                raise ValueError(f"mode='mean' needs means[{name!r}]: pass means=mean_activations(...)")
+            value_D = means[name]
+        else:
+            value_D = torch.zeros(())
+        hooks.append((name, partial(_ablate, value_D=value_D, positions_BT=positions_BT)))
+    return hooks
+
+
+@contextmanager
+def patched(model: HookedTransformer, dictionaries: HookedDictionary | Sequence[HookedDictionary],
+            mode: str = "splice", layers: Sequence[int] | None = None,
+            means: dict[str, Tensor] | None = None, positions_BT: Tensor | None = None):
+    """Within the block, every forward of `model` runs with the dictionaries patched in.
+
+    mode: "splice" (reconstructions), "zero" or "mean" (ablate the same hook_out points; "mean" needs
+    `means`, {hook name: [D] mean activation}). layers: model layers whose output is patched
+    (default every covered layer). positions_BT: bool [batch, pos] mask of the positions to patch
+    (the others keep the clean activation), e.g. to leave BOS alone; None patches all.
+    """
+    assert mode in MODES, f"mode={mode!r}: choose one of {MODES}"
+    if isinstance(dictionaries, HookedDictionary):
+        dictionaries = [dictionaries]
+    check_disjoint_outputs(dictionaries)
+    if mode == "splice":
+        hooks = splice_hooks(dictionaries, layers, positions_BT)
+    else:
+        outs = [h for d in dictionaries for h, layer in zip(d.hooks_out, d.layers)
+                if layers is None or layer in layers]
+        hooks = ablation_hooks(outs, mode, means, positions_BT)
+    with model.hooks(fwd_hooks=hooks):
+        yield model
+
+
+def replacement_model(model: HookedTransformer, dictionaries: HookedDictionary | Sequence[HookedDictionary],
+                      positions_BT: Tensor | None = None):
+    """Every covered MLP (hook_out) replaced at once: `patched(..., "splice")` over all layers."""
+    return patched(model, dictionaries, "splice", positions_BT=positions_BT)
+
+
+def check_disjoint_outputs(dictionaries: Sequence[HookedDictionary]) -> None:
+    seen: dict[str, Path | None] = {}
+    for d in dictionaries:
+        for hook in d.hooks_out:
+            if hook in seen:
+                raise ValueError(f"{hook} is written by two dictionaries ({seen[hook]} and {d.path}); "
+                                 "pass one dictionary per layer")
+            seen[hook] = d.path

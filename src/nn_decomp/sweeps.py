@@ -1,0 +1,228 @@
+"""What the experiment scripts (experiments/exp_NNN_*/run.py) share: run an experiment's sweeps
+through the training CLI, evaluate its checkpoints with one loaded LM, Pareto fronts, plot files.
+
+An experiment is `conf/experiment/<name>.yaml` at a scale (`conf/scale/`: smoke | cpu | gpu). Its
+sweeps are `python -m nn_decomp.train --multirun experiment=<name> scale=<scale> <grid>`, one
+per grid, all into `outputs/<name>/<scale>/sweep/` (the experiment config's hydra.sweep.dir, one
+subdir per override set); plots and their CSVs go to `outputs/<name>/<scale>/`.
+"""
+import csv
+import math
+import shlex
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
+
+import nn_decomp.config  # noqa: F401  (registers the schemas the configs start from)
+from nn_decomp.collect import collect, summary, write_table
+from nn_decomp.jobs import AnalysisConfig, analysis_config, run_cli
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
+SCALES = ("smoke", "cpu", "gpu")
+
+
+def compose_config(config_name: str, overrides: Sequence[str], hydra: bool = False) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name, overrides=list(overrides), return_hydra_config=hydra)
+
+
+@dataclass
+class Experiment:
+    """One experiment at one scale. `overrides` go to every job (e.g. `paths.root_dir=...`,
+    `hydra/launcher=slurm_gpu hydra.launcher.partition=gpu`, `hydra.sweep.dir=...`)."""
+
+    name: str
+    scale: str = "cpu"
+    overrides: list[str] = field(default_factory=list)
+    in_process: bool = True
+
+    def __post_init__(self):
+        assert self.scale in SCALES, f"scale={self.scale!r}: choose one of {SCALES}"
+        assert (CONF / "experiment" / f"{self.name}.yaml").exists(), f"no conf/experiment/{self.name}.yaml"
+
+    @property
+    def base(self) -> list[str]:
+        return [f"experiment={self.name}", f"scale={self.scale}"]
+
+    def config(self, *extra: str) -> DictConfig:
+        """The composed training config of one job (with the hydra node, for its dirs)."""
+        return compose_config("config", [*self.base, *self.overrides, *extra], hydra=True)
+
+    @property
+    def analysis(self) -> AnalysisConfig:
+        return analysis_config(self.config())
+
+    @property
+    def sweep_dir(self) -> Path:
+        return Path(self.config().hydra.sweep.dir)
+
+    @property
+    def out_dir(self) -> Path:
+        return self.sweep_dir.parent
+
+    def sweep_args(self, grid: Sequence[str]) -> list[str]:
+        return ["--multirun", *self.base, *self.overrides, *grid]
+
+    def command(self, grid: Sequence[str]) -> str:
+        """The shell command of one sweep, as the README shows it."""
+        return "python -m nn_decomp.train " + " ".join(shlex.quote(a) for a in self.sweep_args(grid))
+
+    def run_sweeps(self, grids: Iterable[Sequence[str]]) -> list[dict]:
+        """Run every grid (one --multirun each; a failed job does not stop the others), then
+        collect the sweep dir: one row per job."""
+        for grid in grids:
+            print(f"$ {self.command(grid)}", flush=True)
+            code = run_cli("nn_decomp.train", self.sweep_args(grid), self.in_process)
+            if code:
+                print(f"sweep exited with {code}: failed jobs are listed below", flush=True)
+        return self.collect()
+
+    def collect(self) -> list[dict]:
+        rows = collect(self.sweep_dir)
+        write_table(rows, self.out_dir / "runs.csv")
+        print(summary(rows), flush=True)
+        return rows
+
+
+# --- evaluation ----------------------------------------------------------------------------------
+
+def evaluation_model(analysis: AnalysisConfig, checkpoint: Path, device: str = "auto"):
+    """The LM `checkpoint` was trained on, loaded once for every evaluation of an experiment (cut
+    to `analysis.eval_lm_layers` blocks at scale=smoke)."""
+    from nn_decomp.checkpoint import read_config
+    from nn_decomp.models import load_model
+
+    _, meta = read_config(checkpoint)
+    cache_dir = OmegaConf.select(compose_config("config", []), "paths.cache_dir")  # this machine's
+    return load_model(meta["model"], device, "float32", first_n_layers=analysis.eval_lm_layers, cache_dir=cache_dir)
+
+
+def evaluate_checkpoints(checkpoints: Sequence[Path], analysis: AnalysisConfig, model=None,
+                         out: Path | None = None) -> dict:
+    """`python -m nn_decomp.evaluate checkpoint=A` (or `checkpoints=[A,B,..] out=DIR` for a set
+    of per-layer transcoders), through its Python API with a shared `model`; returns eval.json."""
+    from nn_decomp.evaluate import evaluate
+
+    cfg = compose_config("evaluate", ["overwrite=true", f"eval.n_tokens={analysis.eval_tokens}",
+                                      f"eval.batch_contexts={analysis.eval_batch_contexts}"])
+    # Paths set here, not as overrides: sweep subdirs hold Hydra's special characters (= , ' {).
+    paths = [str(Path(c).resolve()) for c in checkpoints]
+    if len(paths) == 1 and out is None:
+        cfg.checkpoint = paths[0]
+    else:
+        cfg.checkpoints, cfg.out = paths, str(Path(out).resolve())
+    return evaluate(cfg, model=model)
+
+
+def evaluate_jobs(rows: list[dict], sweep_dir: Path, analysis: AnalysisConfig, model=None) -> list[dict]:
+    """Evaluate every completed job that has no eval.json yet; returns the re-collected rows."""
+    todo = [sweep_dir / r["job"] / "checkpoint" for r in rows
+            if r["status"] == "completed" and "eval.nmse" not in r]
+    if todo and model is None:
+        model = evaluation_model(analysis, todo[0])
+    for ckpt in todo:
+        print(f"evaluating {ckpt}", flush=True)
+        evaluate_checkpoints([ckpt], analysis, model)
+    return collect(sweep_dir)
+
+
+# --- tables and plots ----------------------------------------------------------------------------
+
+def number(value: Any) -> float:
+    """A table cell as a float (NaN when missing or not a number)."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def pareto_front(points: Sequence[tuple[float, float]], lower_y_is_better: bool = True) -> list[tuple[float, float]]:
+    """The points no other point beats on both x (lower is better) and y; sorted by x."""
+    front, best = [], math.inf
+    for x, y in sorted(points, key=lambda p: (p[0], p[1] if lower_y_is_better else -p[1])):
+        score = y if lower_y_is_better else -y
+        if score < best:
+            front.append((x, y))
+            best = score
+    return front
+
+
+def write_points(rows: list[dict], path: Path, columns: Sequence[str]) -> Path:
+    """The plotted numbers as CSV (the figure's data, one row per point)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns))
+        writer.writeheader()
+        writer.writerows({c: r.get(c) for c in columns} for r in rows)
+    return path
+
+
+def save_figure(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def one_thread_if_smoke(scale: str) -> None:
+    """Smoke runs share a small CPU with tests: one thread avoids oversubscription."""
+    if scale == "smoke":
+        torch.set_num_threads(1)
+
+
+# --- reading a collected row -------------------------------------------------------------------
+
+KNOBS = ("act.k", "act.sparsity_coef", "act.l1_coef")
+
+
+def act_name(row: dict) -> str:
+    target = str(row.get("act._target_") or "")
+    return target.rsplit(".", 1)[-1].lower() or str(row.get("act", ""))
+
+
+def family(row: dict) -> str:
+    """arch/act label of a job; an SAE reading hook_mlp_out is `sae_mlp_out`."""
+    arch = str(row.get("arch.name") or row.get("arch") or "?")
+    if arch == "sae" and "mlp_out" in str(row.get("arch.hook_in", "")):
+        arch = "sae_mlp_out"
+    return f"{arch}/{act_name(row)}"
+
+
+def knob(row: dict) -> tuple[str, float]:
+    """The sparsity knob of the job's activation: k (TopK/BatchTopK) or its coefficient."""
+    key = {"topk": "act.k", "batchtopk": "act.k", "jumprelu": "act.sparsity_coef", "relu": "act.l1_coef"}.get(
+        act_name(row), "act.k")
+    return key, number(row.get(key))
+
+
+def n_layers(row: dict) -> int:
+    layers = row.get("arch.layers")
+    return len(layers) if isinstance(layers, list) and layers else 1
+
+
+def parse_args(argv: Sequence[str], usage: str) -> tuple[str, set[str], list[str], list[str]]:
+    """`run.py [scale=S] [--flag ...] [override ...] [PATH ...]` -> scale, flags, overrides, paths."""
+    flags = {a for a in argv if a.startswith("--")}
+    assigns = [a for a in argv if "=" in a and not a.startswith("--")]
+    paths = [a for a in argv if "=" not in a and not a.startswith("--")]
+    scale = next((a.split("=", 1)[1] for a in assigns if a.startswith("scale=")), "cpu")
+    if "--help" in flags or scale not in SCALES:
+        raise SystemExit(usage)
+    return scale, flags, [a for a in assigns if not a.startswith("scale=")], paths

@@ -1,0 +1,311 @@
+"""Sweeps and experiments: every experiment job composes at every scale; a failed job is recorded
+and the others run; submitit runs the same sweep (locally, as real subprocesses) and writes a SLURM
+array script with our preset; a preempted job is requeued into its sweep subdir and resumes; each
+experiment runs end to end at scale=smoke and writes real numbers."""
+import csv
+import itertools
+import json
+import math
+import os
+import runpy
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf.errors import ValidationError
+
+from helpers import CONF, compose_cfg, one_thread  # noqa: F401  (fixture)
+from nn_decomp.collect import collect
+from nn_decomp.config import validate
+from nn_decomp.jobs import finished_run, is_first_rank, read_status, resolve_resume, run_cli
+from nn_decomp.sweeps import SCALES, Experiment, pareto_front
+
+REPO = CONF.parent
+EXPERIMENTS = sorted(p.parent.name for p in (REPO / "experiments").glob("exp_*/run.py"))
+# The tiny SmolLM2 settings of tests/test_integration.py.
+TINY = ["model.first_n_layers=2", "arch.layers=[1]", "arch.n_latents=256", "train.batch_size=128",
+        "data.buffer_tokens=4096", "train.eval_tokens=1024"]
+
+
+def script(name: str) -> dict:
+    return runpy.run_path(str(REPO / "experiments" / name / "run.py"), run_name=name)
+
+
+def grids(module: dict, scale: str) -> list[list[str]]:
+    return module["grids"](scale) if "grids" in module else module["GRIDS"][scale]
+
+
+def representative_jobs(grid: list[str]) -> list[list[str]]:
+    """Each swept value at least once (zipped, the shorter sweeps repeating), not the whole product."""
+    parsed = OverridesParser.create().parse_overrides(grid)
+    options = [[f"{o.key_or_group}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override()
+               else [o.input_line] for o in parsed]
+    n = max(len(opts) for opts in options)
+    return [[opts[i % len(opts)] for opts in options] for i in range(n)]
+
+
+# --- configs ---------------------------------------------------------------------------------------
+
+def test_experiments_are_the_four_numbered_ones():
+    assert EXPERIMENTS == ["exp_001_l0_sweep", "exp_002_pareto", "exp_003_all_layers_patching", "exp_004_interp"]
+    for name in EXPERIMENTS:
+        assert (REPO / "conf" / "experiment" / f"{name}.yaml").read_text().startswith("# @package _global_")
+
+
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_job_composes_and_validates(name, scale):
+    module = script(name)
+    jobs = [[]] if name == "exp_004_interp" else [j for g in grids(module, scale) for j in representative_jobs(g)]
+    if scale == "cpu" and jobs != [[]] and grids(module, "cpu") == grids(module, "gpu"):
+        jobs = jobs[:1]  # the same jobs are checked at scale=gpu
+    for job in jobs:
+        cfg = compose_cfg(f"experiment={name}", f"scale={scale}", *job)
+        validate(cfg)
+        assert cfg.analysis.name == scale
+    assert (cfg.data.source == "hf") == (scale == "gpu")
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS[:3])
+def test_readme_shows_the_exact_gpu_commands(name):
+    module = script(name)
+    exp = Experiment(name, "gpu")
+    readme = (REPO / "experiments" / name / "README.md").read_text()
+    for grid in grids(module, "gpu"):
+        assert exp.command(grid) in readme, f"README of {name} lacks: {exp.command(grid)}"
+
+
+def test_pareto_front_keeps_the_points_nothing_beats():
+    points = [(8, 0.5), (16, 0.3), (16, 0.4), (32, 0.35), (64, 0.1), (4, 0.9)]
+    assert pareto_front(points) == [(4, 0.9), (8, 0.5), (16, 0.3), (64, 0.1)]
+    assert pareto_front([(8, 0.5), (16, 0.9), (32, 0.7)], lower_y_is_better=False) == [(8, 0.5), (16, 0.9)]
+
+
+def test_resume_auto_resumes_only_when_a_trainer_state_exists(tmp_path):
+    state = tmp_path / "checkpoint" / "trainer_state.pt"
+    assert resolve_resume("auto", state) is False and resolve_resume(False, state) is False
+    with pytest.raises(AssertionError, match="train without resume first"):
+        resolve_resume(True, state)
+    state.parent.mkdir()
+    state.write_bytes(b"")
+    assert resolve_resume("auto", state) is True and resolve_resume(True, state) is True
+    with pytest.raises(AssertionError, match="true, false or auto"):
+        resolve_resume("yes", state)
+    assert finished_run("auto", tmp_path) is None
+    (tmp_path / "metrics.json").write_text('{"nmse": 0.5}')
+    assert finished_run("auto", tmp_path) == {"nmse": 0.5} and finished_run(True, tmp_path) is None
+
+
+def test_only_the_first_rank_of_a_multi_process_job_writes_the_status(monkeypatch):
+    for var in ("RANK", "SLURM_PROCID", "SUBMITIT_LOCAL_GLOBALID"):
+        monkeypatch.delenv(var, raising=False)
+    assert is_first_rank()
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    assert is_first_rank()
+    monkeypatch.setenv("RANK", "3")
+    assert not is_first_rank()
+
+
+# --- failed jobs -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fail_fast", [False, True])
+def test_failed_job_is_recorded_and_does_not_stop_the_sweep(fail_fast, tmp_path):
+    """Both jobs fail in validate (no LM needed): without fail_fast the second still runs."""
+    code = run_cli("nn_decomp.train", ["--multirun", "arch.n_latents=64", "act.k=100,200", f"hydra.sweep.dir={tmp_path}",
+                                       f"hydra.callbacks.job_status.fail_fast={str(fail_fast).lower()}"])
+    assert code == 1
+    rows = {r["act.k"]: r for r in collect(tmp_path)}
+    assert rows[100]["status"] == "failed" and "act.k=100 must be < arch.n_latents=64" in rows[100]["error"]
+    assert "Traceback" in read_status(tmp_path / rows[100]["job"])["traceback"]
+    if fail_fast:
+        assert 200 not in rows  # never started
+    else:
+        assert rows[200]["status"] == "failed" and "act.k=200" in rows[200]["error"]
+
+
+# --- SLURM without a cluster -----------------------------------------------------------------------
+
+def test_slurm_preset_writes_an_array_sbatch_script_and_requeues_into_the_same_subdir(tmp_path, monkeypatch,
+                                                                                     hydra_restore_singletons):
+    """A fake `sbatch` on PATH records the script; job results are faked. Then the submitted
+    pickle is requeued as submitit does on preemption and must map to the same job dir."""
+    import submitit
+    from hydra.core.singleton import Singleton
+    from hydra.core.utils import JobReturn, JobStatus, setup_globals
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(f'#!/bin/sh\ncp "$1" {tmp_path}/sbatch_script.sh\necho "Submitted batch job 4242"\n')
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")  # submitit checks that it exists
+    for tool in ("sbatch", "srun"):
+        (bin_dir / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setattr(submitit.slurm.slurm.SlurmJob, "results",
+                        lambda self: [JobReturn(status=JobStatus.COMPLETED, _return_value=None)])
+    sweep_dir = tmp_path / "sweep"
+    code = run_cli("nn_decomp.train", [
+        "--multirun", "hydra/launcher=slurm_gpu", "hydra.launcher.partition=gpu_test", "act.k=8,16",
+        "hydra.launcher.array_parallelism=1",  # submitit caps it at the array size (2)
+        f"hydra.sweep.dir={sweep_dir}/" + "${now:%H-%M-%S-%f}"])
+    assert code == 0
+    text = (tmp_path / "sbatch_script.sh").read_text()
+    for line in ["#SBATCH --partition=gpu_test", "#SBATCH --gpus-per-node=1", "#SBATCH --cpus-per-task=8",
+                 "#SBATCH --mem=64GB", "#SBATCH --time=240", "#SBATCH --array=0-1%1", "#SBATCH --signal=USR2@120",
+                 "#SBATCH --ntasks-per-node=1"]:
+        assert line in text, line
+    assert "submitit.core._submit" in text
+    (launched,) = [p for p in sweep_dir.iterdir() if p.is_dir()]  # the ${now:} the launcher resolved
+
+    pickles = sorted(launched.glob(".submitit/*/*_submitted.pkl"))
+    assert len(pickles) == 2
+    time.sleep(0.01)  # a re-resolved ${now:%f} would differ now
+    for pickle in pickles:
+        delayed = submitit.helpers.DelayedSubmission.load(pickle)
+        requeued = delayed.function.checkpoint(*delayed.args, **delayed.kwargs)
+        assert requeued.args == delayed.args  # same overrides, same job number
+        overrides, _, job_num, _, singleton_state = requeued.args
+        Singleton.set_state(singleton_state)  # what the launcher's __call__ does in the job
+        setup_globals()
+        launcher = requeued.function
+        cfg = launcher.hydra_context.config_loader.load_sweep_config(launcher.config, list(overrides))
+        cfg.hydra.job.num = job_num
+        assert Path(cfg.hydra.sweep.dir) == launched
+        assert cfg.hydra.sweep.subdir == f"{job_num}_{overrides[-1]}"
+        assert launcher.params["max_num_timeout"] == 3
+
+
+# --- submitit_local: real subprocesses -------------------------------------------------------------
+
+def sweep_cli(*args: str, **kwargs) -> subprocess.Popen:
+    env = os.environ | {"HYDRA_FULL_ERROR": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "nn_decomp.train", "--multirun", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+@pytest.mark.slow
+def test_submitit_local_sweep_runs_every_job_and_records_the_failed_one(tmp_path):
+    proc = sweep_cli("hydra/launcher=submitit_local", "hydra.launcher.timeout_min=15", *TINY, "train.n_tokens=1280",
+                     "act.k=300,8", f"hydra.sweep.dir={tmp_path}")
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 1, out  # the first failure is re-raised once every job has run
+    rows = {r["act.k"]: r for r in collect(tmp_path)}
+    assert set(rows) == {8, 300}
+    assert rows[300]["status"] == "failed" and "act.k=300 must be < arch.n_latents=256" in rows[300]["error"]
+    ok = rows[8]
+    assert ok["status"] == "completed" and ok["steps"] == 10 and math.isfinite(ok["nmse"])
+    assert (tmp_path / ok["job"] / "checkpoint" / "dictionary.safetensors").exists()
+    assert read_status(tmp_path / ok["job"])["job_id"]  # submitit's job id (the local controller's pid)
+
+
+def resume_auto_supported() -> bool:
+    try:
+        validate(compose_cfg("train.resume=auto"))
+        return True
+    except (ValidationError, Exception):
+        return False
+
+
+def children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(c) for c in path.read_text().split()] if path.exists() else []
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not resume_auto_supported(), reason="train.resume=auto needs the train.py hook-up (jobs.py)")
+def test_submitit_local_preempted_job_is_requeued_and_resumes(tmp_path):
+    """USR2 to the running job (what SLURM sends before a preemption or time-out): submitit calls
+    the launcher's checkpoint(), requeues the same job, and train.resume=auto continues it."""
+    proc = sweep_cli("hydra/launcher=submitit_local", "hydra.launcher.timeout_min=15", *TINY, "train.n_tokens=12800",
+                     "train.checkpoint_every=5", "train.log_every=1", "train.eval_every=1000", "train.resume=auto",
+                     "act.k=8", f"hydra.sweep.dir={tmp_path}")
+    deadline = time.time() + 400
+    while not list(tmp_path.glob("0_*/checkpoint/trainer_state.pt")):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0]
+        time.sleep(0.1)
+    (job,) = tmp_path.glob("0_*")
+    controller = int(read_status(job)["job_id"])  # submitit's local job id is its controller's pid
+    for task in children(controller):
+        os.kill(task, signal.SIGUSR2)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    status = read_status(job)
+    assert status["status"] == "completed" and status["attempts"] == 2
+    steps = [r["step"] for r in map(json.loads, (job / "metrics.jsonl").read_text().splitlines()) if r["split"] == "train"]
+    assert steps.count(1) == 1, "the requeued job restarted from scratch instead of resuming"
+    assert steps[-1] == 100 and json.loads((job / "metrics.json").read_text())["steps"] == 100
+
+
+# --- experiments at scale=smoke ------------------------------------------------------------------
+
+def numbers(path: Path, columns: list[str]) -> list[list[float]]:
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    assert rows, f"{path} is empty"
+    values = [[float(r[c]) for c in columns] for r in rows]
+    assert all(math.isfinite(v) for v in itertools.chain(*values)), f"{path}: NaN/inf in {columns}"
+    return values
+
+
+def assert_png(path: Path) -> None:
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000, path
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("experiments")
+
+
+@pytest.fixture(scope="module")
+def exp_001(root) -> Path:
+    """exp_001 at smoke scale, shared: exp_002 and exp_004 analyse its dictionaries."""
+    script("exp_001_l0_sweep")["main"](["scale=smoke", f"paths.root_dir={root}"])
+    return root / "outputs" / "exp_001_l0_sweep" / "smoke"
+
+
+@pytest.mark.slow
+def test_exp_001_smoke(exp_001, one_thread):
+    assert_png(exp_001 / "l0_sweep.png")
+    values = numbers(exp_001 / "l0_sweep.csv", ["knob_value", "l0_per_layer", "nmse"])
+    assert len(values) == 5  # transcoder, clt, sae_mlp_out at k=8 + JumpReLU at two coefficients
+    assert len(collect(exp_001 / "sweep")) == 5
+
+
+@pytest.mark.slow
+def test_exp_002_smoke_on_exp_001_sweep(exp_001, root, one_thread):
+    script("exp_002_pareto")["main"](["scale=smoke", f"paths.root_dir={root}", "--no-train", str(exp_001 / "sweep")])
+    out = root / "outputs" / "exp_002_pareto" / "smoke"
+    assert_png(out / "pareto.png")
+    values = numbers(out / "pareto.csv", ["l0_per_layer", "nmse", "ce_recovered_zero", "kl_spliced", "ce_clean"])
+    assert len(values) == 5
+
+
+@pytest.mark.slow
+def test_exp_003_smoke(root, one_thread):
+    script("exp_003_all_layers_patching")["main"](["scale=smoke", f"paths.root_dir={root}"])
+    out = root / "outputs" / "exp_003_all_layers_patching" / "smoke"
+    assert_png(out / "all_layers_patching.png")
+    values = numbers(out / "all_layers_patching.csv", ["mean_l0_per_module", "active_latents_per_mlp",
+                                                        "active_decoder_params", "replacement_ce", "replacement_kl"])
+    (clt, transcoders) = values  # one k at smoke: the CLT and the transcoder set
+    assert clt[1] == pytest.approx(1.5 * clt[0])  # 2 layers: layer 1's MLP gets layer 0's writes too
+    assert transcoders[1] == transcoders[0]
+
+
+@pytest.mark.slow
+def test_exp_004_smoke_dashboard_renders_in_chromium(exp_001, root, one_thread):
+    (transcoder,) = [r for r in collect(exp_001 / "sweep") if r["job"] == "act.k=8,act=topk,arch=transcoder"]
+    ckpt = exp_001 / "sweep" / transcoder["job"] / "checkpoint"
+    script("exp_004_interp")["main"](["scale=smoke", f"paths.root_dir={root}", f"checkpoint={ckpt}"])
+    out = root / "outputs" / "exp_004_interp" / "smoke"
+    assert_png(out / "density.png")
+    numbers(out / "features.csv", ["density", "max_act", "kl_firing", "kl_nonfiring"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_features_analysed"] == 4 and math.isfinite(summary["median_kl_firing"])
+    from test_interp import dump_dom
+
+    dom = dump_dom(out / "dashboard.html")
+    assert dom.count('class="feature"') == 4 and dom.count('class="tok"') > 20 and "fires on" in dom
