@@ -19,7 +19,9 @@ TINY = ["train.n_tokens=2048", "train.batch_size=128", "train.warmup_steps=2", "
 
 def tiny_cfg(arch: str, act: str, *overrides: str):
     layers = [] if arch == "clt" else ["arch.layers=[1]"]
-    return arch_act_cfg(arch, act, *TINY, *layers, *overrides, n_latents=64, k=4)
+    # 16 steps are too few for θ to fall from the sparse default (3.0): start it low.
+    threshold = ["act.init_threshold=0.1"] if act == "jumprelu" else []
+    return arch_act_cfg(arch, act, *TINY, *layers, *threshold, *overrides, n_latents=64, k=4)
 
 
 def read_jsonl(path):
