@@ -45,7 +45,9 @@ def make_coder(arch: str, act: str, d_in: int = 12, d_out: int = 12, seed: int =
     """A coder with every weight random and non-zero (biases and W_skip included), so each term of
     the forward pass is exercised. d_out == d_in for an SAE."""
     torch.manual_seed(seed)
-    cfg = arch_act_cfg(arch, act, **kwargs)
+    # θ well inside the random pre-activations' range (the default 3.0 would silence them).
+    threshold = ["act.init_threshold=0.1"] if act == "jumprelu" else []
+    cfg = arch_act_cfg(arch, act, *threshold, **kwargs)
     coder = build_coder(cfg, d_in, d_in if arch == "sae" else d_out)
     with torch.no_grad():
         coder.b_enc.normal_(0, 0.1)

@@ -35,7 +35,9 @@ def batch(arch: str, n: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Te
 def fresh_coder(arch: str, act: str, *overrides: str, seed: int = 0):
     torch.manual_seed(seed)
     d_in, d_out, _ = dims(arch)
-    cfg = arch_act_cfg(arch, act, *overrides, n_latents=F, n_layers=L_CLT)
+    # θ well inside the random pre-activations' range, so every JumpReLU term has a gradient.
+    threshold = ["act.init_threshold=0.1"] if act == "jumprelu" else []
+    cfg = arch_act_cfg(arch, act, *threshold, *overrides, n_latents=F, n_layers=L_CLT)
     return cfg, build_coder(cfg, d_in, d_out)
 
 
