@@ -6,10 +6,11 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from helpers import CONF, one_thread  # noqa: F401  (fixture)
+from helpers import CONF, arch_act_cfg, make_coder, one_thread  # noqa: F401  (one_thread: fixture)
 from nn_decomp.activations import JumpReLU
 from nn_decomp.checkpoint import load_dictionary, read_config
-from nn_decomp.convert import calibrate_scale, convert, min_thresholds, rate_thresholds
+from nn_decomp.convert import (calibrate_scale, convert, fit_thresholds, jumprelu_coder, min_thresholds,
+                               rate_thresholds)
 from nn_decomp.evaluate import UsageError
 from nn_decomp.train import evaluate_coder, setup, train
 from test_evaluate import run_cli
@@ -47,6 +48,18 @@ def test_calibration_bisects_the_scale_to_the_target_l0():
     scale = calibrate_scale(pre_NF, theta_F, target_l0=5.0)
     assert (pre_NF > scale * theta_F).sum().item() / 1000 == pytest.approx(5.0, rel=0.01)
     assert scale == pytest.approx(0.9 / 0.5, rel=0.02)  # uniform: P(pre > 0.9) = 0.1
+
+
+@pytest.mark.parametrize("estimator, calibrate", [("rate", False), ("min", True)])
+def test_clt_thresholds_match_each_layers_l0(estimator, calibrate):
+    coder = make_coder("clt", "topk", n_latents=64, k=4).eval()
+    x_NLD = torch.randn(2000, 3, 12)
+    thresholds_LF, fit = fit_thresholds(coder, x_NLD, estimator, calibrate)
+    assert thresholds_LF.shape == (3, 64) and (thresholds_LF > 0).all()
+    converted, cfg = jumprelu_coder(coder, arch_act_cfg("clt", "topk", n_latents=64, k=4), thresholds_LF)
+    l0_L = converted.encode(x_NLD).l0()
+    assert l0_L.tolist() == pytest.approx(fit["source_l0"], rel=0.01)
+    assert l0_L.tolist() == pytest.approx(coder.encode(x_NLD).l0().tolist(), rel=0.01)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from omegaconf.errors import ValidationError
 
 from helpers import CONF, compose_cfg, one_thread  # noqa: F401  (fixture)
 from nn_decomp.collect import collect
@@ -186,26 +185,11 @@ def sweep_cli(*args: str, **kwargs) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
 
 
-@pytest.mark.slow
-def test_submitit_local_sweep_runs_every_job_and_records_the_failed_one(tmp_path):
-    proc = sweep_cli("hydra/launcher=submitit_local", "hydra.launcher.timeout_min=15", *TINY, "train.n_tokens=1280",
-                     "act.k=300,8", f"hydra.sweep.dir={tmp_path}")
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 1, out  # the first failure is re-raised once every job has run
-    rows = {r["act.k"]: r for r in collect(tmp_path)}
-    assert set(rows) == {8, 300}
-    assert rows[300]["status"] == "failed" and "act.k=300 must be < arch.n_latents=256" in rows[300]["error"]
-    ok = rows[8]
-    assert ok["status"] == "completed" and ok["steps"] == 10 and math.isfinite(ok["nmse"])
-    assert (tmp_path / ok["job"] / "checkpoint" / "dictionary.safetensors").exists()
-    assert read_status(tmp_path / ok["job"])["job_id"]  # submitit's job id (the local controller's pid)
-
-
 def resume_auto_supported() -> bool:
     try:
         validate(compose_cfg("train.resume=auto"))
         return True
-    except (ValidationError, Exception):
+    except Exception:  # the schema refuses "auto" for a bool field
         return False
 
 
@@ -214,29 +198,48 @@ def children(pid: int) -> list[int]:
     return [int(c) for c in path.read_text().split()] if path.exists() else []
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not resume_auto_supported(), reason="train.resume=auto needs the train.py hook-up (jobs.py)")
-def test_submitit_local_preempted_job_is_requeued_and_resumes(tmp_path):
-    """USR2 to the running job (what SLURM sends before a preemption or time-out): submitit calls
-    the launcher's checkpoint(), requeues the same job, and train.resume=auto continues it."""
-    proc = sweep_cli("hydra/launcher=submitit_local", "hydra.launcher.timeout_min=15", *TINY, "train.n_tokens=12800",
-                     "train.checkpoint_every=5", "train.log_every=1", "train.eval_every=1000", "train.resume=auto",
-                     "act.k=8", f"hydra.sweep.dir={tmp_path}")
+def preempt_when_checkpointed(proc: subprocess.Popen, sweep_dir: Path, job_glob: str) -> Path:
+    """Send USR2 (what SLURM sends before a preemption or time-out) to the job's process once it
+    has written a checkpoint; returns the job dir."""
     deadline = time.time() + 400
-    while not list(tmp_path.glob("0_*/checkpoint/trainer_state.pt")):
+    while not list(sweep_dir.glob(f"{job_glob}/checkpoint/trainer_state.pt")):
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[0]
         time.sleep(0.1)
-    (job,) = tmp_path.glob("0_*")
+    (job,) = sweep_dir.glob(job_glob)
     controller = int(read_status(job)["job_id"])  # submitit's local job id is its controller's pid
     for task in children(controller):
         os.kill(task, signal.SIGUSR2)
+    return job
+
+
+@pytest.mark.slow
+def test_submitit_local_sweep_isolates_a_failed_job_and_resumes_a_preempted_one(tmp_path):
+    """Two jobs as real subprocesses: k=300 fails in validation, k=8 trains. With the train.py
+    hook-up (train.resume=auto), k=8 is also preempted mid-run: submitit calls the launcher's
+    checkpoint(), requeues the same job into the same subdir, and it continues from its checkpoint."""
+    resume = resume_auto_supported()
+    length = (["train.n_tokens=12800", "train.checkpoint_every=5", "train.log_every=1", "train.eval_every=1000",
+               "train.resume=auto"] if resume else ["train.n_tokens=1280"])
+    proc = sweep_cli("hydra/launcher=submitit_local", "hydra.launcher.timeout_min=15", *TINY, *length,
+                     "act.k=300,8", f"hydra.sweep.dir={tmp_path}")
+    if resume:
+        preempt_when_checkpointed(proc, tmp_path, "1_*")
     out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, out
-    status = read_status(job)
-    assert status["status"] == "completed" and status["attempts"] == 2
+    assert proc.returncode == 1, out  # the first failure is re-raised once every job has run
+    rows = {r["act.k"]: r for r in collect(tmp_path)}
+    assert set(rows) == {8, 300}
+    assert rows[300]["status"] == "failed" and "act.k=300 must be < arch.n_latents=256" in rows[300]["error"]
+    ok, job = rows[8], tmp_path / rows[8]["job"]
+    assert ok["status"] == "completed" and math.isfinite(ok["nmse"])
+    assert (job / "checkpoint" / "dictionary.safetensors").exists()
+    assert read_status(job)["job_id"]  # submitit's job id (the local controller's pid)
+    if not resume:
+        assert ok["steps"] == 10
+        pytest.skip("preemption part skipped: train.resume=auto needs the train.py hook-up (nn_decomp/jobs.py)")
+    assert ok["steps"] == 100 and read_status(job)["attempts"] == 2
     steps = [r["step"] for r in map(json.loads, (job / "metrics.jsonl").read_text().splitlines()) if r["split"] == "train"]
     assert steps.count(1) == 1, "the requeued job restarted from scratch instead of resuming"
-    assert steps[-1] == 100 and json.loads((job / "metrics.json").read_text())["steps"] == 100
+    assert steps[-1] == 100
 
 
 # --- experiments at scale=smoke ------------------------------------------------------------------
@@ -270,8 +273,8 @@ def exp_001(root) -> Path:
 def test_exp_001_smoke(exp_001, one_thread):
     assert_png(exp_001 / "l0_sweep.png")
     values = numbers(exp_001 / "l0_sweep.csv", ["knob_value", "l0_per_layer", "nmse"])
-    assert len(values) == 5  # transcoder, clt, sae_mlp_out at k=8 + JumpReLU at two coefficients
-    assert len(collect(exp_001 / "sweep")) == 5
+    assert len(values) == 4  # transcoder and sae_mlp_out at k=8, JumpReLU at two coefficients
+    assert len(collect(exp_001 / "sweep")) == 4
 
 
 @pytest.mark.slow
@@ -280,7 +283,7 @@ def test_exp_002_smoke_on_exp_001_sweep(exp_001, root, one_thread):
     out = root / "outputs" / "exp_002_pareto" / "smoke"
     assert_png(out / "pareto.png")
     values = numbers(out / "pareto.csv", ["l0_per_layer", "nmse", "ce_recovered_zero", "kl_spliced", "ce_clean"])
-    assert len(values) == 5
+    assert len(values) == 4
 
 
 @pytest.mark.slow

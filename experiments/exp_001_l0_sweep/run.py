@@ -19,7 +19,7 @@ FULL = [
     ["arch=transcoder", "act=relu", "act.l1_coef=0.3,1,3,10,30"],
 ]
 GRIDS = {
-    "smoke": [["arch=transcoder,clt,sae_mlp_out", "act=topk", "act.k=8"],
+    "smoke": [["arch=transcoder,sae_mlp_out", "act=topk", "act.k=8"],  # exp_003's smoke trains a CLT
               ["arch=transcoder", "act=jumprelu", "act.sparsity_coef=0.1,1"]],
     "cpu": FULL,
     "gpu": FULL,

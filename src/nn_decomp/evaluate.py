@@ -426,7 +426,8 @@ def plot_density(dictionaries: list[HookedDictionary], result: dict, fires: list
     fig, ax = plt.subplots(figsize=(6, 3.5))
     if len(alive):
         ax.hist(alive.log10().cpu().numpy(), bins=50)
-    ax.axvline(math.log10(result["dense_threshold"]), color="red", linestyle="--", label="dense")
+    ax.axvline(math.log10(result["dense_threshold"]), color="red", linestyle="--",
+               label=f"dense (> {result['dense_threshold']:g})")
     ax.set_xlabel("log10(feature density)")
     ax.set_ylabel("latents")
     name = ", ".join(str(d.path) for d in dictionaries)
@@ -467,10 +468,10 @@ def evaluate(cfg: DictConfig, model: HookedTransformer | None = None) -> dict:
     paths = checkpoint_list(cfg)
     if len(paths) > 1 and not cfg.out:
         raise UsageError("several checkpoints: pass out=DIR for their eval.json")
-    out_dir = Path(cfg.out) if cfg.out else paths[0]
-    refuse_existing([out_dir / EVAL_JSON, out_dir / DENSITY_PNG], cfg.overwrite)
     dictionaries = load_dictionaries(paths)
     model_name = check_model_choice(cfg, dictionaries)
+    out_dir = Path(cfg.out) if cfg.out else paths[0]
+    refuse_existing([out_dir / EVAL_JSON, out_dir / DENSITY_PNG], cfg.overwrite)
     ckpt_cfg, meta = read_config(dictionaries[0].path)
     if model is None:
         from nn_decomp.models import load_model
