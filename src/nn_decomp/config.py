@@ -168,8 +168,9 @@ class TrainConfig:
     eval_every: int = 100
     eval_tokens: int = 8192
     checkpoint_every: int = 200
-    resume: bool = False
-    """Continue from the checkpoint in the run dir (optimizer, scheduler, RNG, tokens seen)."""
+    resume: Any = False
+    """true: continue from the checkpoint in the run dir (optimizer, scheduler, RNG, tokens seen);
+    auto: resume when that checkpoint exists and skip a finished run (requeued SLURM jobs)."""
     seed: int = 0
     device: str = "${model.device}"
     max_steps: int | None = None
@@ -181,6 +182,7 @@ class TrainConfig:
             f"train.b_dec_init={self.b_dec_init!r}: use mean, geometric_median or zeros")
         assert 0 <= self.decay_fraction <= 1, f"train.decay_fraction={self.decay_fraction}: must be in [0, 1]"
         assert self.n_tokens >= self.batch_size, "train.n_tokens must be >= train.batch_size"
+        assert self.resume in (True, False, "auto"), f"train.resume={self.resume!r}: use true, false or auto"
 
 
 CACHE_DTYPES = ("float16", "bfloat16", "float32")

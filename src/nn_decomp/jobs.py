@@ -13,13 +13,7 @@
   holds a trainer state; `finished_run` skips a run that already wrote metrics.json. A preempted
   or timed-out SLURM job is requeued by submitit into the same sweep subdir (the launcher's
   `checkpoint()` resubmits the same overrides, and the sweep dir's `${now:}` comes from the
-  pickled config's resolver cache), so `auto` is what makes it continue.
-  train.py hook-up (in `train`, after `cfg = resolved(cfg, run_dir)`):
-      if (done := finished_run(cfg.train.resume, run_dir)) is not None:
-          return done  # train.resume=auto on a run that already finished
-      ckpt_state = run_dir / "checkpoint" / TRAINER_STATE
-      cfg.train.resume = resolve_resume(cfg.train.resume, ckpt_state)  # replaces the assert
-  and in config.py `resume: Any = False` checked against RESUME_CHOICES.
+  pickled config's resolver cache), so `auto` is what makes it continue (train.train calls both).
 - `run_cli(module, args)`: `python -m module args` in this process (experiment scripts run several
   sweeps and evaluations without paying the imports each time) or as a subprocess.
 """

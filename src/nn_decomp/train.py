@@ -26,6 +26,7 @@ from nn_decomp.checkpoint import TRAINER_STATE, build_coder, save_checkpoint
 from nn_decomp.config import arch_hooks, validate
 from nn_decomp.coder import SparseCoder
 from nn_decomp.distributed import SINGLE, DistInfo
+from nn_decomp.jobs import finished_run, resolve_resume
 from nn_decomp.logger import MetricsLogger
 from nn_decomp.losses import LossOutput, coder_loss, explained_variance, fvu
 
@@ -279,16 +280,17 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, model: HookedTrans
     run_dir = Path(distributed.broadcast_object(str(run_dir or cfg.paths.output_dir), info))
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = resolved(cfg, run_dir)
+    if (done := finished_run(cfg.train.resume, run_dir)) is not None:
+        return done  # train.resume=auto on a run that already finished (a re-run sweep)
     ckpt_state = run_dir / "checkpoint" / TRAINER_STATE
-    assert not cfg.train.resume or ckpt_state.exists(), (
-        f"train.resume=true but {ckpt_state} does not exist: train without resume first")
+    resume = resolve_resume(cfg.train.resume, ckpt_state)
     start = time.time()
     model, store, eval_set, device = setup(cfg, model, info)
     try:
         coder, scale_in, scale_out = init_coder(cfg, store, device, info)
         total_steps = cfg.train.n_tokens // cfg.train.batch_size
         trainer = Trainer(cfg, coder, total_steps, scale_in, scale_out, info)
-        if cfg.train.resume:
+        if resume:
             trainer.load_state_dict(torch.load(ckpt_state, map_location=device, weights_only=False))
             store.skip(trainer.step)  # continue the activation stream exactly where the run stopped
         hooks_in, hooks_out = arch_hooks(cfg.arch)
