@@ -5,7 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import ARCHS, arch_act_cfg
 from nn_decomp.activations import BatchTopK, Latents, TopK
+from nn_decomp.checkpoint import build_coder
 from nn_decomp.coder import SparseCoder
 from nn_decomp.kernels import (attach_encoder_grad, aux_topk_latents, bag_dots, decode_source, encode_pre,
                                fused_topk_encode, group_by_latent, latent_sums, sparse_decode,
@@ -158,3 +160,65 @@ def test_latent_sums_and_bag_dots():
     want = torch.zeros(n_latents, 3).index_add_(0, indices.flatten(), (weights[..., None] * rows[:, None]).flatten(0, 1))
     torch.testing.assert_close(latent_sums(group_by_latent(indices, n_latents), weights, rows), want)
     torch.testing.assert_close(bag_dots(indices, table, rows), (table[indices] * rows[:, None]).sum(-1))
+
+
+def elementwise_coders(arch: str, act: str, *overrides: str) -> tuple[SparseCoder, SparseCoder]:
+    """(sparse, dense) copies of a ReLU or JumpReLU coder at a realistic sparsity (~5% fire)."""
+    cfg = arch_act_cfg(arch, act, *overrides, n_latents=F_LAT, n_layers=3)
+    torch.manual_seed(0)
+    sparse = build_coder(cfg, 16, 16 if arch == "sae" else 12)
+    with torch.no_grad():
+        sparse.b_dec.normal_()
+        if sparse.W_skip is not None:
+            sparse.W_skip.normal_(0, 0.1)
+        if act == "relu":
+            sparse.b_enc.normal_(-1.7, 0.3)
+        else:  # a wide band (ε = 0.5) below θ, so many selected entries are zero-valued band entries
+            sparse.b_enc.normal_(0, 0.1)
+            sparse.activation.log_threshold.uniform_(0.2, 0.9)  # θ in [1.2, 2.5]
+    dense = copy.deepcopy(sparse)
+    dense.sparse_backward = False
+    assert sparse.sparse_backward
+    return sparse, dense
+
+
+def all_grads(coder: SparseCoder, x) -> dict:
+    return {"x": x.grad} | {name: p.grad for name, p in coder.named_parameters()}
+
+
+@pytest.mark.parametrize("act", ["relu", "jumprelu-l0", "jumprelu-tanh"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_elementwise_sparse_step_matches_dense(arch, act):
+    act, _, penalty = act.partition("-")
+    overrides = [f"act.penalty={penalty}", "act.bandwidth=0.5"] if penalty else []
+    sparse, dense = elementwise_coders(arch, act, *overrides)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(B, sparse.n_layers, sparse.d_in, generator=gen)
+    x[:4] = 0  # pre = b_enc, below the support: rows with no selected latent, all padding
+    y = torch.randn(B, sparse.n_layers, sparse.d_out, generator=gen)
+    x_sparse, x_dense = x.clone().requires_grad_(), x.clone().requires_grad_()
+
+    out_sparse, out_dense = sparse(x_sparse), dense(x_dense)
+    loss_sparse, loss_dense = coder_loss(sparse, out_sparse, y, None), coder_loss(dense, out_dense, y, None)
+    loss_sparse.loss.backward()
+    loss_dense.loss.backward()
+
+    latents = out_sparse.latents
+    assert latents.indices is not None and out_dense.latents.indices is None
+    fire_rate = (latents.values != 0).float().mean().item() * latents.values.shape[-1] / F_LAT
+    assert 0.01 < fire_rate < 0.1
+    assert not latents.values[:4].any(), "the test must exercise rows of padding only"
+    torch.testing.assert_close(latents.dense(), out_dense.latents.values, **TOL)
+    torch.testing.assert_close(loss_sparse.sparsity, loss_dense.sparsity, **TOL)
+    torch.testing.assert_close(loss_sparse.loss, loss_dense.loss, **TOL)
+    assert torch.equal(latents.fired(), out_dense.latents.fired())
+    torch.testing.assert_close(latents.l0(), out_dense.latents.l0())
+    grads_sparse, grads_dense = all_grads(sparse, x_sparse), all_grads(dense, x_dense)
+    for name, want in grads_dense.items():
+        assert want is not None and want.abs().sum() > 0, name
+        torch.testing.assert_close(grads_sparse[name], want, **TOL, msg=lambda m: f"grad {name}: {m}")
+
+
+def test_jumprelu_pre_activation_loss_keeps_the_dense_path():
+    cfg = arch_act_cfg("sae", "jumprelu", "act.pre_act_coef=0.1", n_latents=F_LAT)
+    assert not build_coder(cfg, 16, 16).sparse_backward

@@ -32,10 +32,24 @@ class Latents(NamedTuple):
         if self.indices is None:
             return (self.values.detach() != 0).any(dim=0)
         L = self.indices.shape[1]
-        offset_L1 = torch.arange(L, device=self.indices.device)[:, None] * self.n_latents
         fired = torch.zeros(L * self.n_latents, dtype=torch.bool, device=self.indices.device)
-        fired[(self.indices + offset_L1)[self.values.detach() != 0]] = True
+        fired[self._flat_indices()[self.values.detach() != 0]] = True
         return fired.view(L, self.n_latents)
+
+    def at(self, t: Tensor) -> Tensor:
+        """`t` aligned with `values`: a per-latent [L, F] or per-entry [B, L, F] tensor as is when
+        dense (it broadcasts), else gathered at the indices into [B, L, K]. Sparse: the [L, F]
+        gather's backward costs O(B·L·K); a [B, L, F] `t` must not need a gradient (a dense one)."""
+        if self.indices is None:
+            return t
+        if t.dim() == 3:
+            return t.gather(-1, self.indices)
+        return t.reshape(-1)[self._flat_indices()]
+
+    def _flat_indices(self) -> Tensor:
+        """[B, L, K] positions of the indices in a flattened [L, F] tensor."""
+        L = self.indices.shape[1]
+        return self.indices + torch.arange(L, device=self.indices.device)[:, None] * self.n_latents
 
     def l0(self) -> Tensor:
         """[L]: mean number of non-zero latents per token, per source layer."""
@@ -48,6 +62,11 @@ def dense_to_sparse(values_BLF: Tensor) -> Latents:
     k_max = max(int((values_BLF != 0).sum(-1).max()), 1)
     idx = values_BLF.abs().topk(k_max, dim=-1, sorted=False).indices
     return Latents(values_BLF.gather(-1, idx), idx, n_latents)
+
+
+def as_latents(pre: Tensor | Latents) -> Latents:
+    """Pre-activations as `Latents`: a dense [B, L, F] tensor, or already sparse (kernels.py)."""
+    return pre if isinstance(pre, Latents) else Latents(pre, None, pre.shape[-1])
 
 
 def rectangle(x: Tensor) -> Tensor:
@@ -103,6 +122,10 @@ class Activation(nn.Module):
     # True: forward returns sparse Latents whose values are either a selected pre-activation or 0,
     # so the coder may select without autograd and use kernels.py's sparse backward.
     sparse_output = False
+    # True: forward and penalty act latent by latent, on dense pre-activations or on sparse ones
+    # (`Latents`); `support(pre_BLF)` marks every entry whose output or gradient may be non-zero,
+    # so the coder may gather those alone and use kernels.py's sparse backward.
+    elementwise = False
 
     def penalty(self, pre_BLF: Tensor, latents: Latents, dec_norm_LF: Tensor) -> Tensor:
         return pre_BLF.new_zeros(())
@@ -112,15 +135,21 @@ class ReLU(Activation):
     """ReLU with an L1 penalty weighted by decoder norm (Anthropic, April 2024 update):
     l1_coef · Σ_f f_i · ‖W_dec,i‖, summed over latents, averaged over tokens."""
 
+    elementwise = True
+
     def __init__(self, l1_coef: float):
         super().__init__()
         self.l1_coef = l1_coef
 
-    def forward(self, pre_BLF: Tensor) -> Latents:
-        return Latents(torch.relu(pre_BLF), None, pre_BLF.shape[-1])
+    def support(self, pre_BLF: Tensor) -> Tensor:
+        return pre_BLF > 0
+
+    def forward(self, pre: Tensor | Latents) -> Latents:
+        pre = as_latents(pre)
+        return pre._replace(values=torch.relu(pre.values))
 
     def penalty(self, pre_BLF, latents, dec_norm_LF):
-        return self.l1_coef * (latents.values * dec_norm_LF).sum((-1, -2)).mean()
+        return self.l1_coef * (latents.values * latents.at(dec_norm_LF)).sum((-1, -2)).mean()
 
 
 class TopK(Activation):
@@ -198,6 +227,8 @@ class JumpReLU(Activation):
         self.sparsity_coef, self.penalty_kind, self.bandwidth = sparsity_coef, penalty, bandwidth
         self.init_threshold_value, self.tanh_scale, self.pre_act_coef = init_threshold, tanh_scale, pre_act_coef
         self.unit_norm_decoder = penalty == "l0"
+        # The pre-activation loss reaches every latent below θ: dense by nature, so no sparse backward.
+        self.elementwise = pre_act_coef == 0
         self.log_threshold: nn.Parameter | None = None
 
     def init_threshold(self, n_layers: int, n_latents: int) -> None:
@@ -208,19 +239,24 @@ class JumpReLU(Activation):
     def threshold(self) -> Tensor:
         return self.log_threshold.exp()
 
-    def forward(self, pre_BLF: Tensor) -> Latents:
-        threshold = self.threshold.to(pre_BLF.dtype)
-        values = JumpReLUFunction.apply(pre_BLF, threshold, self.bandwidth)
-        return Latents(values, None, pre_BLF.shape[-1])
+    def support(self, pre_BLF: Tensor) -> Tensor:
+        # Above θ, and the rectangle kernel's band below it (θ's gradient needs the output's gradient
+        # there). A whole bandwidth below θ, not half: rounding at the band's edge then drops nothing.
+        return pre_BLF > (self.threshold - self.bandwidth).to(pre_BLF.dtype)
+
+    def forward(self, pre: Tensor | Latents) -> Latents:
+        pre = as_latents(pre)
+        threshold = pre.at(self.threshold.to(pre.values.dtype))
+        return pre._replace(values=JumpReLUFunction.apply(pre.values, threshold, self.bandwidth))
 
     def penalty(self, pre_BLF, latents, dec_norm_LF):
-        threshold = self.threshold.to(pre_BLF.dtype)
+        threshold = latents.at(self.threshold.to(pre_BLF.dtype))
         if self.penalty_kind == "l0":
-            sparsity = StepFunction.apply(pre_BLF, threshold, self.bandwidth)
+            sparsity = StepFunction.apply(latents.at(pre_BLF), threshold, self.bandwidth)
         else:
-            sparsity = torch.tanh(self.tanh_scale * latents.values.abs() * dec_norm_LF)
+            sparsity = torch.tanh(self.tanh_scale * latents.values.abs() * latents.at(dec_norm_LF))
         loss = self.sparsity_coef * sparsity.sum((-1, -2)).mean()
-        if self.pre_act_coef > 0:
+        if self.pre_act_coef > 0:  # dense only: elementwise is False
             pre_act = torch.relu(threshold - pre_BLF) * dec_norm_LF
             loss = loss + self.pre_act_coef * pre_act.sum((-1, -2)).mean()
         return loss

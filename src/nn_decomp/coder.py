@@ -32,7 +32,7 @@ class SparseCoder(nn.Module):
                  tied_init: bool = False, sparse_backward: bool = True):
         super().__init__()
         # sparse_backward=False keeps the dense reference path (tests compare the two).
-        self.sparse_backward = sparse_backward and activation.sparse_output
+        self.sparse_backward = sparse_backward and (activation.sparse_output or activation.elementwise)
         assert cross_layer or n_layers == 1, "only a cross-layer transcoder spans several layers"
         assert not (cross_layer and skip), "skip connections are for single-layer transcoders"
         self.d_in, self.d_out, self.n_latents, self.n_layers = d_in, d_out, n_latents, n_layers
