@@ -9,8 +9,8 @@ Overrides go to every job (paths.root_dir=DIR, hydra/launcher=slurm_gpu hydra.la
 """
 import sys
 
-from nn_decomp.sweeps import (Experiment, family, knob, n_layers, number, one_thread_if_smoke, parse_args,
-                              pyplot, save_figure, write_points)
+from nn_decomp.sweeps import (Experiment, family, knob, n_layers, number, pyplot, report_written, save_figure,
+                              write_points)
 
 NAME = "exp_001_l0_sweep"
 FULL = [
@@ -65,16 +65,11 @@ def plot(rows: list[dict], out_dir) -> list:
 
 
 def main(argv: list[str]) -> list:
-    scale, flags, overrides, _ = parse_args(argv, __doc__)
-    one_thread_if_smoke(scale)
-    exp = Experiment(NAME, scale, overrides)
+    exp, flags, _ = Experiment.from_args(NAME, argv, __doc__)
     if "--print-commands" in flags:
-        print("\n".join(exp.command(g) for g in GRIDS[scale]))
-        return []
-    rows = exp.collect() if "--plot-only" in flags else exp.run_sweeps(GRIDS[scale])
-    written = plot(rows, exp.out_dir)
-    print("wrote " + ", ".join(map(str, written)))
-    return written
+        return exp.print_commands(GRIDS[exp.scale])
+    rows = exp.collect() if "--plot-only" in flags else exp.run_sweeps(GRIDS[exp.scale])
+    return report_written(plot(rows, exp.out_dir))
 
 
 if __name__ == "__main__":

@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 from nn_decomp.collect import collect, write_table
-from nn_decomp.sweeps import (Experiment, evaluate_jobs, family, knob, n_layers, number, one_thread_if_smoke,
-                              pareto_front, parse_args, pyplot, save_figure, write_points)
+from nn_decomp.sweeps import (Experiment, evaluate_jobs, family, knob, n_layers, number, pareto_front, pyplot,
+                              report_written, save_figure, write_points)
 
 NAME = "exp_002_pareto"
 GRIDS = {
@@ -62,24 +62,19 @@ def plot(rows: list[dict], out_dir: Path) -> list[Path]:
 
 
 def main(argv: list[str]) -> list[Path]:
-    scale, flags, overrides, sweep_dirs = parse_args(argv, __doc__)
-    one_thread_if_smoke(scale)
-    exp = Experiment(NAME, scale, overrides)
+    exp, flags, sweep_dirs = Experiment.from_args(NAME, argv, __doc__)
     if "--print-commands" in flags:
-        print("\n".join(exp.command(g) for g in GRIDS[scale]))
-        return []
+        return exp.print_commands(GRIDS[exp.scale])
     if "--no-train" in flags:  # evaluate and plot sweeps that already exist
         rows = [row | {"job": str(Path(d) / row["job"])} for d in sweep_dirs
                 for row in evaluate_jobs(collect(d), Path(d), exp.analysis)]
     elif "--plot-only" in flags:
         rows = exp.collect()
     else:
-        exp.run_sweeps(GRIDS[scale])
+        exp.run_sweeps(GRIDS[exp.scale])
         rows = evaluate_jobs(collect(exp.sweep_dir), exp.sweep_dir, exp.analysis)
     write_table(rows, exp.out_dir / "runs.csv")
-    written = plot(rows, exp.out_dir)
-    print("wrote " + ", ".join(map(str, written)))
-    return written
+    return report_written(plot(rows, exp.out_dir))
 
 
 if __name__ == "__main__":

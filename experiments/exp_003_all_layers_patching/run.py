@@ -14,8 +14,8 @@ from pathlib import Path
 
 from nn_decomp.checkpoint import read_config
 from nn_decomp.evaluate import EVAL_JSON
-from nn_decomp.sweeps import (Experiment, evaluate_checkpoints, evaluation_model, number, one_thread_if_smoke,
-                              parse_args, pyplot, save_figure, write_points)
+from nn_decomp.sweeps import (Experiment, evaluate_checkpoints, evaluation_model, number, pyplot, report_written,
+                              save_figure, write_points)
 
 NAME = "exp_003_all_layers_patching"
 BLOCKS = {"smoke": [0, 1], "cpu": [0, 1, 2, 3], "gpu": list(range(12))}
@@ -106,17 +106,12 @@ def plot(points: list[dict], out_dir: Path) -> list[Path]:
 
 
 def main(argv: list[str]) -> list[Path]:
-    scale, flags, overrides, _ = parse_args(argv, __doc__)
-    one_thread_if_smoke(scale)
-    exp = Experiment(NAME, scale, overrides)
+    exp, flags, _ = Experiment.from_args(NAME, argv, __doc__)
     if "--print-commands" in flags:
-        print("\n".join(exp.command(g) for g in grids(scale)))
-        return []
-    rows = exp.collect() if flags & {"--plot-only", "--no-train"} else exp.run_sweeps(grids(scale))
-    points = evaluate_replacements(exp, rows, scale, "--plot-only" in flags)
-    written = plot(points, exp.out_dir)
-    print("wrote " + ", ".join(map(str, written)))
-    return written
+        return exp.print_commands(grids(exp.scale))
+    rows = exp.collect() if flags & {"--plot-only", "--no-train"} else exp.run_sweeps(grids(exp.scale))
+    points = evaluate_replacements(exp, rows, exp.scale, "--plot-only" in flags)
+    return report_written(plot(points, exp.out_dir))
 
 
 if __name__ == "__main__":

@@ -10,9 +10,10 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from nn_decomp.interp import InterpConfig, analyse, load_report_inputs, write_report
+from nn_decomp.config import InterpConfig
+from nn_decomp.interp import analyse, load_report_inputs, write_report
 from nn_decomp.jobs import run_cli
-from nn_decomp.sweeps import Experiment, evaluation_model, one_thread_if_smoke, parse_args
+from nn_decomp.sweeps import Experiment, evaluation_model, report_written
 
 NAME = "exp_004_interp"
 
@@ -20,9 +21,7 @@ NAME = "exp_004_interp"
 def main(argv: list[str]) -> list[Path]:
     # checkpoint=PATH is read here, not by Hydra: sweep subdirs hold characters its grammar reserves.
     checkpoint = next((a.split("=", 1)[1] for a in argv if a.startswith("checkpoint=")), None)
-    scale, _, overrides, _ = parse_args([a for a in argv if not a.startswith("checkpoint=")], __doc__)
-    one_thread_if_smoke(scale)
-    exp = Experiment(NAME, scale, overrides)
+    exp, _, _ = Experiment.from_args(NAME, [a for a in argv if not a.startswith("checkpoint=")], __doc__)
     cfg = exp.config()
     interp = OmegaConf.to_container(cfg.interp, resolve=True)  # resolved first: it reads ${analysis...}
     icfg: InterpConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(InterpConfig), interp))
@@ -30,15 +29,14 @@ def main(argv: list[str]) -> list[Path]:
     if checkpoint is None:
         checkpoint = run_dir / "checkpoint"
         if not (run_dir / "metrics.json").exists():
-            print(f"$ python -m nn_decomp.train {' '.join(exp.base + overrides)}", flush=True)
-            assert run_cli("nn_decomp.train", exp.base + overrides, exp.in_process) == 0, "training failed"
+            print(f"$ python -m nn_decomp.train {' '.join(exp.base + exp.overrides)}", flush=True)
+            assert run_cli("nn_decomp.train", exp.base + exp.overrides, exp.in_process) == 0, "training failed"
     model = evaluation_model(exp.analysis, Path(checkpoint))
     d, contexts, exclude = load_report_inputs(Path(checkpoint), model, icfg.n_tokens)
     report = analyse(model, d, contexts, exclude, icfg)
     written = write_report(report, exp.out_dir, f"{NAME}: {checkpoint}")
     print("\n".join(f"{k}: {v}" for k, v in report.summary.items()))
-    print("wrote " + ", ".join(map(str, written)))
-    return written
+    return report_written(written)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
-"""Typed config schemas. Each YAML in conf/<group>/ starts from one of these (`defaults: [base_x]`),
-so a typo or a wrong type fails at composition with Hydra's own message. Cross-field checks that
-need the whole config (k vs n_latents, layers vs model) live in `validate`.
+"""Typed config schemas, all of them. Each YAML in conf/<group>/ starts from one of these
+(`defaults: [base_x]`), as do the entry configs conf/{evaluate,convert,export}.yaml, so a typo or a
+wrong type fails at composition with Hydra's own message. Cross-field checks that need the whole
+config (k vs n_latents, layers vs model) live in `validate`. `AnalysisConfig` and `InterpConfig`
+are the experiment scripts' sections (`analysis:`, `interp:`), merged over with OmegaConf.structured.
 """
 from dataclasses import dataclass, field
 from typing import Any
@@ -230,6 +232,155 @@ class LoggerConfig:
         assert self.mode in ("online", "offline", "disabled"), f"logger.mode={self.mode!r}"
 
 
+# --- entry points besides train: evaluate, convert, export (conf/<name>.yaml) --------------------
+
+@dataclass
+class EvalSettings:
+    n_tokens: int = 16384
+    """Held-out tokens to evaluate on (whole contexts of the checkpoint's data.context_size)."""
+    batch_contexts: int = 8
+    """Contexts per LM forward pass."""
+    dense_threshold: float = 0.1
+    """A latent firing on more than this fraction of tokens counts as dense."""
+    downstream: bool = True
+    """Run the CE/KL metrics (patched forward passes of the full LM)."""
+    context_size: int | None = None
+    """Tokens per context; null: the checkpoint's data.context_size."""
+
+    def __post_init__(self):
+        assert self.n_tokens > 0 and self.batch_contexts > 0, "eval.n_tokens and eval.batch_contexts must be > 0"
+
+
+@dataclass
+class EvaluateConfig:
+    """`python -m nn_decomp.evaluate` (conf/evaluate.yaml)."""
+
+    checkpoint: str | None = None
+    """A checkpoint dir (outputs/runs/.../checkpoint)."""
+    checkpoints: list[str] = field(default_factory=list)
+    """Several per-layer transcoders evaluated as one replacement model (instead of `checkpoint`)."""
+    out: str | None = None
+    """Dir for eval.json (default: the checkpoint dir; required for `checkpoints`)."""
+    overwrite: bool = False
+    """Replace an existing eval.json."""
+    device: str = "auto"
+    dtype: str = "float32"
+    cache_dir: str = "${paths.cache_dir}"
+    model: Any = None
+    """Optional `model=<option>`: fail unless the checkpoint was trained on that model."""
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    paths: Any = None
+
+
+ESTIMATORS = ("rate", "min")
+
+
+@dataclass
+class ConvertConfig:
+    """`python -m nn_decomp.convert` (conf/convert.yaml)."""
+
+    checkpoint: str | None = None
+    """The TopK / BatchTopK checkpoint dir to convert."""
+    to: str = "jumprelu"
+    """Target activation; only jumprelu."""
+    out: str | None = None
+    """New checkpoint dir (default: <checkpoint>_jumprelu next to the source)."""
+    overwrite: bool = False
+    estimator: str = "rate"
+    """rate (keep each latent's firing frequency) or min (smallest selected pre-activation)."""
+    calibrate: bool = False
+    """Bisect a per-layer scale on the thresholds so each layer's L0 matches the source's."""
+    n_tokens: int = 16384
+    """Held-out tokens for the threshold statistics."""
+    n_eval_tokens: int = 8192
+    """Further held-out tokens for the before/after report."""
+    device: str = "auto"
+    dtype: str = "float32"
+    cache_dir: str = "${paths.cache_dir}"
+    model: Any = None
+    """Optional `model=<option>`: fail unless the checkpoint was trained on that model."""
+    paths: Any = None
+
+    def __post_init__(self):
+        assert self.estimator in ESTIMATORS, f"estimator={self.estimator!r}: choose one of {ESTIMATORS}"
+
+
+@dataclass
+class ExportConfig:
+    """`python -m nn_decomp.export` (conf/export.yaml)."""
+
+    checkpoint: str | None = None
+    """The checkpoint dir to export."""
+    checkpoints: list[str] = field(default_factory=list)
+    """Per-layer transcoders exported together as one circuit-tracer transcoder_set."""
+    format: str | None = None
+    """saelens | circuit_tracer."""
+    out: str | None = None
+    """Output dir (required)."""
+    overwrite: bool = False
+    """Replace an existing `out`."""
+    from_saelens: str | None = None
+    """Import instead: a SAELens SAE dir, written as our checkpoint into `out`."""
+    model_name: str | None = None
+    """Import: the model name for the checkpoint (default: the SAELens metadata's model_name)."""
+
+
+# --- experiments: read by experiments/*/run.py, merged with OmegaConf.structured (not stored) ----
+
+@dataclass
+class AnalysisConfig:
+    """Sizes of the analyses of an experiment (conf/scale/*.yaml: `analysis`)."""
+
+    name: str = "cpu"
+    """The scale's name: smoke, cpu or gpu (names the experiment's output dir)."""
+    eval_tokens: int = 16384
+    """Held-out tokens for `nn_decomp.evaluate` (its eval.n_tokens)."""
+    eval_batch_contexts: int = 8
+    """Contexts per LM forward pass in evaluations."""
+    eval_lm_layers: int | None = None
+    """Cut the LM to its first blocks for downstream metrics (smoke only: the CE values are then
+    meaningless); null evaluates with the whole LM."""
+    interp_tokens: int = 1_000_000
+    """Held-out tokens scanned for each feature's max-activating examples (exp_004)."""
+    interp_features: int = 100
+    """Features shown in the dashboard and scored by autointerp, intruders and faithfulness."""
+    interp_examples: int = 10
+    """Max-activating examples kept per feature."""
+
+
+@dataclass
+class InterpConfig:
+    """`interp:` of conf/experiment/exp_004_interp.yaml (nn_decomp.interp's reports)."""
+
+    judge: str = "offline"
+    """offline (token statistics, no network) | openai (an OpenAI-compatible endpoint)."""
+    judge_url: str = "https://api.openai.com/v1"
+    """Base URL of the endpoint; POSTs go to {judge_url}/chat/completions."""
+    judge_model: str = "gpt-4o-mini"
+    judge_api_key_env: str = "OPENAI_API_KEY"
+    """Name of the environment variable holding the API key (never the key itself)."""
+    n_tokens: int = 1_000_000
+    """Held-out tokens scanned for max-activating examples and densities."""
+    n_features: int = 100
+    """Features (sampled among those that fire) in the dashboard and the scores."""
+    n_examples: int = 10
+    """Max-activating examples kept per feature."""
+    window: int = 12
+    """Tokens shown on each side of an example's max-activating token."""
+    intruder_examples: int = 4
+    """Activating examples shown with the one intruder."""
+    faithfulness_contexts: int = 4
+    """Top contexts per feature on which the ablation is measured."""
+    batch_contexts: int = 8
+    """Contexts per LM forward pass."""
+    seed: int = 0
+    """Seeds the sample of features, the intruder pool and the intruder trials."""
+
+    def __post_init__(self):
+        assert self.judge in ("offline", "openai"), f"interp.judge={self.judge!r}: use offline or openai"
+        assert self.n_features > 0 and self.n_examples > 0 and self.window >= 0, "interp sizes must be positive"
+
+
 def validate(cfg: DictConfig) -> None:
     """Run every schema's checks on the composed config, plus the cross-group ones, before any
     model is loaded."""
@@ -256,6 +407,9 @@ def register_configs() -> None:
     cs.store(group="train", name="base_train", node=TrainConfig)
     cs.store(group="logger", name="base_logger", node=LoggerConfig)
     cs.store(group="cache", name="base_cache", node=CacheConfig)
+    cs.store(name="base_evaluate", node=EvaluateConfig)  # entry configs: conf/{evaluate,convert,export}.yaml
+    cs.store(name="base_convert", node=ConvertConfig)
+    cs.store(name="base_export", node=ExportConfig)
     if not OmegaConf.has_resolver("join"):  # `${join:${arch.layers}}` -> "0-1-2" in file names
         OmegaConf.register_new_resolver("join", lambda items, sep="-": sep.join(str(i) for i in items))
 

@@ -22,58 +22,22 @@ tokens equals the source's. Before/after NMSE and L0 are measured on the next `n
 held-out tokens (disjoint from the fitting tokens), written into the new checkpoint's metadata.json
 and printed.
 """
-import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import hydra
 import torch
-from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from nn_decomp.checkpoint import build_coder, read_config, save_checkpoint
 from nn_decomp.coder import SparseCoder
-from nn_decomp.config import JumpReLUConfig
-from nn_decomp.evaluate import (UsageError, check_compatible, check_model_choice, load_dictionaries, refuse_existing,
-                                text_config)
+from nn_decomp.config import JumpReLUConfig  # importing config registers base_convert
+from nn_decomp.evaluate import check_compatible, check_model_choice, load_dictionaries, refuse_existing, text_config
+from nn_decomp.jobs import UsageError, exit_on_usage_error
 from nn_decomp.patching import layer_latents
 
 CONVERTIBLE = ("topk", "batchtopk")
-ESTIMATORS = ("rate", "min")
 MIN_THRESHOLD = 1e-6  # JumpReLU stores log θ, so θ > 0; a latent active on most tokens would get θ ≤ 0
-
-
-@dataclass
-class ConvertConfig:
-    checkpoint: str | None = None
-    """The TopK / BatchTopK checkpoint dir to convert."""
-    to: str = "jumprelu"
-    """Target activation; only jumprelu."""
-    out: str | None = None
-    """New checkpoint dir (default: <checkpoint>_jumprelu next to the source)."""
-    overwrite: bool = False
-    estimator: str = "rate"
-    """rate (keep each latent's firing frequency) or min (smallest selected pre-activation)."""
-    calibrate: bool = False
-    """Bisect a per-layer scale on the thresholds so each layer's L0 matches the source's."""
-    n_tokens: int = 16384
-    """Held-out tokens for the threshold statistics."""
-    n_eval_tokens: int = 8192
-    """Further held-out tokens for the before/after report."""
-    device: str = "auto"
-    dtype: str = "float32"
-    cache_dir: str = "${paths.cache_dir}"
-    model: Any = None
-    """Optional `model=<option>`: fail unless the checkpoint was trained on that model."""
-    paths: Any = None
-
-    def __post_init__(self):
-        assert self.estimator in ESTIMATORS, f"estimator={self.estimator!r}: choose one of {ESTIMATORS}"
-
-
-ConfigStore.instance().store(name="base_convert", node=ConvertConfig)
 
 
 # --- threshold estimators --------------------------------------------------------------------
@@ -220,10 +184,7 @@ def table(report: dict) -> str:
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="convert")
 def main(cfg: DictConfig) -> None:
-    try:
-        convert(cfg)
-    except UsageError as e:
-        sys.exit(f"error: {e}")
+    exit_on_usage_error(convert, cfg)
 
 
 if __name__ == "__main__":

@@ -21,22 +21,20 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
-from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import hydra
 import torch
-from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from tqdm import tqdm
 
-import nn_decomp.config  # noqa: F401  (registers the model/... schemas that `model=<option>` composes)
+import nn_decomp.config  # noqa: F401  (registers base_evaluate and the model schemas `model=<option>` composes)
 from nn_decomp.activations import Latents
 from nn_decomp.checkpoint import read_config
+from nn_decomp.jobs import UsageError, exit_on_usage_error
 from nn_decomp.patching import HookedDictionary, check_disjoint_outputs, patched
 
 if TYPE_CHECKING:  # the LM stack (transformer_lens, datasets) is imported where it is used, so that
@@ -52,51 +50,6 @@ CE_RECOVERED_DEFINITION = (
 KL_DEFINITION = "KL(clean ‖ patched) of next-token distributions, nats per scored token."
 POSITIONS = ("Scored positions: every token but BOS/EOS/pad ones (and the last of each context); "
              "those positions are also left unpatched.")
-
-
-class UsageError(Exception):
-    """Bad input the user can fix; the CLIs print it as one line."""
-
-
-# --- config ----------------------------------------------------------------------------------
-
-@dataclass
-class EvalSettings:
-    n_tokens: int = 16384
-    """Held-out tokens to evaluate on (whole contexts of the checkpoint's data.context_size)."""
-    batch_contexts: int = 8
-    """Contexts per LM forward pass."""
-    dense_threshold: float = 0.1
-    """A latent firing on more than this fraction of tokens counts as dense."""
-    downstream: bool = True
-    """Run the CE/KL metrics (patched forward passes of the full LM)."""
-    context_size: int | None = None
-    """Tokens per context; null: the checkpoint's data.context_size."""
-
-    def __post_init__(self):
-        assert self.n_tokens > 0 and self.batch_contexts > 0, "eval.n_tokens and eval.batch_contexts must be > 0"
-
-
-@dataclass
-class EvaluateConfig:
-    checkpoint: str | None = None
-    """A checkpoint dir (outputs/runs/.../checkpoint)."""
-    checkpoints: list[str] = field(default_factory=list)
-    """Several per-layer transcoders evaluated as one replacement model (instead of `checkpoint`)."""
-    out: str | None = None
-    """Dir for eval.json (default: the checkpoint dir; required for `checkpoints`)."""
-    overwrite: bool = False
-    """Replace an existing eval.json."""
-    device: str = "auto"
-    dtype: str = "float32"
-    cache_dir: str = "${paths.cache_dir}"
-    model: Any = None
-    """Optional `model=<option>`: fail unless the checkpoint was trained on that model."""
-    eval: EvalSettings = field(default_factory=EvalSettings)
-    paths: Any = None
-
-
-ConfigStore.instance().store(name="base_evaluate", node=EvaluateConfig)
 
 
 # --- loading and checks ----------------------------------------------------------------------
@@ -507,10 +460,7 @@ def evaluate(cfg: DictConfig, model: HookedTransformer | None = None) -> dict:
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    try:
-        evaluate(cfg)
-    except UsageError as e:
-        sys.exit(f"error: {e}")
+    exit_on_usage_error(evaluate, cfg)
 
 
 if __name__ == "__main__":

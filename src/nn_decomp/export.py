@@ -25,22 +25,21 @@ feature_input_hook / feature_output_hook (hook names inside `blocks.{i}.`), and
 """
 import json
 import shutil
-import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import hydra
 import torch
 import yaml
 from hydra import compose, initialize_config_dir
-from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+import nn_decomp.config  # noqa: F401  (registers base_export)
 from nn_decomp.checkpoint import build_coder, read_config, save_checkpoint
-from nn_decomp.evaluate import UsageError, checkpoint_list, load_dictionaries, refuse_existing
+from nn_decomp.evaluate import checkpoint_list, load_dictionaries, refuse_existing
+from nn_decomp.jobs import UsageError, exit_on_usage_error
 from nn_decomp.patching import HookedDictionary
 
 FORMATS = ("saelens", "circuit_tracer")
@@ -51,27 +50,6 @@ SAELENS_ARCH = {("sae", "relu"): "standard", ("sae", "topk"): "topk", ("sae", "j
                 ("skip_transcoder", "relu"): "skip_transcoder",
                 ("skip_transcoder", "jumprelu"): "jumprelu_skip_transcoder"}
 CONF = Path(__file__).resolve().parents[2] / "conf"
-
-
-@dataclass
-class ExportConfig:
-    checkpoint: str | None = None
-    """The checkpoint dir to export."""
-    checkpoints: list[str] = field(default_factory=list)
-    """Per-layer transcoders exported together as one circuit-tracer transcoder_set."""
-    format: str | None = None
-    """saelens | circuit_tracer."""
-    out: str | None = None
-    """Output dir (required)."""
-    overwrite: bool = False
-    """Replace an existing `out`."""
-    from_saelens: str | None = None
-    """Import instead: a SAELens SAE dir, written as our checkpoint into `out`."""
-    model_name: str | None = None
-    """Import: the model name for the checkpoint (default: the SAELens metadata's model_name)."""
-
-
-ConfigStore.instance().store(name="base_export", node=ExportConfig)
 
 
 # --- shared ----------------------------------------------------------------------------------
@@ -306,11 +284,7 @@ def export(cfg: DictConfig) -> Path:
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="export")
 def main(cfg: DictConfig) -> None:
-    try:
-        out = export(cfg)
-    except UsageError as e:
-        sys.exit(f"error: {e}")
-    print(f"wrote {out}")
+    print(f"wrote {exit_on_usage_error(export, cfg)}")
 
 
 if __name__ == "__main__":

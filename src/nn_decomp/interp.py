@@ -26,37 +26,9 @@ import torch
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from nn_decomp.config import InterpConfig
 from nn_decomp.patching import HookedDictionary
 from nn_decomp.store import hook_layer
-
-
-@dataclass
-class InterpConfig:
-    judge: str = "offline"
-    """offline (token statistics, no network) | openai (an OpenAI-compatible endpoint)."""
-    judge_url: str = "https://api.openai.com/v1"
-    """Base URL of the endpoint; POSTs go to {judge_url}/chat/completions."""
-    judge_model: str = "gpt-4o-mini"
-    judge_api_key_env: str = "OPENAI_API_KEY"
-    """Name of the environment variable holding the API key (never the key itself)."""
-    n_tokens: int = 1_000_000
-    """Held-out tokens scanned for max-activating examples and densities."""
-    n_features: int = 100
-    """Features (sampled among those that fire) in the dashboard and the scores."""
-    n_examples: int = 10
-    """Max-activating examples kept per feature."""
-    window: int = 12
-    """Tokens shown on each side of an example's max-activating token."""
-    intruder_examples: int = 4
-    """Activating examples shown with the one intruder."""
-    faithfulness_contexts: int = 4
-    """Top contexts per feature on which the ablation is measured."""
-    batch_contexts: int = 8
-    seed: int = 0
-
-    def __post_init__(self):
-        assert self.judge in ("offline", "openai"), f"interp.judge={self.judge!r}: use offline or openai"
-        assert self.n_features > 0 and self.n_examples > 0 and self.window >= 0, "interp sizes must be positive"
 
 
 # --- scanning ------------------------------------------------------------------------------------

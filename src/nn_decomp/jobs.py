@@ -16,6 +16,8 @@
   pickled config's resolver cache), so `auto` is what makes it continue (train.train calls both).
 - `run_cli(module, args)`: `python -m module args` in this process (experiment scripts run several
   sweeps and evaluations without paying the imports each time) or as a subprocess.
+- `UsageError` + `exit_on_usage_error`: what the evaluate / convert / export CLIs share: bad input
+  ends the command with one `error: ...` line, while their plain functions raise it for tests.
 """
 import json
 import logging
@@ -26,12 +28,14 @@ import subprocess
 import sys
 import time
 import traceback
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+
+from nn_decomp.config import AnalysisConfig
 
 STATUS_JSON = "status.json"
 log = logging.getLogger(__name__)
@@ -124,31 +128,25 @@ def finished_run(resume: bool | str, run_dir: Path) -> dict | None:
 
 # --- sizes of the analyses of an experiment (conf/scale/*.yaml: `analysis`) ----------------------
 
-@dataclass
-class AnalysisConfig:
-    name: str = "cpu"
-    """The scale's name: smoke, cpu or gpu (names the experiment's output dir)."""
-    eval_tokens: int = 16384
-    """Held-out tokens for `nn_decomp.evaluate` (its eval.n_tokens)."""
-    eval_batch_contexts: int = 8
-    """Contexts per LM forward pass in evaluations."""
-    eval_lm_layers: int | None = None
-    """Cut the LM to its first blocks for downstream metrics (smoke only: the CE values are then
-    meaningless); null evaluates with the whole LM."""
-    interp_tokens: int = 1_000_000
-    """Held-out tokens scanned for each feature's max-activating examples (exp_004)."""
-    interp_features: int = 100
-    """Features shown in the dashboard and scored by autointerp, intruders and faithfulness."""
-    interp_examples: int = 10
-    """Max-activating examples kept per feature."""
-
-
 def analysis_config(cfg: DictConfig) -> AnalysisConfig:
     """cfg.analysis checked against its schema (a typo fails here, naming the key)."""
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(AnalysisConfig), cfg.get("analysis") or {}))
 
 
 # --- running the CLIs --------------------------------------------------------------------------
+
+class UsageError(Exception):
+    """Bad input the user can fix; the CLIs print it as one line."""
+
+
+def exit_on_usage_error(run: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
+    """A CLI's `main`: `run(cfg)`, a UsageError ending the process with `error: ...` (one line, no
+    traceback; exit code 1) instead."""
+    try:
+        return run(cfg)
+    except UsageError as e:
+        sys.exit(f"error: {e}")
+
 
 def run_cli(module: str, args: list[str], in_process: bool = True, cwd: Path | None = None) -> int:
     """`python -m module *args`; returns its exit code. In process, the module runs as __main__

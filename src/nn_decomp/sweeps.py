@@ -18,9 +18,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
-import nn_decomp.config  # noqa: F401  (registers the schemas the configs start from)
 from nn_decomp.collect import collect, summary, write_table
-from nn_decomp.jobs import AnalysisConfig, analysis_config, run_cli
+from nn_decomp.config import AnalysisConfig  # importing config registers the schemas the configs start from
+from nn_decomp.jobs import analysis_config, run_cli
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 SCALES = ("smoke", "cpu", "gpu")
@@ -44,6 +44,14 @@ class Experiment:
     def __post_init__(self):
         assert self.scale in SCALES, f"scale={self.scale!r}: choose one of {SCALES}"
         assert (CONF / "experiment" / f"{self.name}.yaml").exists(), f"no conf/experiment/{self.name}.yaml"
+
+    @classmethod
+    def from_args(cls, name: str, argv: Sequence[str], usage: str) -> tuple["Experiment", set[str], list[str]]:
+        """How every run.py starts: `run.py [scale=S] [--flag ...] [override ...] [PATH ...]` ->
+        (the experiment at that scale, the flags, the paths); smoke runs take one thread."""
+        scale, flags, overrides, paths = parse_args(argv, usage)
+        one_thread_if_smoke(scale)
+        return cls(name, scale, overrides), flags, paths
 
     @property
     def base(self) -> list[str]:
@@ -71,6 +79,11 @@ class Experiment:
     def command(self, grid: Sequence[str]) -> str:
         """The shell command of one sweep, as the README shows it."""
         return "python -m nn_decomp.train " + " ".join(shlex.quote(a) for a in self.sweep_args(grid))
+
+    def print_commands(self, grids: Iterable[Sequence[str]]) -> list[Path]:
+        """`--print-commands`: print each sweep's command; returns the files written (none)."""
+        print("\n".join(self.command(g) for g in grids))
+        return []
 
     def run_sweeps(self, grids: Iterable[Sequence[str]]) -> list[dict]:
         """Run every grid (one --multirun each; a failed job does not stop the others), then
@@ -170,6 +183,12 @@ def save_figure(fig, path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def report_written(paths: list[Path]) -> list[Path]:
+    """A run.py's last line: name the files it wrote, and return them."""
+    print("wrote " + ", ".join(map(str, paths)))
+    return paths
 
 
 def pyplot():
