@@ -115,7 +115,9 @@ class SparseCoder(nn.Module):
 
     def forward(self, x_BLD: Tensor) -> CoderOutput:
         latents, pre_BLF = self.encode_with_pre(x_BLD)
-        return CoderOutput(pre_BLF, latents, self.decode(latents, x_BLD), x_BLD)
+        # The dense reference decodes with dense GEMMs as well: the baseline the kernels must beat.
+        decoded = latents if self.sparse_backward else Latents(latents.dense(), None, self.n_latents)
+        return CoderOutput(pre_BLF, latents, self.decode(decoded, x_BLD), x_BLD)
 
     @torch.no_grad()
     def fold_scales(self, scale_in_L: Tensor, scale_out_L: Tensor) -> None:
