@@ -2,6 +2,7 @@
 
 Every activation maps pre-activations `pre_BLF` (batch, source layer, latent) to `Latents`, and
 adds its own sparsity penalty. The coder (coder.py) never knows which activation it holds.
+Elementwise ones (ReLU, JumpReLU) also run on sparse pre-activations: the entries of their support.
 """
 from typing import NamedTuple
 
