@@ -106,3 +106,30 @@ def test_checkpoint_whose_weights_do_not_match_its_config_is_refused(tiny_lm, tm
         load_dictionary(tmp_path / "checkpoint")
     with pytest.raises(FileNotFoundError, match="not a checkpoint"):
         load_dictionary(tmp_path)
+
+
+def test_threshold_lr_scale_multiplies_only_the_jumprelu_threshold_step():
+    """Adam's first step moves every parameter by ≈ lr·sign(grad): with act.threshold_lr_scale=10,
+    log θ moves 10× as far and every other parameter exactly as far as with the default."""
+    from helpers import make_coder
+    from nn_decomp.losses import coder_loss
+    from nn_decomp.train import Trainer
+
+    moved = {}
+    for scale in (1.0, 10.0):
+        coder = make_coder("transcoder", "jumprelu", n_latents=16)
+        coder.activation.threshold_lr_scale = scale
+        cfg = arch_act_cfg("transcoder", "jumprelu", "train.warmup_steps=0", n_latents=16)
+        trainer = Trainer(cfg, coder, 10, torch.ones(1), torch.ones(1))
+        before = {n: p.detach().clone() for n, p in coder.named_parameters()}
+        torch.manual_seed(1)
+        x = torch.randn(32, 1, 12)
+        coder_loss(coder, coder(x), torch.randn(32, 1, 12), None).loss.backward()
+        trainer.optimizer.step()
+        moved[scale] = {n: (p.detach() - before[n]).abs().max() for n, p in coder.named_parameters()}
+    lr = trainer.optimizer.param_groups[0]["lr"]
+    assert moved[1.0]["activation.log_threshold"] > 0.5 * lr
+    torch.testing.assert_close(moved[10.0]["activation.log_threshold"], 10 * moved[1.0]["activation.log_threshold"])
+    for name in moved[1.0]:
+        if name != "activation.log_threshold":
+            torch.testing.assert_close(moved[10.0][name], moved[1.0][name], msg=name)

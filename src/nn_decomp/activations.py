@@ -222,9 +222,10 @@ class JumpReLU(Activation):
     """
 
     def __init__(self, sparsity_coef: float, penalty: str, bandwidth: float, init_threshold: float,
-                 tanh_scale: float, pre_act_coef: float):
+                 tanh_scale: float, pre_act_coef: float, threshold_lr_scale: float = 1.0):
         super().__init__()
         assert penalty in ("l0", "tanh"), f"act.penalty={penalty!r}: use 'l0' or 'tanh'"
+        self.threshold_lr_scale = threshold_lr_scale
         self.sparsity_coef, self.penalty_kind, self.bandwidth = sparsity_coef, penalty, bandwidth
         self.init_threshold_value, self.tanh_scale, self.pre_act_coef = init_threshold, tanh_scale, pre_act_coef
         self.unit_norm_decoder = penalty == "l0"

@@ -92,10 +92,14 @@ class JumpReLUConfig:
     """c in tanh(c·|f|·‖W_dec‖)."""
     pre_act_coef: float = 0.0
     """Weight of Σ ReLU(θ − z)·‖W_dec‖ (Anthropic's pre-activation loss); 0 disables it."""
+    threshold_lr_scale: float = 1.0
+    """log θ's learning rate / train.optimizer.lr. Adam moves log θ by about lr per step whatever the
+    coefficient, so a run of a few hundred steps needs ~10 for θ to reach the L0 its coefficient sets."""
 
     def __post_init__(self):
         assert self.penalty in ("l0", "tanh"), f"act.penalty={self.penalty!r}: use l0 or tanh"
         assert self.bandwidth > 0 and self.init_threshold > 0, "act.bandwidth and act.init_threshold must be > 0"
+        assert self.threshold_lr_scale > 0, "act.threshold_lr_scale must be > 0"
 
 
 @dataclass

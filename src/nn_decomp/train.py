@@ -104,6 +104,16 @@ def evaluate_coder(coder: SparseCoder, x_NLD, y_NLD, batch_size: int) -> dict:
     return metrics
 
 
+def param_groups(coder: SparseCoder) -> list[dict]:
+    """JumpReLU's log θ gets its own learning rate (act.threshold_lr_scale × lr); all else lr."""
+    threshold = getattr(coder.activation, "log_threshold", None)
+    others = [p for p in coder.parameters() if p is not threshold]
+    groups = [{"params": others, "lr_scale": 1.0}]
+    if threshold is not None:
+        groups.append({"params": [threshold], "lr_scale": coder.activation.threshold_lr_scale})
+    return groups
+
+
 class Trainer:
     """State of one training run; `train_encoder` drives it. Everything resume needs is in
     `state_dict`."""
@@ -113,7 +123,9 @@ class Trainer:
         tc = cfg.train
         self.cfg, self.coder, self.total_steps, self.info = cfg, coder, total_steps, info
         self.scale_in_L, self.scale_out_L = scale_in_L, scale_out_L
-        self.optimizer = instantiate(tc.optimizer)(coder.parameters())
+        self.optimizer = instantiate(tc.optimizer)(param_groups(coder))
+        for group in self.optimizer.param_groups:  # before LambdaLR records each group's base lr
+            group["lr"] *= group.pop("lr_scale")
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_lambda(s, tc.warmup_steps, total_steps, tc.decay_fraction, tc.decay))
         self.step, self.tokens_seen = 0, 0
