@@ -108,6 +108,17 @@ def test_batchtopk_selects_k_times_batch_over_the_batch():
     assert per_token.min() < 3 < per_token.max()  # adaptive per token, unlike TopK
 
 
+def test_batchtopk_is_exact_when_one_token_holds_most_of_the_selection():
+    """Token 0 is loud: it alone holds more of the batch's k·B largest than the first candidate
+    search (4k per token) looks at, so the search must widen to stay exact."""
+    pre = random_pre(16, 1, 40)
+    pre[0] = pre[0].abs() * 100
+    latents = batchtopk(k=2)(pre)
+    cutoff = pre.flatten().sort(descending=True).values[31]
+    torch.testing.assert_close(latents.dense(), pre * (pre >= cutoff))
+    assert (latents.dense()[0] != 0).sum() == 32 > 4 * 2
+
+
 def test_batchtopk_per_layer_selects_k_times_batch_in_every_layer():
     scales = torch.tensor([1.0, 3.0, 0.3])[None, :, None]  # layers of very different scale
     pre = random_pre(16, 3, 40) * scales

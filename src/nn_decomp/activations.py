@@ -187,19 +187,32 @@ class BatchTopK(TopK):
     def forward(self, pre_BLF: Tensor) -> Latents:
         if not self.training:
             return dense_to_sparse(pre_BLF * (pre_BLF > self.threshold.clamp(min=0)))
-        B, L, F = pre_BLF.shape
-        groups = L if self.per_layer else 1
-        pre_GN = torch.relu(pre_BLF).transpose(0, 1).reshape(groups, -1)
-        n_keep = self.k * B * (L // groups)
-        cutoff_G1 = pre_GN.topk(n_keep, dim=-1, sorted=False).values.amin(-1, keepdim=True)
-        cutoff_L1 = cutoff_G1.expand(L, 1) if groups == 1 else cutoff_G1
-        selected_BLF = pre_BLF >= cutoff_L1.view(1, L, 1)
-        k_max = int(selected_BLF.sum(-1).max())
-        values, indices = pre_BLF.topk(max(k_max, 1), dim=-1, sorted=False)
-        keep = values >= cutoff_L1.view(1, L, 1)
-        values = torch.relu(values) * keep
+        # The batch's k·B largest are found among each row's top candidates (a few times k) rather
+        # than by one top-k over all B·F entries (2× the step on CPU). Exact: a row whose every
+        # candidate clears the cutoff might hold more, and then the search widens.
+        n_candidates = min(4 * self.k, pre_BLF.shape[-1])
+        while True:
+            values, indices = pre_BLF.topk(n_candidates, dim=-1, sorted=False)
+            cutoff_L11 = self._cutoff(values)
+            if n_candidates == pre_BLF.shape[-1] or not (values.amin(-1, keepdim=True) >= cutoff_L11).any():
+                break
+            n_candidates = min(2 * n_candidates, pre_BLF.shape[-1])
+        keep = values >= cutoff_L11
+        k_max = max(int(keep.sum(-1).max()), 1)
+        values, position = values.masked_fill(~keep, -torch.inf).topk(k_max, dim=-1, sorted=False)
+        keep = values >= cutoff_L11
+        values = torch.where(keep, values.relu(), 0.0)
         self._update_threshold(values, keep)
-        return Latents(values, indices, F)
+        return Latents(values, indices.gather(-1, position), pre_BLF.shape[-1])
+
+    def _cutoff(self, candidates_BLK: Tensor) -> Tensor:
+        """[1, L, 1] the smallest selected value: the (k·B)-th largest ReLU'd entry per layer, or the
+        (k·B·L)-th over all layers."""
+        B, L, _ = candidates_BLK.shape
+        groups = L if self.per_layer else 1
+        flat_GN = torch.relu(candidates_BLK).transpose(0, 1).reshape(groups, -1)
+        cutoff_G = flat_GN.topk(self.k * B * (L // groups), dim=-1, sorted=False).values.amin(-1)
+        return cutoff_G.expand(L).view(1, L, 1)
 
     @torch.no_grad()
     def _update_threshold(self, values_BLK: Tensor, keep_BLK: Tensor) -> None:
