@@ -21,7 +21,8 @@ FULL = [
 GRIDS = {
     "smoke": [["arch=transcoder,sae_mlp_out", "act=topk", "act.k=8"],  # exp_003's smoke trains a CLT
               ["arch=transcoder", "act=jumprelu", "act.sparsity_coef=0.1,1"]],
-    "cpu": FULL,
+    # A few hundred steps: log θ needs a faster rate to reach the L0 its coefficient sets (config.py).
+    "cpu": [FULL[0], [*FULL[1], "act.threshold_lr_scale=10"], FULL[2]],
     "gpu": FULL,
 }
 COLUMNS = ["job", "status", "family", "knob", "knob_value", "l0_per_layer", "nmse", "explained_variance"]
