@@ -153,6 +153,13 @@ class DataConfig:
         assert self.streams > 0 and self.prefetch_chunks > 0, "data.streams and data.prefetch_chunks must be > 0"
 
 
+RESUME_CHOICES = (True, False, "auto")
+
+
+def check_resume(resume: Any) -> None:
+    assert resume in RESUME_CHOICES, f"train.resume={resume!r}: use true, false or auto"
+
+
 @dataclass
 class TrainConfig:
     n_tokens: int = 300_000
@@ -190,7 +197,7 @@ class TrainConfig:
             f"train.b_dec_init={self.b_dec_init!r}: use mean, geometric_median or zeros")
         assert 0 <= self.decay_fraction <= 1, f"train.decay_fraction={self.decay_fraction}: must be in [0, 1]"
         assert self.n_tokens >= self.batch_size, "train.n_tokens must be >= train.batch_size"
-        assert self.resume in (True, False, "auto"), f"train.resume={self.resume!r}: use true, false or auto"
+        check_resume(self.resume)
 
 
 CACHE_DTYPES = ("float16", "bfloat16", "float32")

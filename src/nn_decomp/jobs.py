@@ -35,7 +35,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from nn_decomp.config import AnalysisConfig
+from nn_decomp.config import AnalysisConfig, check_resume
 
 STATUS_JSON = "status.json"
 log = logging.getLogger(__name__)
@@ -105,13 +105,10 @@ class JobStatusCallback(Callback):
 
 # --- resume ------------------------------------------------------------------------------------
 
-RESUME_CHOICES = (True, False, "auto")
-
-
 def resolve_resume(resume: bool | str, trainer_state: Path) -> bool:
     """train.resume → whether to load `trainer_state`. true: it must exist; auto: when it exists
     (a requeued SLURM job, a re-run sweep); false: never."""
-    assert resume in RESUME_CHOICES, f"train.resume={resume!r}: use true, false or auto"
+    check_resume(resume)
     if resume == "auto":
         return Path(trainer_state).exists()
     assert not resume or Path(trainer_state).exists(), (
