@@ -179,7 +179,7 @@ def set_sparsity(coder, x_BLD: torch.Tensor, k: int) -> None:
     act = type(coder.activation).__name__
     if act not in ("JumpReLU", "ReLU"):
         return
-    pre_BLF = torch.einsum("bld,ldf->blf", x_BLD, coder.W_enc)
+    pre_BLF = torch.einsum("bld,lfd->blf", x_BLD, coder.W_enc)
     q_LF = pre_BLF.kthvalue(round(len(x_BLD) * (1 - k / coder.n_latents)), dim=0).values
     if act == "ReLU":
         coder.b_enc.copy_(-q_LF)
@@ -228,7 +228,7 @@ def saelens(v: Variant, shapes: Shapes, batch: Batch, coder) -> Runner:
                          {"l1": act.l1_coef}),
     }[v.act]()
     with torch.no_grad():
-        sae.W_enc.copy_(coder.W_enc[0])
+        sae.W_enc.copy_(coder.W_enc[0].T)
         sae.b_enc.copy_(coder.b_enc[0])
         sae.W_dec.copy_(coder.W_dec[0][:, 0])
         sae.b_dec.copy_(coder.b_dec[0])
@@ -262,7 +262,7 @@ def sparsify(v: Variant, shapes: Shapes, batch: Batch, coder) -> Runner:
     transcode = v.arch == "transcoder"
     sc = SparseCoder(shapes.d_in, SparseCoderConfig(num_latents=shapes.n_latents, k=shapes.k, transcode=transcode))
     with torch.no_grad():
-        sc.encoder.weight.copy_(coder.W_enc[0].T)
+        sc.encoder.weight.copy_(coder.W_enc[0])
         sc.encoder.bias.copy_(coder.b_enc[0])
         sc.W_dec.copy_(coder.W_dec[0][:, 0])
         sc.b_dec.copy_(coder.b_dec[0])
@@ -439,10 +439,10 @@ def profile(name: str, shapes: Shapes, batch: Batch, steps: int = 3) -> None:
     """torch.profiler over a few steps of one row: where its time goes, by op."""
     runner = build(VARIANTS[name], shapes, batch)
     runner.step()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True, with_stack=False) as prof:
         for _ in range(steps):
             runner.step()
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+    print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=40, max_shapes_column_width=70))
 
 
 # --- main ---------------------------------------------------------------------------------

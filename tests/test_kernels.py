@@ -125,7 +125,7 @@ def test_encoder_gradcheck():
     """Finite differences in float64, the selection held fixed."""
     torch.manual_seed(0)
     x = torch.randn(5, 2, 4, dtype=torch.float64, requires_grad=True)
-    W = torch.randn(2, 4, 7, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(2, 7, 4, dtype=torch.float64, requires_grad=True)
     b = torch.randn(2, 7, dtype=torch.float64, requires_grad=True)
     with torch.no_grad():
         indices = encode_pre(x, W, b).topk(3, dim=-1).indices

@@ -60,7 +60,7 @@ def test_explained_variance_ignores_a_constant_offset():
 def test_relu_l1_penalty_is_weighted_by_decoder_norm():
     coder = SparseCoder(2, 2, 3, 1, ReLU(l1_coef=0.5))
     # decoder norms 5, 1, 2
-    set_weights(coder, W_enc=[[[1.0, -1.0, 2.0], [0.0, 1.0, 1.0]]], b_enc=[[0.0, 0.0, 0.0]],
+    set_weights(coder, W_enc=[[[1.0, 0.0], [-1.0, 1.0], [2.0, 1.0]]], b_enc=[[0.0, 0.0, 0.0]],
                 W_dec=[[[[3.0, 4.0]], [[1.0, 0.0]], [[0.0, 2.0]]]])
     torch.testing.assert_close(coder.decoder_norm(), torch.tensor([[5.0, 1.0, 2.0]]))
     x = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]])
@@ -77,7 +77,7 @@ def test_relu_l1_penalty_uses_the_concatenated_clt_decoder_norm():
     coder = SparseCoder(2, 2, 1, 2, ReLU(l1_coef=0.25), cross_layer=True)
     # source 0 writes (3,0) to layer 0 and (0,4) to layer 1: concatenated norm 5 (not 3 + 4);
     # source 1 writes (0,2) to layer 1: norm 2
-    set_weights(coder, W_enc=torch.zeros(2, 2, 1).tolist(), b_enc=[[1.0], [2.0]],
+    set_weights(coder, W_enc=torch.zeros(2, 1, 2).tolist(), b_enc=[[1.0], [2.0]],
                 W_dec=[[[[3.0, 0.0], [0.0, 4.0]]], [[[0.0, 2.0]]]])
     torch.testing.assert_close(coder.decoder_norm(), torch.tensor([[5.0], [2.0]]))
     x = torch.randn(3, 2, 2)
@@ -186,7 +186,7 @@ def test_aux_k_scale_counts_dead_latents_over_all_clt_layers():
 
 def test_coder_loss_adds_weighted_aux_with_default_k_aux():
     coder = aux_coder(k_aux=None)  # k_aux = d_out // 2 = 1
-    set_weights(coder, W_enc=[[[0.0] * 4] * 2], b_enc=[[5.0, 0.0, 2.0, 3.0]], b_dec=[[0.0, 0.0]])
+    set_weights(coder, W_enc=[[[0.0] * 2] * 4], b_enc=[[5.0, 0.0, 2.0, 3.0]], b_dec=[[0.0, 0.0]])
     y = torch.tensor([[[6.0, 2.0]]])
     out = coder(torch.zeros(1, 1, 2))
     # TopK(1) keeps latent 0 at 5: ŷ = (5, 0), residual (1, 2), recon = 1 + 4 = 5

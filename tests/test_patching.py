@@ -42,7 +42,7 @@ def mlp_weights(model: HookedTransformer, layer: int):
 def mlp_transcoder(model: HookedTransformer, layer: int) -> HookedDictionary:
     W_enc, b_enc, W_dec, b_dec = mlp_weights(model, layer)
     coder = SparseCoder(model.cfg.d_model, model.cfg.d_model, model.cfg.d_mlp, 1, ReLU(0.0)).eval()
-    coder.W_enc.copy_(W_enc[None])
+    coder.W_enc.copy_(W_enc.T[None])
     coder.b_enc.copy_(b_enc[None])
     coder.W_dec[0].copy_(W_dec[:, None])
     coder.b_dec.copy_(b_dec[None])
@@ -58,7 +58,7 @@ def mlp_clt(model: HookedTransformer, cross_scale: float = 0.0, seed: int = 0) -
     g = torch.Generator().manual_seed(seed)
     for i in range(L):
         W_enc, b_enc, W_dec, b_dec = mlp_weights(model, i)
-        coder.W_enc[i].copy_(W_enc)
+        coder.W_enc[i].copy_(W_enc.T)
         coder.b_enc[i].copy_(b_enc)
         coder.b_dec[i].copy_(b_dec)
         coder.W_dec[i].copy_(cross_scale * torch.randn(coder.W_dec[i].shape, generator=g))

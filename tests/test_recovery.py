@@ -82,7 +82,7 @@ def test_transcoder_recovers_planted_input_and_output_directions():
     assert max_cosine(pf.dec[0][:, 0], coder.W_dec[0][:, 0].detach()).mean() < 0.5
     timing = train(pf, cfg, coder, steps=600, batch=512, autoencode=False)
     dec_N = max_cosine(pf.dec[0][:, 0], coder.W_dec[0][:, 0].detach())
-    enc_N = max_cosine(pf.enc_LND[0], coder.W_enc[0].T.detach())
+    enc_N = max_cosine(pf.enc_LND[0], coder.W_enc[0].detach())
     report("transcoder/topk", {"decoder": dec_N.mean().item(), "encoder": enc_N.mean().item()}, timing)
     assert dec_N.mean() >= 0.9
     assert enc_N.mean() >= 0.75  # the encoder also filters interference, so it is less aligned

@@ -100,7 +100,7 @@ def test_bad_input_fails_before_training(overrides, error, message, tiny_lm, tmp
 def test_checkpoint_whose_weights_do_not_match_its_config_is_refused(tiny_lm, tmp_path):
     train(tiny_cfg("sae", "topk"), tmp_path, model=tiny_lm)
     weights = load_file(tmp_path / "checkpoint" / WEIGHTS)
-    weights["W_enc"] = weights["W_enc"][..., :32].contiguous()
+    weights["W_enc"] = weights["W_enc"][:, :32].contiguous()
     save_file(weights, tmp_path / "checkpoint" / WEIGHTS)
     with pytest.raises(ValueError, match="do not match its config"):
         load_dictionary(tmp_path / "checkpoint")

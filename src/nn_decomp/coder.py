@@ -45,10 +45,11 @@ class SparseCoder(nn.Module):
         self.set_decoder_norm(dec_init_norm)
         # Tied init for autoencoders (encoder = decoder transpose, unit columns): latents start
         # reading the direction they write, which speeds up early training (Conerly et al. 2024).
-        W_enc = torch.randn(L, d_in, Fl) / d_in ** 0.5
+        # W_enc is [L, F, D_in], a latent's encoder row contiguous (kernels.py: why).
+        W_enc = torch.randn(L, Fl, d_in) / d_in ** 0.5
         if tied_init:
             assert d_in == d_out, "tied init needs d_in == d_out"
-            W_enc = torch.stack([w[:, 0, :].detach().T / dec_init_norm for w in self.W_dec])
+            W_enc = torch.stack([w[:, 0, :].detach() / dec_init_norm for w in self.W_dec])
         self.W_enc = nn.Parameter(W_enc.contiguous())
         self.b_enc = nn.Parameter(torch.zeros(L, Fl))
         self.b_dec = nn.Parameter(torch.zeros(L, d_out))

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import hydra
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
@@ -43,7 +44,7 @@ MIN_THRESHOLD = 1e-6  # JumpReLU stores log θ, so θ > 0; a latent active on mo
 # --- threshold estimators --------------------------------------------------------------------
 
 def pre_activations(coder: SparseCoder, x_ND: Tensor, i: int) -> Tensor:
-    return x_ND @ coder.W_enc[i] + coder.b_enc[i]
+    return F.linear(x_ND, coder.W_enc[i], coder.b_enc[i])
 
 
 def rate_thresholds(pre_NF: Tensor, active_NF: Tensor, chunk: int = 1024) -> Tensor:

@@ -105,7 +105,7 @@ def saelens_files(d: HookedDictionary, meta: dict, ckpt_cfg: DictConfig) -> dict
         hint = convert_hint(d) if act == "topk" else "retrain with act=jumprelu or relu"
         raise UsageError(f"SAELens cannot represent arch={arch} with act={meta['act']}: {hint}")
     coder = d.coder
-    tensors = {"W_enc": coder.W_enc[0], "b_enc": coder.b_enc[0], "W_dec": coder.W_dec[0][:, 0], "b_dec": coder.b_dec[0]}
+    tensors = {"W_enc": coder.W_enc[0].T, "b_enc": coder.b_enc[0], "W_dec": coder.W_dec[0][:, 0], "b_dec": coder.b_dec[0]}
     if coder.W_skip is not None:
         tensors["W_skip"] = coder.W_skip[0].T  # ours: x @ W_skip; SAELens: x @ W_skip.T
     theta = thresholds(d)
@@ -161,7 +161,7 @@ def import_saelens(src: str | Path, out: str | Path, overwrite: bool = False, mo
     W_enc, b_enc = w["W_enc"].float(), w["b_enc"].float()
     if sl_cfg.get("apply_b_dec_to_input", arch == "sae"):
         b_enc = b_enc - w["b_dec"].float() @ W_enc  # (x − b_dec)·W_enc + b_enc, with x read raw
-    state = {"W_enc": W_enc[None], "b_enc": b_enc[None], "W_dec.0": w["W_dec"].float()[:, None],
+    state = {"W_enc": W_enc.T[None], "b_enc": b_enc[None], "W_dec.0": w["W_dec"].float()[:, None],
              "b_dec": w["b_dec"].float()[None]}
     if "W_skip" in w:
         state["W_skip"] = w["W_skip"].float().T[None]
@@ -234,7 +234,7 @@ def clt_tensors(d: HookedDictionary) -> dict:
     coder, theta = d.coder, thresholds(d)
     files = {}
     for i in range(coder.n_layers):
-        enc = {f"W_enc_{i}": coder.W_enc[i].T, f"b_enc_{i}": coder.b_enc[i], f"b_dec_{i}": coder.b_dec[i]}
+        enc = {f"W_enc_{i}": coder.W_enc[i], f"b_enc_{i}": coder.b_enc[i], f"b_dec_{i}": coder.b_dec[i]}
         if theta is not None:
             enc[f"threshold_{i}"] = theta[i]
         files[f"W_enc_{i}.safetensors"] = enc
@@ -244,7 +244,7 @@ def clt_tensors(d: HookedDictionary) -> dict:
 
 def transcoder_tensors(d: HookedDictionary) -> dict:
     coder, theta = d.coder, thresholds(d)
-    tensors = {"W_enc": coder.W_enc[0].T, "W_dec": coder.W_dec[0][:, 0], "b_enc": coder.b_enc[0], "b_dec": coder.b_dec[0]}
+    tensors = {"W_enc": coder.W_enc[0], "W_dec": coder.W_dec[0][:, 0], "b_enc": coder.b_enc[0], "b_dec": coder.b_dec[0]}
     if theta is not None:
         tensors["activation_function.threshold"] = theta[0]
     if coder.W_skip is not None:

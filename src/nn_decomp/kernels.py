@@ -1,7 +1,7 @@
 """Sparse training kernels: gradients from the selected latents only.
 
 The dense reference (coder.py: einsum, then `topk`) spends three B·D·F GEMMs per step: the
-pre-activations, and in the backward grad_W_enc = xᵀ·G and grad_x = G·W_encᵀ, where G is a dense
+pre-activations, and in the backward grad_W_enc = Gᵀ·x and grad_x = G·W_enc, where G is a dense
 [B, L, F] gradient with k non-zeros per row. Here selection runs on detached pre-activations and
 the backward touches only the B·k selected entries (the design of sparsify's fused encoder):
 O(B·k·D) work and no [B, L, F] gradient.
@@ -13,6 +13,10 @@ Measured on 2 CPU cores, B=4096, D=576, F=9216, k=32, for grad_W_enc: index_add_
 products 600 ms, COO `sparse.mm` 170 ms, CSR (MKL) 550 ms, dense scatter + GEMM 2100 ms,
 latent bags 25 ms + 2 ms to sort. The same regrouping replaces `embedding_bag`'s own weight
 backward in the decoder (≈250 ms → ≈30 ms).
+
+W_enc is stored [L, F, D] (as sparsify and nn.Linear do): a latent's encoder row is contiguous, so
+the latent bags write grad_W_enc and gather grad_x with no transposed copy of a [D, F] matrix
+(2 × ≈10 ms a step at the shapes above), and the forward GEMM is as fast as with [D, F].
 
 Contract of the sparse encoder: activations of the TopK family (TopK, BatchTopK, AuxK's dead
 top-k) output values ≥ 0 that are either a selected pre-activation or 0 (ReLU'd, or padding).
@@ -78,52 +82,53 @@ def bag_dots(indices_BK: Tensor, table_FX: Tensor, grad_BX: Tensor) -> Tensor:
 # --- encoder ------------------------------------------------------------------------------
 
 
-def encode_pre(x_BLD: Tensor, W_enc_LDF: Tensor, b_enc_LF: Tensor) -> Tensor:
-    """[B, L, F] x·W_enc + b_enc, the bias fused into the GEMM (baddbmm): no extra [B, L, F] pass.
+def encode_pre(x_BLD: Tensor, W_enc_LFD: Tensor, b_enc_LF: Tensor) -> Tensor:
+    """[B, L, F] x·W_encᵀ + b_enc, the bias fused into the GEMM (baddbmm): no extra [B, L, F] pass.
     The result is a [L, B, F] tensor seen as [B, L, F] (contiguous along F)."""
-    return torch.baddbmm(b_enc_LF[:, None], x_BLD.transpose(0, 1), W_enc_LDF).transpose(0, 1)
+    return torch.baddbmm(b_enc_LF[:, None], x_BLD.transpose(0, 1), W_enc_LFD.transpose(1, 2)).transpose(0, 1)
 
 
 class _EncodeSelected(torch.autograd.Function):
     """values_BLK, computed without autograd from pre = x·W_enc + b_enc, gain their gradient:
     ∂value[b,l,j]/∂pre[b,l,indices[b,l,j]] = 1 where the value is non-zero, else 0. Backward:
         grad_b_enc[l, f] = Σ g[b,l,j]                 over (b, j) with indices = f
-        grad_W_enc[l, :, f] = Σ g[b,l,j] · x[b, l]     (latent bags, then one [F, D] → [D, F] copy)
-        grad_x[b, l] = Σ_j g[b,l,j] · W_enc[l, :, indices[b,l,j]]
+        grad_W_enc[l, f] = Σ g[b,l,j] · x[b, l]        (latent bags)
+        grad_x[b, l] = Σ_j g[b,l,j] · W_enc[l, indices[b,l,j]]
     """
 
     @staticmethod
-    def forward(ctx, values_BLK, indices_BLK, x_BLD, W_enc_LDF, b_enc_LF):
-        ctx.save_for_backward(indices_BLK, values_BLK != 0, x_BLD, W_enc_LDF)
+    def forward(ctx, values_BLK, indices_BLK, x_BLD, W_enc_LFD, b_enc_LF):
+        ctx.save_for_backward(indices_BLK, values_BLK != 0, x_BLD, W_enc_LFD)
         return values_BLK.clone()
 
     @staticmethod
     def backward(ctx, grad_BLK):
-        indices_BLK, live_BLK, x_BLD, W_enc_LDF = ctx.saved_tensors
+        indices_BLK, live_BLK, x_BLD, W_enc_LFD = ctx.saved_tensors
         g_BLK = grad_BLK * live_BLK
-        L, n_latents = W_enc_LDF.shape[0], W_enc_LDF.shape[-1]
+        L, n_latents = W_enc_LFD.shape[:2]
         grad_x = torch.empty_like(x_BLD) if ctx.needs_input_grad[2] else None
-        grad_W = torch.empty_like(W_enc_LDF) if ctx.needs_input_grad[3] else None
-        grad_b = W_enc_LDF.new_zeros(L, n_latents) if ctx.needs_input_grad[4] else None
+        grad_b = W_enc_LFD.new_zeros(L, n_latents) if ctx.needs_input_grad[4] else None
+        grad_W = []
         for l in range(L):
             idx_BK, g_BK = indices_BLK[:, l], g_BLK[:, l]
             if grad_b is not None:
                 grad_b[l].index_add_(0, idx_BK.reshape(-1), g_BK.reshape(-1).to(grad_b.dtype))
-            if grad_W is not None:
-                groups = group_by_latent(idx_BK, n_latents)
-                grad_W[l].copy_(latent_sums(groups, g_BK, x_BLD[:, l]).T)
+            if ctx.needs_input_grad[3]:
+                grad_W.append(latent_sums(group_by_latent(idx_BK, n_latents), g_BK, x_BLD[:, l]))
             if grad_x is not None:
-                W_FD = W_enc_LDF[l].T.contiguous()
-                grad_x[:, l] = F.embedding_bag(idx_BK, W_FD, mode="sum", per_sample_weights=g_BK.to(W_FD.dtype))
+                grad_x[:, l] = F.embedding_bag(idx_BK, W_enc_LFD[l], mode="sum",
+                                               per_sample_weights=g_BK.to(W_enc_LFD.dtype))
+        # One layer: a view, not a copy of the [F, D] gradient.
+        grad_W = (grad_W[0][None] if L == 1 else torch.stack(grad_W)) if grad_W else None
         return None, None, grad_x, grad_W, grad_b
 
 
-def attach_encoder_grad(latents: Latents, x_BLD: Tensor, W_enc_LDF: Tensor, b_enc_LF: Tensor) -> Latents:
+def attach_encoder_grad(latents: Latents, x_BLD: Tensor, W_enc_LFD: Tensor, b_enc_LF: Tensor) -> Latents:
     """The same latents, their values now differentiable w.r.t. x, W_enc, b_enc through the sparse
     backward. `latents` must be sparse, computed from `encode_pre(x, W_enc, b_enc)`, each value
     either the pre-activation at its index or 0."""
     assert latents.indices is not None, "attach_encoder_grad needs sparse latents"
-    values = _EncodeSelected.apply(latents.values, latents.indices, x_BLD, W_enc_LDF, b_enc_LF)
+    values = _EncodeSelected.apply(latents.values, latents.indices, x_BLD, W_enc_LFD, b_enc_LF)
     return latents._replace(values=values)
 
 
@@ -137,18 +142,18 @@ def gather_support(pre_BLF: Tensor, support_BLF: Tensor) -> Latents:
     return Latents(pre_BLF.gather(-1, indices), indices, pre_BLF.shape[-1])
 
 
-def sparse_encode(x_BLD: Tensor, W_enc_LDF: Tensor, b_enc_LF: Tensor,
+def sparse_encode(x_BLD: Tensor, W_enc_LFD: Tensor, b_enc_LF: Tensor,
                   activation: Activation) -> tuple[Latents, Tensor]:
     """Encode with the sparse backward. Returns the latents and the detached pre-activations (for
     AuxK: `aux_topk_latents`). A TopK-family activation selects without autograd (keeping its own
     state updates); an elementwise one runs on the pre-activations gathered at its support."""
     with torch.no_grad():
-        pre_BLF = encode_pre(x_BLD, W_enc_LDF, b_enc_LF)
+        pre_BLF = encode_pre(x_BLD, W_enc_LFD, b_enc_LF)
         if activation.sparse_output:
             latents = activation(pre_BLF)
         else:
             latents = gather_support(pre_BLF, activation.support(pre_BLF))
-    latents = attach_encoder_grad(latents, x_BLD, W_enc_LDF, b_enc_LF)
+    latents = attach_encoder_grad(latents, x_BLD, W_enc_LFD, b_enc_LF)
     return (latents if activation.sparse_output else activation(latents)), pre_BLF
 
 
@@ -161,17 +166,17 @@ class SparseEncoding(NamedTuple):
     pre_acts: Tensor
 
 
-def fused_topk_encode(x_BLD: Tensor, W_enc_LDF: Tensor, b_enc_LF: Tensor, k: int) -> SparseEncoding:
+def fused_topk_encode(x_BLD: Tensor, W_enc_LFD: Tensor, b_enc_LF: Tensor, k: int) -> SparseEncoding:
     """TopK encoder (Gao et al. 2024): one dense GEMM forward, a backward from the B·k selected latents."""
     with torch.no_grad():
-        pre_BLF = encode_pre(x_BLD, W_enc_LDF, b_enc_LF)
+        pre_BLF = encode_pre(x_BLD, W_enc_LFD, b_enc_LF)
         values, indices = pre_BLF.topk(k, dim=-1, sorted=False)
         values.relu_()
-    values = _EncodeSelected.apply(values, indices, x_BLD, W_enc_LDF, b_enc_LF)
+    values = _EncodeSelected.apply(values, indices, x_BLD, W_enc_LFD, b_enc_LF)
     return SparseEncoding(values, indices, pre_BLF)
 
 
-def aux_topk_latents(pre_BLF: Tensor, dead_LF: Tensor, k_aux: int, x_BLD: Tensor, W_enc_LDF: Tensor,
+def aux_topk_latents(pre_BLF: Tensor, dead_LF: Tensor, k_aux: int, x_BLD: Tensor, W_enc_LFD: Tensor,
                      b_enc_LF: Tensor) -> Latents:
     """AuxK's selection (Gao et al. 2024, App. B.1): the top k_aux dead latents per token, ReLU'd,
     with the sparse backward. `pre_BLF` is the detached output of `encode_pre`. Layers with fewer
@@ -179,7 +184,7 @@ def aux_topk_latents(pre_BLF: Tensor, dead_LF: Tensor, k_aux: int, x_BLD: Tensor
     with torch.no_grad():
         values, indices = pre_BLF.masked_fill(~dead_LF, -torch.inf).topk(k_aux, dim=-1, sorted=False)
         values.relu_()
-    return attach_encoder_grad(Latents(values, indices, pre_BLF.shape[-1]), x_BLD, W_enc_LDF, b_enc_LF)
+    return attach_encoder_grad(Latents(values, indices, pre_BLF.shape[-1]), x_BLD, W_enc_LFD, b_enc_LF)
 
 
 # --- decoder ------------------------------------------------------------------------------
