@@ -110,13 +110,28 @@ def test_batchtopk_selects_k_times_batch_over_the_batch():
 
 def test_batchtopk_is_exact_when_one_token_holds_most_of_the_selection():
     """Token 0 is loud: it alone holds more of the batch's k·B largest than the first candidate
-    search (4k per token) looks at, so the search must widen to stay exact."""
+    search (2k per token) looks at, so the search must widen to stay exact."""
     pre = random_pre(16, 1, 40)
     pre[0] = pre[0].abs() * 100
     latents = batchtopk(k=2)(pre)
     cutoff = pre.flatten().sort(descending=True).values[31]
     torch.testing.assert_close(latents.dense(), pre * (pre >= cutoff))
-    assert (latents.dense()[0] != 0).sum() == 32 > 4 * 2
+    assert (latents.dense()[0] != 0).sum() == 32 > 2 * 2
+
+
+def test_batchtopk_stays_exact_while_its_candidate_width_follows_the_batches():
+    """The search width adapts to the previous batch's busiest token (a loud batch widens it, a
+    quiet one narrows it); every batch's selection is still exactly its k·B largest."""
+    act = batchtopk(k=2)
+    widths = []
+    for loudness in (1.0, 100.0, 1.0, 30.0):
+        pre = random_pre(16, 1, 40)
+        pre[0] = pre[0].abs() * loudness
+        latents = act(pre)
+        cutoff = pre.flatten().sort(descending=True).values[31]
+        torch.testing.assert_close(latents.dense(), pre * (pre >= cutoff))
+        widths.append(act.n_candidates)
+    assert widths[1] > widths[0] and widths[2] < widths[1]
 
 
 def test_batchtopk_per_layer_selects_k_times_batch_in_every_layer():

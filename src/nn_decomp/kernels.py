@@ -82,10 +82,11 @@ def bag_dots(indices_BK: Tensor, table_FX: Tensor, grad_BX: Tensor) -> Tensor:
 # --- encoder ------------------------------------------------------------------------------
 
 
-def encode_pre(x_BLD: Tensor, W_enc_LFD: Tensor, b_enc_LF: Tensor) -> Tensor:
+def encode_pre(x_BLD: Tensor, W_enc_LFD: Tensor, b_enc_LF: Tensor, out_LBF: Tensor | None = None) -> Tensor:
     """[B, L, F] x·W_encᵀ + b_enc, the bias fused into the GEMM (baddbmm): no extra [B, L, F] pass.
-    The result is a [L, B, F] tensor seen as [B, L, F] (contiguous along F)."""
-    return torch.baddbmm(b_enc_LF[:, None], x_BLD.transpose(0, 1), W_enc_LFD.transpose(1, 2)).transpose(0, 1)
+    The result is a [L, B, F] tensor (written into `out_LBF` if given) seen as [B, L, F]."""
+    return torch.baddbmm(b_enc_LF[:, None], x_BLD.transpose(0, 1), W_enc_LFD.transpose(1, 2),
+                         out=out_LBF).transpose(0, 1)
 
 
 class _EncodeSelected(torch.autograd.Function):
@@ -142,13 +143,14 @@ def gather_support(pre_BLF: Tensor, support_BLF: Tensor) -> Latents:
     return Latents(pre_BLF.gather(-1, indices), indices, pre_BLF.shape[-1])
 
 
-def sparse_encode(x_BLD: Tensor, W_enc_LFD: Tensor, b_enc_LF: Tensor,
-                  activation: Activation) -> tuple[Latents, Tensor]:
+def sparse_encode(x_BLD: Tensor, W_enc_LFD: Tensor, b_enc_LF: Tensor, activation: Activation,
+                  out_LBF: Tensor | None = None) -> tuple[Latents, Tensor]:
     """Encode with the sparse backward. Returns the latents and the detached pre-activations (for
-    AuxK: `aux_topk_latents`). A TopK-family activation selects without autograd (keeping its own
-    state updates); an elementwise one runs on the pre-activations gathered at its support."""
+    AuxK: `aux_topk_latents`), written into `out_LBF` if given. A TopK-family activation selects
+    without autograd (keeping its own state updates); an elementwise one runs on the
+    pre-activations gathered at its support."""
     with torch.no_grad():
-        pre_BLF = encode_pre(x_BLD, W_enc_LFD, b_enc_LF)
+        pre_BLF = encode_pre(x_BLD, W_enc_LFD, b_enc_LF, out_LBF)
         if activation.sparse_output:
             latents = activation(pre_BLF)
         else:
