@@ -9,8 +9,8 @@ from helpers import ARCHS, arch_act_cfg
 from nn_decomp.activations import BatchTopK, Latents, TopK
 from nn_decomp.checkpoint import build_coder
 from nn_decomp.coder import SparseCoder
-from nn_decomp.kernels import (attach_encoder_grad, aux_topk_latents, bag_dots, decode_source, encode_pre,
-                               fused_topk_encode, group_by_latent, latent_sums, sparse_decode,
+from nn_decomp.kernels import (attach_encoder_grad, aux_topk_latents, decode_source, encode_pre, entry_dots,
+                               fused_topk_encode, latent_sums, row_sums, selected_entries, sparse_decode,
                                sparse_encode)
 from nn_decomp.losses import aux_k_loss, coder_loss, squared_error
 
@@ -149,17 +149,29 @@ def test_decoder_gradcheck_and_builtin():
     grad_out = torch.randn(6, 5, dtype=torch.float64)
     got = torch.autograd.grad(decode_source(indices, values, W), (values, W), grad_out)
     builtin = F.embedding_bag(indices, W, per_sample_weights=values, mode="sum")
-    torch.testing.assert_close(got, torch.autograd.grad(builtin, (values, W), grad_out))
+    want_values, want_W = torch.autograd.grad(builtin, (values, W), grad_out)
+    torch.testing.assert_close(got, (want_values, want_W))
+    # Without the gradient of zero values: the same everywhere else, exactly 0 at the padding.
+    got_values, got_W = torch.autograd.grad(decode_source(indices, values, W, False), (values, W), grad_out)
+    torch.testing.assert_close(got_W, want_W)
+    torch.testing.assert_close(got_values, torch.where(values != 0, want_values, 0.0))
+    assert want_values[0, 1] != 0 and got_values[0, 1] == 0
 
 
-def test_latent_sums_and_bag_dots():
+def test_variable_length_bags():
+    """Entries kept by a mask (ragged rows, one row empty): per-row sums, per-latent sums, dots."""
     torch.manual_seed(0)
     n_latents = 11  # more latents than the selection touches: empty bags must give 0
     indices = torch.randint(0, 8, (7, 4))
     weights, rows, table = torch.randn(7, 4), torch.randn(7, 3), torch.randn(n_latents, 3)
-    want = torch.zeros(n_latents, 3).index_add_(0, indices.flatten(), (weights[..., None] * rows[:, None]).flatten(0, 1))
-    torch.testing.assert_close(latent_sums(group_by_latent(indices, n_latents), weights, rows), want)
-    torch.testing.assert_close(bag_dots(indices, table, rows), (table[indices] * rows[:, None]).sum(-1))
+    keep = torch.rand(7, 4) < 0.6
+    keep[2] = False
+    e = selected_entries(indices, weights, keep)
+    kept = weights * keep
+    torch.testing.assert_close(row_sums(e, table), (kept[..., None] * table[indices]).sum(1))
+    want = torch.zeros(n_latents, 3).index_add_(0, indices.flatten(), (kept[..., None] * rows[:, None]).flatten(0, 1))
+    torch.testing.assert_close(latent_sums(e, e.weights, rows, n_latents), want)
+    torch.testing.assert_close(entry_dots(e, table, rows), (table[indices] * rows[:, None]).sum(-1)[keep])
 
 
 def elementwise_coders(arch: str, act: str, *overrides: str) -> tuple[SparseCoder, SparseCoder]:

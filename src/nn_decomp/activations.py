@@ -127,6 +127,9 @@ class Activation(nn.Module):
     # (`Latents`); `support(pre_BLF)` marks every entry whose output or gradient may be non-zero,
     # so the coder may gather those alone and use kernels.py's sparse backward.
     elementwise = False
+    # True: a latent whose output is 0 may still pass gradient back (JumpReLU: θ's pseudo-derivative
+    # in the band below θ). False lets the sparse decoder skip the gradient of zero values (padding).
+    grad_at_zero = False
 
     def penalty(self, pre_BLF: Tensor, latents: Latents, dec_norm_LF: Tensor) -> Tensor:
         return pre_BLF.new_zeros(())
@@ -239,6 +242,8 @@ class JumpReLU(Activation):
     penalty="tanh": sparsity_coef · Σ_f tanh(tanh_scale · |f| · ‖W_dec,f‖) (Anthropic, Jan 2025).
     pre_act_coef > 0 adds Σ_f ReLU(θ − z)·‖W_dec,f‖, which revives latents stuck below θ.
     """
+
+    grad_at_zero = True
 
     def __init__(self, sparsity_coef: float, penalty: str, bandwidth: float, init_threshold: float,
                  tanh_scale: float, pre_act_coef: float, threshold_lr_scale: float = 1.0):

@@ -113,19 +113,19 @@ class SparseCoder(nn.Module):
         B = latents.values.shape[0]
         out_BLD = latents.values.new_zeros(B, self.n_layers, self.d_out)
         for i, w_FTD in enumerate(self.W_dec):
-            out_BLD[:, i:] += self._decode_source(latents, i, w_FTD).view(B, -1, self.d_out)
+            out_BLD[:, i:] += self.decode_source(latents, i, w_FTD).view(B, -1, self.d_out)
         if bias:
             out_BLD = out_BLD + self.b_dec
         if self.W_skip is not None and x_BLD is not None:
             out_BLD = out_BLD + torch.einsum("bld,lde->ble", x_BLD, self.W_skip)
         return out_BLD
 
-    @staticmethod
-    def _decode_source(latents: Latents, i: int, w_FTD: Tensor) -> Tensor:
+    def decode_source(self, latents: Latents, i: int, w_FTD: Tensor) -> Tensor:
         w_FX = w_FTD.flatten(1)
         if latents.indices is None:
             return latents.values[:, i] @ w_FX
-        return kernels.decode_source(latents.indices[:, i], latents.values[:, i], w_FX)
+        return kernels.decode_source(latents.indices[:, i], latents.values[:, i], w_FX,
+                                     self.activation.grad_at_zero)
 
     def forward(self, x_BLD: Tensor) -> CoderOutput:
         latents, pre_BLF = self.encode_with_pre(x_BLD)

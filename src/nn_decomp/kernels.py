@@ -7,8 +7,9 @@ the backward touches only the B·k selected entries (the design of sparsify's fu
 O(B·k·D) work and no [B, L, F] gradient.
 
 Every sparse product is one `F.embedding_bag` in 'sum' mode with per-sample weights, fbgemm's
-fastest CPU path. To sum over tokens per latent (grad_W_enc, grad_W_dec) the selection is
-regrouped by latent (`group_by_latent`): each latent is a bag of the token rows that chose it.
+fastest CPU path, over the entries that count (`selected_entries`: variable-length bags, so
+padding and zero values cost nothing). To sum over tokens per latent (grad_W_enc, grad_W_dec) the
+entries are regrouped by latent (`latent_sums`): each latent is a bag of the token rows that chose it.
 Measured on 2 CPU cores, B=4096, D=576, F=9216, k=32, for grad_W_enc: index_add_ of outer
 products 600 ms, COO `sparse.mm` 170 ms, CSR (MKL) 550 ms, dense scatter + GEMM 2100 ms,
 latent bags 25 ms + 2 ms to sort. The same regrouping replaces `embedding_bag`'s own weight
@@ -36,47 +37,54 @@ from torch import Tensor
 from nn_decomp.activations import Activation, Latents
 
 
-class LatentGroups(NamedTuple):
-    """A selection `indices_BK` regrouped by latent: latent f's bag is the tokens that chose it.
+class Entries(NamedTuple):
+    """The entries of a [B, K] selection that count, flat, as variable-length bags per token row:
+    padding costs nothing downstream (BatchTopK pads every row to its busiest one's K).
 
-    order:   [B·K] flat positions into indices_BK, sorted by latent id.
-    rows:    [B·K] token (row) of each sorted position.
-    offsets: [F] start of each latent's bag in `order` (empty bags allowed).
+    latents:  [N] latent id of each entry;     weights: [N] its value (or gradient)
+    rows:     [N] token row of each entry;     offsets: [B] start of each row's bag (embedding_bag's)
+    position: [N] flat position in the [B, K] selection
     """
 
-    order: Tensor
+    latents: Tensor
+    weights: Tensor
     rows: Tensor
     offsets: Tensor
+    position: Tensor
 
 
-def group_by_latent(indices_BK: Tensor, n_latents: int) -> LatentGroups:
+def selected_entries(indices_BK: Tensor, weights_BK: Tensor, keep_BK: Tensor) -> Entries:
+    B, K = indices_BK.shape
+    position = keep_BK.reshape(-1).nonzero().squeeze(1)
+    offsets = torch.cumsum(keep_BK.sum(1), 0) - keep_BK.sum(1)
+    return Entries(indices_BK.reshape(-1)[position], weights_BK.reshape(-1)[position], position // K,
+                   offsets, position)
+
+
+def row_sums(e: Entries, table_FX: Tensor) -> Tensor:
+    """[B, X]: out[b] = Σ over row b's entries of weight · table[latent]."""
+    return F.embedding_bag(e.latents, table_FX, e.offsets, mode="sum", per_sample_weights=e.weights.to(table_FX.dtype))
+
+
+def latent_sums(e: Entries, weights_N: Tensor, rows_BX: Tensor, n_latents: int) -> Tensor:
+    """[F, X]: out[f] = Σ over the entries of latent f of weight · rows[row]. The entries regrouped
+    by latent (latent f's bag: the tokens that chose it), then one embedding_bag."""
     # int32 keys: torch 2.13's 2-thread CPU sort of int64 took 280 ms where int32 took 2 ms.
-    keys, order = indices_BK.reshape(-1).to(torch.int32).sort()
+    keys, order = e.latents.to(torch.int32).sort()
     latents_F = torch.arange(n_latents, dtype=torch.int32, device=keys.device)
     offsets_F = torch.searchsorted(keys, latents_F)  # first position of each latent, sorted
-    return LatentGroups(order, order // indices_BK.shape[-1], offsets_F)
+    return F.embedding_bag(e.rows[order], rows_BX.contiguous(), offsets_F, mode="sum",
+                           per_sample_weights=weights_N[order].to(rows_BX.dtype))
 
 
-def latent_sums(groups: LatentGroups, weights_BK: Tensor, rows_BX: Tensor) -> Tensor:
-    """[F, X]: out[f] = Σ_{(b, j): indices[b, j] = f} weights[b, j] · rows[b]."""
-    weights = weights_BK.reshape(-1)[groups.order].to(rows_BX.dtype)
-    return F.embedding_bag(groups.rows, rows_BX.contiguous(), groups.offsets, mode="sum",
-                           per_sample_weights=weights)
-
-
-def bag_dots(indices_BK: Tensor, table_FX: Tensor, grad_BX: Tensor) -> Tensor:
-    """[B, K]: table[indices[b, j]] · grad[b], without gathering a [B, K, X] tensor.
+def entry_dots(e: Entries, table_FX: Tensor, grad_BX: Tensor) -> Tensor:
+    """[N]: table[latent] · grad[row] per entry, without gathering an [N, X] tensor.
 
     This is the per-sample-weight gradient of `embedding_bag`, so aten's own kernel for it does the
     work (a private, `_`-prefixed op; tests/test_kernels.py pins it): 52 ms where a chunked
     gather + bmm takes 300 ms (2 cores, B=4096, k=32, X=576)."""
-    B, K = indices_BK.shape
-    flat = indices_BK.reshape(-1)
-    offsets = torch.arange(0, B * K, K, device=flat.device)
-    bag_of = torch.arange(B * K, device=flat.device) // K
-    dots = torch.ops.aten._embedding_bag_per_sample_weights_backward(
-        grad_BX.contiguous(), table_FX, flat, offsets, bag_of, 0)  # mode 0 = sum
-    return dots.view(B, K)
+    return torch.ops.aten._embedding_bag_per_sample_weights_backward(
+        grad_BX.contiguous(), table_FX, e.latents, e.offsets, e.rows, 0)  # mode 0 = sum
 
 
 # --- encoder ------------------------------------------------------------------------------
@@ -105,20 +113,18 @@ class _EncodeSelected(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_BLK):
         indices_BLK, live_BLK, x_BLD, W_enc_LFD = ctx.saved_tensors
-        g_BLK = grad_BLK * live_BLK
         L, n_latents = W_enc_LFD.shape[:2]
         grad_x = torch.empty_like(x_BLD) if ctx.needs_input_grad[2] else None
         grad_b = W_enc_LFD.new_zeros(L, n_latents) if ctx.needs_input_grad[4] else None
         grad_W = []
         for l in range(L):
-            idx_BK, g_BK = indices_BLK[:, l], g_BLK[:, l]
+            e = selected_entries(indices_BLK[:, l], grad_BLK[:, l], live_BLK[:, l])
             if grad_b is not None:
-                grad_b[l].index_add_(0, idx_BK.reshape(-1), g_BK.reshape(-1).to(grad_b.dtype))
+                grad_b[l].index_add_(0, e.latents, e.weights.to(grad_b.dtype))
             if ctx.needs_input_grad[3]:
-                grad_W.append(latent_sums(group_by_latent(idx_BK, n_latents), g_BK, x_BLD[:, l]))
+                grad_W.append(latent_sums(e, e.weights, x_BLD[:, l], n_latents))
             if grad_x is not None:
-                grad_x[:, l] = F.embedding_bag(idx_BK, W_enc_LFD[l], mode="sum",
-                                               per_sample_weights=g_BK.to(W_enc_LFD.dtype))
+                grad_x[:, l] = row_sums(e, W_enc_LFD[l])
         # One layer: a view, not a copy of the [F, D] gradient.
         grad_W = (grad_W[0][None] if L == 1 else torch.stack(grad_W)) if grad_W else None
         return None, None, grad_x, grad_W, grad_b
@@ -193,30 +199,39 @@ def aux_topk_latents(pre_BLF: Tensor, dead_LF: Tensor, k_aux: int, x_BLD: Tensor
 
 
 class _DecodeSource(torch.autograd.Function):
-    """out[b] = Σ_j values[b, j] · W[indices[b, j]] (one source layer; W is [F, X], X = targets·D).
-    Backward: grad_values = W[indices]·grad_out (bag_dots), grad_W = latent bags of grad_out
-    weighted by values; rows no token selected get 0, and padding (value 0) adds nothing."""
+    """out[b] = Σ_j values[b, j] · W[indices[b, j]] (one source layer; W is [F, X], X = targets·D),
+    over the non-zero values only. Backward: grad_W = latent bags of grad_out weighted by values
+    (rows no token selected get 0); grad_values = W[indices]·grad_out (entry_dots), at every entry
+    if `grad_at_zero`, else at the non-zero ones (0 elsewhere)."""
 
     @staticmethod
-    def forward(ctx, indices_BK, values_BK, W_FX):
-        ctx.save_for_backward(indices_BK, values_BK, W_FX)
-        return F.embedding_bag(indices_BK, W_FX, mode="sum", per_sample_weights=values_BK.to(W_FX.dtype))
+    def forward(ctx, indices_BK, values_BK, W_FX, grad_at_zero):
+        nonzero = selected_entries(indices_BK, values_BK, values_BK != 0)
+        ctx.save_for_backward(indices_BK, values_BK, W_FX, *nonzero)
+        ctx.grad_at_zero = grad_at_zero
+        return row_sums(nonzero, W_FX)
 
     @staticmethod
     def backward(ctx, grad_BX):
-        indices_BK, values_BK, W_FX = ctx.saved_tensors
+        indices_BK, values_BK, W_FX, *nonzero = ctx.saved_tensors
+        nonzero = Entries(*nonzero)
         grad_values = grad_W = None
         if ctx.needs_input_grad[1]:
-            grad_values = bag_dots(indices_BK, W_FX, grad_BX).to(values_BK.dtype)
+            e = selected_entries(indices_BK, values_BK, torch.ones_like(values_BK, dtype=torch.bool)) \
+                if ctx.grad_at_zero else nonzero
+            grad_values = values_BK.new_zeros(values_BK.numel())
+            grad_values[e.position] = entry_dots(e, W_FX, grad_BX).to(values_BK.dtype)
+            grad_values = grad_values.view_as(values_BK)
         if ctx.needs_input_grad[2]:
-            grad_W = latent_sums(group_by_latent(indices_BK, W_FX.shape[0]), values_BK, grad_BX)
-        return None, grad_values, grad_W
+            grad_W = latent_sums(nonzero, nonzero.weights, grad_BX, W_FX.shape[0])
+        return None, grad_values, grad_W, None
 
 
-def decode_source(indices_BK: Tensor, values_BK: Tensor, W_FX: Tensor) -> Tensor:
+def decode_source(indices_BK: Tensor, values_BK: Tensor, W_FX: Tensor, grad_at_zero: bool = True) -> Tensor:
     """[B, X] decoder output of one source layer; drop-in for `F.embedding_bag(indices, W,
-    per_sample_weights=values, mode="sum")` with a backward that costs O(B·k·X)."""
-    return _DecodeSource.apply(indices_BK.contiguous(), values_BK.contiguous(), W_FX)
+    per_sample_weights=values, mode="sum")` with a backward that costs O(B·k·X). grad_at_zero=False
+    skips the gradient of zero values (padding), for activations whose zeros pass none back."""
+    return _DecodeSource.apply(indices_BK.contiguous(), values_BK.contiguous(), W_FX, grad_at_zero)
 
 
 def sparse_decode(latents: Latents, W_dec: Sequence[Tensor], d_out: int) -> Tensor:
