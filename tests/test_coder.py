@@ -101,6 +101,23 @@ def test_trainer_steps_decrease_the_loss_on_a_fixed_batch(arch, act):
         torch.testing.assert_close(coder.decoder_norm(), torch.ones(L, F))
 
 
+def test_parallel_decoder_gradient_is_projected_out():
+    """Each latent's decoder gradient loses exactly its component along the latent's (concatenated)
+    decoder vector: g − (g·w / w·w) w, checked row by row against the formula."""
+    coder = make_coder("clt", "topk", d_in=D_IN, d_out=D_OUT, n_latents=F, n_layers=L_CLT)
+    with torch.no_grad():
+        for w in coder.W_dec:
+            w.mul_(torch.rand(F, 1, 1) + 0.5)  # norms other than 1: the division must be there
+            w.grad = torch.randn_like(w)
+    before = [w.grad.clone() for w in coder.W_dec]
+    coder.remove_parallel_decoder_grad()
+    for w, g in zip(coder.W_dec, before):
+        w_FX, g_FX = w.detach().flatten(1), g.flatten(1)
+        want = torch.stack([gr - (gr @ wr) / (wr @ wr) * wr for gr, wr in zip(g_FX, w_FX)])
+        torch.testing.assert_close(w.grad.flatten(1), want)
+        assert (w.grad.flatten(1) * w_FX).sum(1).abs().max() < 1e-5
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_relu_decoder_norms_are_free(arch):
     cfg, coder = fresh_coder(arch, "relu", "train.warmup_steps=1")

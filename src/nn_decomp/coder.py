@@ -77,8 +77,9 @@ class SparseCoder(nn.Module):
             if w.grad is None:
                 continue
             w_FX, g_FX = w.flatten(1), w.grad.flatten(1)
-            unit_FX = w_FX / w_FX.norm(dim=1, keepdim=True).clamp(min=1e-8)
-            g_FX.sub_((g_FX * unit_FX).sum(1, keepdim=True) * unit_FX)
+            # g −= (g·w / w·w) w: two row dots and one in-place pass, no [F, X] temporaries.
+            coef_F = torch.linalg.vecdot(g_FX, w_FX) / torch.linalg.vecdot(w_FX, w_FX).clamp(min=1e-16)
+            g_FX.addcmul_(w_FX, coef_F[:, None], value=-1)
 
     # --- forward ----------------------------------------------------------------------------
 
