@@ -24,10 +24,10 @@ A step is each library's own training step:
 Weights are copied from our coder into the peers; JumpReLU thresholds and ReLU encoder biases are
 set per latent so that about k latents fire per token, identically in every library.
 
-The floor is one dense encoder GEMM [B×D]·[D×F]. Rows run interleaved, each step paired with a
-floor GEMM timed just before it: "× floor" is the median of these paired ratios, which cancels most
-of the load other processes put on a shared machine; speed-ups are ratios of "× floor". ms/step is
-the median over rounds (round 0 is a warm-up).
+The floor is one dense encoder GEMM [B×D]·[D×F]. Rows run interleaved, in a new seeded order each
+round, each step paired with a floor GEMM timed just before it: "× floor" is the median of these
+paired ratios, which cancels most of the load other processes put on a shared machine; speed-ups
+are ratios of "× floor". ms/step is the median over rounds (round 0 is a warm-up).
 
 Memory: each row also runs alone in a fresh subprocess (`--memory ROW`): "steady" is its resident
 set with parameters, Adam state and data in place; VmHWM is then reset (`/proc/self/clear_refs` ← 5)
@@ -36,6 +36,7 @@ and read after two steps: "step MB" = peak − steady is a step's transient memo
 import argparse
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -364,12 +365,19 @@ class Result(NamedTuple):
 
 
 def time_rows(runners: dict[str, Runner], shapes: Shapes, x_BD: torch.Tensor, rounds: int):
-    """Interleaved rounds; round 0 is a warm-up. Returns ({row: (times, ratios, l0)}, floor times)."""
+    """Interleaved rounds; round 0 is a warm-up. Returns ({row: (times, ratios, l0)}, floor times).
+    Each round runs the rows in a new (seeded) order: a step's time depends on what the step before
+    it left in the allocator and caches, so no row always follows the same neighbour."""
     W_DF = torch.randn(shapes.d_in, shapes.n_latents)
     times = {n: [] for n in runners}
     ratios, l0s, floors = {n: [] for n in runners}, {}, []
+    order = random.Random(0)
     for round_ in range(rounds + 1):
-        for name, runner in runners.items():
+        names = list(runners)
+        if round_:
+            order.shuffle(names)
+        for name in names:
+            runner = runners[name]
             floors.append(floor_gemm(x_BD, W_DF))
             dt, l0 = timed(runner.step)
             l0s.setdefault(name, l0)  # the first step's: every library starts from the same weights
