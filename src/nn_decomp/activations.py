@@ -7,6 +7,7 @@ Elementwise ones (ReLU, JumpReLU) also run on sparse pre-activations: the entrie
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -184,7 +185,7 @@ class BatchTopK(TopK):
         self.threshold_momentum, self.per_layer = threshold_momentum, per_layer
         self.register_buffer("threshold", None)  # [L, F], sized by init_threshold; < 0 = not yet estimated
         # Width of the next batch's per-row candidate search: a speed hint only (any width > k
-        # gives the exact selection), learnt from the busiest row of the previous batch.
+        # gives the exact selection), learnt from the previous batch's rows.
         self.n_candidates = 2 * k
 
     def init_threshold(self, n_layers: int, n_latents: int) -> None:
@@ -195,19 +196,27 @@ class BatchTopK(TopK):
             return dense_to_sparse(pre_BLF * (pre_BLF > self.threshold.clamp(min=0)))
         # The batch's k·B largest are found among each row's top candidates rather than by one
         # top-k over all B·F entries (2× the step on CPU). Exact: a row whose every candidate
-        # clears the cutoff might hold more, and then the search widens. A row top-k costs about
-        # its width (2 cores, F = 9216: 60 ms at 32, 140 ms at 128), so the width follows the
-        # busiest row of the last batch instead of a fixed multiple of k.
-        n_candidates = min(self.n_candidates, pre_BLF.shape[-1])
+        # clears the cutoff might hold more, so such rows alone search twice as wide, until none
+        # is left. A row top-k costs about its width (2 cores, F = 9216: 60 ms at 32, 140 ms at
+        # 128), so the width is the count 99% of the last batch's rows fit in.
+        n_latents = pre_BLF.shape[-1]
+        width = min(self.n_candidates, n_latents)
+        values, indices = pre_BLF.topk(width, dim=-1, sorted=False)
         while True:
-            values, indices = pre_BLF.topk(n_candidates, dim=-1, sorted=False)
             cutoff_L11 = self._cutoff(values)
-            if n_candidates == pre_BLF.shape[-1] or not (values.amin(-1, keepdim=True) >= cutoff_L11).any():
+            b, l = (values.amin(-1) >= cutoff_L11[..., 0]).nonzero(as_tuple=True)
+            if width == n_latents or len(b) == 0:
                 break
-            n_candidates = min(2 * n_candidates, pre_BLF.shape[-1])
+            width = min(2 * width, n_latents)
+            wider = pre_BLF[b, l].topk(width, dim=-1, sorted=False)
+            # the other rows' new slots: −inf, so never selected (the cutoff is ≥ 0)
+            values = F.pad(values, (0, width - values.shape[-1]), value=-torch.inf)
+            indices = F.pad(indices, (0, width - indices.shape[-1]))
+            values[b, l], indices[b, l] = wider.values, wider.indices
         keep = values >= cutoff_L11
-        k_max = max(int(keep.sum(-1).max()), 1)
-        self.n_candidates = max(k_max + k_max // 4, self.k + 1)
+        count_BL = keep.sum(-1)
+        k_max = max(int(count_BL.max()), 1)
+        self.n_candidates = max(int(count_BL.float().quantile(0.99)) + 1, self.k + 1)
         values, position = values.masked_fill(~keep, -torch.inf).topk(k_max, dim=-1, sorted=False)
         keep = values >= cutoff_L11
         values = torch.where(keep, values.relu(), 0.0)
