@@ -151,8 +151,8 @@ def test_decoder_gradcheck_and_builtin():
     builtin = F.embedding_bag(indices, W, per_sample_weights=values, mode="sum")
     want_values, want_W = torch.autograd.grad(builtin, (values, W), grad_out)
     torch.testing.assert_close(got, (want_values, want_W))
-    # Without the gradient of zero values: the same everywhere else, exactly 0 at the padding.
-    got_values, got_W = torch.autograd.grad(decode_source(indices, values, W, False), (values, W), grad_out)
+    # A grad mask without the zero value: the same everywhere else, exactly 0 at the padding.
+    got_values, got_W = torch.autograd.grad(decode_source(indices, values, W, values != 0), (values, W), grad_out)
     torch.testing.assert_close(got_W, want_W)
     torch.testing.assert_close(got_values, torch.where(values != 0, want_values, 0.0))
     assert want_values[0, 1] != 0 and got_values[0, 1] == 0

@@ -17,11 +17,14 @@ class Latents(NamedTuple):
     values:  [B, L, K] activation of each selected latent (0 marks padding), or [B, L, F] dense.
     indices: [B, L, K] latent id of each value, or None for dense values.
     n_latents: F, the dictionary size per layer.
+    grad_mask: [B, L, K] the entries whose value's gradient the activation uses (sparse only); the
+        sparse decoder computes no other (kernels.decode_source). None: every entry.
     """
 
     values: Tensor
     indices: Tensor | None
     n_latents: int
+    grad_mask: Tensor | None = None
 
     def dense(self) -> Tensor:
         if self.indices is None:
@@ -128,9 +131,6 @@ class Activation(nn.Module):
     # (`Latents`); `support(pre_BLF)` marks every entry whose output or gradient may be non-zero,
     # so the coder may gather those alone and use kernels.py's sparse backward.
     elementwise = False
-    # True: a latent whose output is 0 may still pass gradient back (JumpReLU: θ's pseudo-derivative
-    # in the band below θ). False lets the sparse decoder skip the gradient of zero values (padding).
-    grad_at_zero = False
 
     def penalty(self, pre_BLF: Tensor, latents: Latents, dec_norm_LF: Tensor) -> Tensor:
         return pre_BLF.new_zeros(())
@@ -151,7 +151,8 @@ class ReLU(Activation):
 
     def forward(self, pre: Tensor | Latents) -> Latents:
         pre = as_latents(pre)
-        return pre._replace(values=torch.relu(pre.values))
+        values = torch.relu(pre.values)
+        return pre._replace(values=values, grad_mask=None if pre.indices is None else values != 0)
 
     def penalty(self, pre_BLF, latents, dec_norm_LF):
         return self.l1_coef * (latents.values * latents.at(dec_norm_LF)).sum((-1, -2)).mean()
@@ -170,7 +171,8 @@ class TopK(Activation):
 
     def forward(self, pre_BLF: Tensor) -> Latents:
         values, indices = pre_BLF.topk(self.k, dim=-1, sorted=False)
-        return Latents(torch.relu(values), indices, pre_BLF.shape[-1])
+        values = torch.relu(values)
+        return Latents(values, indices, pre_BLF.shape[-1], values != 0)
 
 
 class BatchTopK(TopK):
@@ -221,7 +223,7 @@ class BatchTopK(TopK):
         keep = values >= cutoff_L11
         values = torch.where(keep, values.relu(), 0.0)
         self._update_threshold(values, keep)
-        return Latents(values, indices.gather(-1, position), pre_BLF.shape[-1])
+        return Latents(values, indices.gather(-1, position), pre_BLF.shape[-1], values != 0)
 
     def _cutoff(self, candidates_BLK: Tensor) -> Tensor:
         """[1, L, 1] the smallest selected value: the (k·B)-th largest ReLU'd entry per layer, or the
@@ -252,8 +254,6 @@ class JumpReLU(Activation):
     pre_act_coef > 0 adds Σ_f ReLU(θ − z)·‖W_dec,f‖, which revives latents stuck below θ.
     """
 
-    grad_at_zero = True
-
     def __init__(self, sparsity_coef: float, penalty: str, bandwidth: float, init_threshold: float,
                  tanh_scale: float, pre_act_coef: float, threshold_lr_scale: float = 1.0):
         super().__init__()
@@ -275,14 +275,22 @@ class JumpReLU(Activation):
         return self.log_threshold.exp()
 
     def support(self, pre_BLF: Tensor) -> Tensor:
-        # Above θ, and the rectangle kernel's band below it (θ's gradient needs the output's gradient
-        # there). A whole bandwidth below θ, not half: rounding at the band's edge then drops nothing.
-        return pre_BLF > (self.threshold - self.bandwidth).to(pre_BLF.dtype)
+        return pre_BLF > (self.threshold - self.band_below).to(pre_BLF.dtype)
+
+    @property
+    def band_below(self) -> float:
+        # The rectangle kernel's half band below θ (θ's gradient needs the output's gradient there),
+        # widened by 2% of the band so that rounding at its edge drops nothing. Each entry in it
+        # costs a gradient dot in the decoder: a whole band below θ doubled them.
+        return 0.51 * self.bandwidth
 
     def forward(self, pre: Tensor | Latents) -> Latents:
         pre = as_latents(pre)
         threshold = pre.at(self.threshold.to(pre.values.dtype))
-        return pre._replace(values=JumpReLUFunction.apply(pre.values, threshold, self.bandwidth))
+        values = JumpReLUFunction.apply(pre.values, threshold, self.bandwidth)
+        # Sparse: θ's gradient needs the output's gradient in the band below θ too, not at padding.
+        in_support = None if pre.indices is None else pre.values > threshold - self.band_below
+        return pre._replace(values=values, grad_mask=in_support)
 
     def penalty(self, pre_BLF, latents, dec_norm_LF):
         threshold = latents.at(self.threshold.to(pre_BLF.dtype))

@@ -125,8 +125,8 @@ class SparseCoder(nn.Module):
         w_FX = w_FTD.flatten(1)
         if latents.indices is None:
             return latents.values[:, i] @ w_FX
-        return kernels.decode_source(latents.indices[:, i], latents.values[:, i], w_FX,
-                                     self.activation.grad_at_zero)
+        grad_mask = None if latents.grad_mask is None else latents.grad_mask[:, i]
+        return kernels.decode_source(latents.indices[:, i], latents.values[:, i], w_FX, grad_mask)
 
     def forward(self, x_BLD: Tensor) -> CoderOutput:
         latents, pre_BLF = self.encode_with_pre(x_BLD)

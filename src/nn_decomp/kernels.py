@@ -117,8 +117,11 @@ class _EncodeSelected(torch.autograd.Function):
         grad_x = torch.empty_like(x_BLD) if ctx.needs_input_grad[2] else None
         grad_b = W_enc_LFD.new_zeros(L, n_latents) if ctx.needs_input_grad[4] else None
         grad_W = []
+        # Entries whose gradient is 0 add nothing: JumpReLU's band below θ (gathered for θ's own
+        # gradient, ∂output/∂pre = 0 there) is most of its support and costs nothing here.
+        keep_BLK = live_BLK & (grad_BLK != 0)
         for l in range(L):
-            e = selected_entries(indices_BLK[:, l], grad_BLK[:, l], live_BLK[:, l])
+            e = selected_entries(indices_BLK[:, l], grad_BLK[:, l], keep_BLK[:, l])
             if grad_b is not None:
                 grad_b[l].index_add_(0, e.latents, e.weights.to(grad_b.dtype))
             if ctx.needs_input_grad[3]:
@@ -192,7 +195,8 @@ def aux_topk_latents(pre_BLF: Tensor, dead_LF: Tensor, k_aux: int, x_BLD: Tensor
     with torch.no_grad():
         values, indices = pre_BLF.masked_fill(~dead_LF, -torch.inf).topk(k_aux, dim=-1, sorted=False)
         values.relu_()
-    return attach_encoder_grad(Latents(values, indices, pre_BLF.shape[-1]), x_BLD, W_enc_LFD, b_enc_LF)
+    latents = Latents(values, indices, pre_BLF.shape[-1], values != 0)
+    return attach_encoder_grad(latents, x_BLD, W_enc_LFD, b_enc_LF)
 
 
 # --- decoder ------------------------------------------------------------------------------
@@ -201,24 +205,22 @@ def aux_topk_latents(pre_BLF: Tensor, dead_LF: Tensor, k_aux: int, x_BLD: Tensor
 class _DecodeSource(torch.autograd.Function):
     """out[b] = Σ_j values[b, j] · W[indices[b, j]] (one source layer; W is [F, X], X = targets·D),
     over the non-zero values only. Backward: grad_W = latent bags of grad_out weighted by values
-    (rows no token selected get 0); grad_values = W[indices]·grad_out (entry_dots), at every entry
-    if `grad_at_zero`, else at the non-zero ones (0 elsewhere)."""
+    (rows no token selected get 0); grad_values = W[indices]·grad_out (entry_dots) at the entries
+    of `grad_mask_BK` (every entry if None), 0 elsewhere."""
 
     @staticmethod
-    def forward(ctx, indices_BK, values_BK, W_FX, grad_at_zero):
+    def forward(ctx, indices_BK, values_BK, W_FX, grad_mask_BK):
         nonzero = selected_entries(indices_BK, values_BK, values_BK != 0)
-        ctx.save_for_backward(indices_BK, values_BK, W_FX, *nonzero)
-        ctx.grad_at_zero = grad_at_zero
+        ctx.save_for_backward(indices_BK, values_BK, W_FX, grad_mask_BK, *nonzero)
         return row_sums(nonzero, W_FX)
 
     @staticmethod
     def backward(ctx, grad_BX):
-        indices_BK, values_BK, W_FX, *nonzero = ctx.saved_tensors
+        indices_BK, values_BK, W_FX, grad_mask_BK, *nonzero = ctx.saved_tensors
         nonzero = Entries(*nonzero)
         grad_values = grad_W = None
         if ctx.needs_input_grad[1]:
-            e = selected_entries(indices_BK, values_BK, torch.ones_like(values_BK, dtype=torch.bool)) \
-                if ctx.grad_at_zero else nonzero
+            e = selected_entries(indices_BK, values_BK, grad_mask_BK)
             grad_values = values_BK.new_zeros(values_BK.numel())
             grad_values[e.position] = entry_dots(e, W_FX, grad_BX).to(values_BK.dtype)
             grad_values = grad_values.view_as(values_BK)
@@ -227,11 +229,13 @@ class _DecodeSource(torch.autograd.Function):
         return None, grad_values, grad_W, None
 
 
-def decode_source(indices_BK: Tensor, values_BK: Tensor, W_FX: Tensor, grad_at_zero: bool = True) -> Tensor:
+def decode_source(indices_BK: Tensor, values_BK: Tensor, W_FX: Tensor, grad_mask_BK: Tensor | None = None) -> Tensor:
     """[B, X] decoder output of one source layer; drop-in for `F.embedding_bag(indices, W,
-    per_sample_weights=values, mode="sum")` with a backward that costs O(B·k·X). grad_at_zero=False
-    skips the gradient of zero values (padding), for activations whose zeros pass none back."""
-    return _DecodeSource.apply(indices_BK.contiguous(), values_BK.contiguous(), W_FX, grad_at_zero)
+    per_sample_weights=values, mode="sum")` with a backward that costs O(B·k·X). `grad_mask_BK`:
+    the entries whose value's gradient is wanted (`Latents.grad_mask`); the rest get 0."""
+    if grad_mask_BK is None:
+        grad_mask_BK = torch.ones_like(values_BK, dtype=torch.bool)
+    return _DecodeSource.apply(indices_BK.contiguous(), values_BK.contiguous(), W_FX, grad_mask_BK.contiguous())
 
 
 def sparse_decode(latents: Latents, W_dec: Sequence[Tensor], d_out: int) -> Tensor:
