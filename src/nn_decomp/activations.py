@@ -17,8 +17,9 @@ class Latents(NamedTuple):
     values:  [B, L, K] activation of each selected latent (0 marks padding), or [B, L, F] dense.
     indices: [B, L, K] latent id of each value, or None for dense values.
     n_latents: F, the dictionary size per layer.
-    grad_mask: [B, L, K] the entries whose value's gradient the activation uses (sparse only); the
-        sparse decoder computes no other (kernels.decode_source). None: every entry.
+    grad_mask: [B, L, K] the entries whose value's gradient is used (sparse only: the non-zero values
+        of the TopK family, the support gathered for an elementwise activation); the sparse decoder
+        computes no other (kernels.decode_source). None: every entry.
     """
 
     values: Tensor
@@ -151,8 +152,7 @@ class ReLU(Activation):
 
     def forward(self, pre: Tensor | Latents) -> Latents:
         pre = as_latents(pre)
-        values = torch.relu(pre.values)
-        return pre._replace(values=values, grad_mask=None if pre.indices is None else values != 0)
+        return pre._replace(values=torch.relu(pre.values))
 
     def penalty(self, pre_BLF, latents, dec_norm_LF):
         return self.l1_coef * (latents.values * latents.at(dec_norm_LF)).sum((-1, -2)).mean()
@@ -275,22 +275,15 @@ class JumpReLU(Activation):
         return self.log_threshold.exp()
 
     def support(self, pre_BLF: Tensor) -> Tensor:
-        return pre_BLF > (self.threshold - self.band_below).to(pre_BLF.dtype)
-
-    @property
-    def band_below(self) -> float:
-        # The rectangle kernel's half band below θ (θ's gradient needs the output's gradient there),
-        # widened by 2% of the band so that rounding at its edge drops nothing. Each entry in it
-        # costs a gradient dot in the decoder: a whole band below θ doubled them.
-        return 0.51 * self.bandwidth
+        # Above θ, and the rectangle kernel's half band below it (θ's gradient needs the output's
+        # gradient there), widened by 2% of the band so that rounding at its edge drops nothing.
+        # Each entry costs a gradient dot in the decoder: a whole band below θ doubled them.
+        return pre_BLF > (self.threshold - 0.51 * self.bandwidth).to(pre_BLF.dtype)
 
     def forward(self, pre: Tensor | Latents) -> Latents:
         pre = as_latents(pre)
         threshold = pre.at(self.threshold.to(pre.values.dtype))
-        values = JumpReLUFunction.apply(pre.values, threshold, self.bandwidth)
-        # Sparse: θ's gradient needs the output's gradient in the band below θ too, not at padding.
-        in_support = None if pre.indices is None else pre.values > threshold - self.band_below
-        return pre._replace(values=values, grad_mask=in_support)
+        return pre._replace(values=JumpReLUFunction.apply(pre.values, threshold, self.bandwidth))
 
     def penalty(self, pre_BLF, latents, dec_norm_LF):
         threshold = latents.at(self.threshold.to(pre_BLF.dtype))

@@ -58,7 +58,8 @@ class Entries(NamedTuple):
 def selected_entries(indices_BK: Tensor, weights_BK: Tensor, keep_BK: Tensor) -> Entries:
     B, K = indices_BK.shape
     position = keep_BK.reshape(-1).nonzero().squeeze(1)
-    offsets = torch.cumsum(keep_BK.sum(1), 0) - keep_BK.sum(1)
+    count_B = keep_BK.sum(1)
+    offsets = torch.cumsum(count_B, 0) - count_B
     return Entries(indices_BK.reshape(-1)[position], weights_BK.reshape(-1)[position], position // K,
                    offsets, position)
 
@@ -68,7 +69,7 @@ def row_sums(e: Entries, table_FX: Tensor) -> Tensor:
     return F.embedding_bag(e.latents, table_FX, e.offsets, mode="sum", per_sample_weights=e.weights.to(table_FX.dtype))
 
 
-def latent_sums(e: Entries, weights_N: Tensor, rows_BX: Tensor, n_latents: int) -> Tensor:
+def latent_sums(e: Entries, rows_BX: Tensor, n_latents: int) -> Tensor:
     """[F, X]: out[f] = Σ over the entries of latent f of weight · rows[row]. The entries regrouped
     by latent (latent f's bag: the tokens that chose it), then one embedding_bag."""
     # int32 keys: torch 2.13's 2-thread CPU sort of int64 took 280 ms where int32 took 2 ms.
@@ -76,7 +77,7 @@ def latent_sums(e: Entries, weights_N: Tensor, rows_BX: Tensor, n_latents: int) 
     latents_F = torch.arange(n_latents, dtype=torch.int32, device=keys.device)
     offsets_F = torch.searchsorted(keys, latents_F)  # first position of each latent, sorted
     return F.embedding_bag(e.rows[order], rows_BX.contiguous(), offsets_F, mode="sum",
-                           per_sample_weights=weights_N[order].to(rows_BX.dtype))
+                           per_sample_weights=e.weights[order].to(rows_BX.dtype))
 
 
 def entry_dots(e: Entries, table_FX: Tensor, grad_BX: Tensor) -> Tensor:
@@ -127,7 +128,7 @@ class _EncodeSelected(torch.autograd.Function):
             if grad_b is not None:
                 grad_b[l].index_add_(0, e.latents, e.weights.to(grad_b.dtype))
             if ctx.needs_input_grad[3]:
-                grad_W.append(latent_sums(e, e.weights, x_BLD[:, l], n_latents))
+                grad_W.append(latent_sums(e, x_BLD[:, l], n_latents))
             if grad_x is not None:
                 grad_x[:, l] = row_sums(e, W_enc_LFD[l])
         # One layer: a view, not a copy of the [F, D] gradient.
@@ -147,11 +148,13 @@ def attach_encoder_grad(latents: Latents, x_BLD: Tensor, W_enc_LFD: Tensor, b_en
 def gather_support(pre_BLF: Tensor, support_BLF: Tensor) -> Latents:
     """The pre-activations at `support`, packed per (token, layer) into K = the largest count.
     topk pads shorter rows with distinct latents outside the support (no duplicate indices), whose
-    true pre-activations give, through an elementwise activation, the dense path's exact zeros."""
+    true pre-activations give, through an elementwise activation, the dense path's exact zeros.
+    The support is the grad mask: a padding entry's value gradient is never used (a few loud tokens
+    pad every row ~7× on SmolLM2, so the decoder would compute mostly those)."""
     k = max(int(support_BLF.sum(-1, dtype=torch.int32).max()), 1)
     # -inf outside the support: topk's candidate filter then skips most entries (3x faster on CPU).
     indices = torch.where(support_BLF, pre_BLF, -torch.inf).topk(k, dim=-1, sorted=False).indices
-    return Latents(pre_BLF.gather(-1, indices), indices, pre_BLF.shape[-1])
+    return Latents(pre_BLF.gather(-1, indices), indices, pre_BLF.shape[-1], support_BLF.gather(-1, indices))
 
 
 def sparse_encode(x_BLD: Tensor, W_enc_LFD: Tensor, b_enc_LF: Tensor, activation: Activation,
@@ -227,7 +230,7 @@ class _DecodeSource(torch.autograd.Function):
             grad_values[e.position] = entry_dots(e, W_FX, grad_BX).to(values_BK.dtype)
             grad_values = grad_values.view_as(values_BK)
         if ctx.needs_input_grad[2]:
-            grad_W = latent_sums(nonzero, nonzero.weights, grad_BX, W_FX.shape[0])
+            grad_W = latent_sums(nonzero, grad_BX, W_FX.shape[0])
         return None, grad_values, grad_W, None
 
 
