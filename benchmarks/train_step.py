@@ -447,7 +447,7 @@ def profile(name: str, shapes: Shapes, batch: Batch, steps: int = 3) -> None:
     """torch.profiler over a few steps of one row: where its time goes, by op."""
     runner = build(VARIANTS[name], shapes, batch)
     runner.step()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True, with_stack=False) as prof:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
         for _ in range(steps):
             runner.step()
     print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=40, max_shapes_column_width=70))

@@ -10,6 +10,7 @@ The architecture decides only which hooks feed x and y (config.py) and these two
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nn_decomp.activations import Activation, Latents
@@ -85,6 +86,10 @@ class SparseCoder(nn.Module):
 
     def encode_pre(self, x_BLD: Tensor) -> Tensor:
         return kernels.encode_pre(x_BLD, self.W_enc, self.b_enc)
+
+    def layer_pre(self, x_ND: Tensor, i: int) -> Tensor:
+        """[N, F] pre-activations of source layer i alone."""
+        return F.linear(x_ND, self.W_enc[i], self.b_enc[i])
 
     def encode_with_pre(self, x_BLD: Tensor) -> tuple[Latents, Tensor]:
         """Latents and pre-activations. With the sparse backward, selection runs without autograd

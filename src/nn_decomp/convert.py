@@ -26,7 +26,6 @@ from pathlib import Path
 
 import hydra
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
@@ -42,10 +41,6 @@ MIN_THRESHOLD = 1e-6  # JumpReLU stores log θ, so θ > 0; a latent active on mo
 
 
 # --- threshold estimators --------------------------------------------------------------------
-
-def pre_activations(coder: SparseCoder, x_ND: Tensor, i: int) -> Tensor:
-    return F.linear(x_ND, coder.W_enc[i], coder.b_enc[i])
-
 
 def rate_thresholds(pre_NF: Tensor, active_NF: Tensor, chunk: int = 1024) -> Tensor:
     """[F] θ_f = the (n_f+1)-th largest pre-activation of latent f, n_f = tokens f is active on:
@@ -89,7 +84,7 @@ def fit_thresholds(coder: SparseCoder, x_NLD: Tensor, estimator: str, calibrate:
     thresholds, stats = [], {"source_l0": [], "jumprelu_l0": [], "scale": []}
     for i in range(coder.n_layers):
         x_ND = x_NLD[:, i]
-        pre_NF = pre_activations(coder, x_ND, i)
+        pre_NF = coder.layer_pre(x_ND, i)
         active_NF = layer_latents(coder, x_ND, i).dense()[:, 0] != 0
         target = active_NF.sum().item() / len(x_ND)
         theta_F = (rate_thresholds if estimator == "rate" else min_thresholds)(pre_NF, active_NF)

@@ -61,7 +61,7 @@ def layer_latents(coder: SparseCoder, x_ND: Tensor, i: int) -> Latents:
     ReLU and TopK act row by row, so the module applies as is; threshold activations (JumpReLU,
     and BatchTopK at inference) use layer i's own per-latent thresholds."""
     act = coder.activation
-    pre_N1F = F.linear(x_ND, coder.W_enc[i], coder.b_enc[i])[:, None]
+    pre_N1F = coder.layer_pre(x_ND, i)[:, None]
     threshold_LF = getattr(act, "threshold", None)
     if threshold_LF is None:
         return act(pre_N1F)
