@@ -234,3 +234,30 @@ def test_elementwise_sparse_step_matches_dense(arch, act):
 def test_jumprelu_pre_activation_loss_keeps_the_dense_path():
     cfg = arch_act_cfg("sae", "jumprelu", "act.pre_act_coef=0.1", n_latents=F_LAT)
     assert not build_coder(cfg, 16, 16).sparse_backward
+
+
+@pytest.mark.parametrize("act_name", ["topk", "batchtopk"])
+def test_aux_k_gradient_reaches_dead_encoder_rows_in_production(act_name):
+    """SparseCoder.forward + coder_loss, as Trainer.train_step calls them: a latent that is dead and
+    never selected gets an encoder gradient only from AuxK, the same on the sparse and dense paths,
+    and none without AuxK."""
+    sparse = make_coder(act_name, 1)
+    x, y, dead = make_batch(sparse)
+    with torch.no_grad():  # live latents ≈ 10 fill every selection; dead ones (0, 3, 6, ...) sit ≈ 1
+        sparse.b_enc[0] = torch.where(dead[0], 1.0, 10.0)
+        sparse.W_enc[0, dead[0]] *= 0.01
+    dense = copy.deepcopy(sparse)
+    dense.sparse_backward = False
+    for coder in (sparse, dense):
+        loss = coder_loss(coder, coder(x), y, dead)
+        assert loss.aux > 0
+        loss.loss.backward()
+        assert (coder(x).latents.dense()[..., dead[0]] == 0).all(), "dead latents must not be selected"
+        grad_dead = coder.W_enc.grad[0, dead[0]].norm(dim=-1)
+        assert (grad_dead > 0).any(), f"{act_name}: AuxK's gradient does not reach W_enc"
+    torch.testing.assert_close(sparse.W_enc.grad, dense.W_enc.grad, **TOL)
+    torch.testing.assert_close(sparse.b_enc.grad, dense.b_enc.grad, **TOL)
+    sparse.zero_grad()
+    sparse.activation.aux_coef = 0.0
+    coder_loss(sparse, sparse(x), y, dead).loss.backward()
+    assert (sparse.W_enc.grad[0, dead[0]] == 0).all()

