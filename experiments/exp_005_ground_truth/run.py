@@ -7,6 +7,7 @@
     ... --print-commands     prints our sweep commands and exits
     ... --no-peers           skips the peers
 """
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -30,11 +31,9 @@ SIZES = {
     "gpu": ["arch.n_latents=4096", "train.n_tokens=40960000", "train.batch_size=4096", "train.eval_tokens=65536",
             "train.eval_every=2000", "train.checkpoint_every=2000", "data.n_features=2048"],
 }
-# Coefficient sweeps with the default init: they span L0 ≈ 8 → 128 (README: the table).
-JUMPRELU_COEFS = "0.003,0.01,0.03,0.1,0.3,1"
-RELU_COEFS = "0.3,1,3,10,30"
-# For the other archs, the coefficient each sweep put nearest L0 = 8 on the SAE task.
-JUMPRELU_AT_K, RELU_AT_K = 1, 30
+# Coefficient sweeps with the default init: which L0 each lands on (README: the table).
+JUMPRELU_COEFS = "0.01,0.03,0.1,0.3,1"
+RELU_COEFS = "1,3,10,30,100"
 CLT = ["arch=clt", "arch.layers=[0,1,2]"]
 
 
@@ -44,13 +43,12 @@ def grids(scale: str) -> list[list[str]]:
         return [[*sizes, "arch=sae,transcoder", "act=topk,batchtopk", "act.k=2"],
                 [*sizes, "arch=sae", "act=jumprelu,relu"], [*sizes, *CLT, "act=batchtopk", "act.k=2"]]
     return [[*sizes, "arch=sae,transcoder,skip_transcoder", "act=topk,batchtopk", f"act.k={K}"],
+            # the token normalisation BatchTopK needs (activations.BatchTopK), off; and on for TopK
+            [*sizes, "arch=sae", "act=batchtopk", f"act.k={K}", "act.token_norm=false"],
+            [*sizes, "arch=sae", "act=topk", f"act.k={K}", "act.token_norm=true"],
             [*sizes, "arch=sae", "act=jumprelu", f"act.sparsity_coef={JUMPRELU_COEFS}"],
             [*sizes, "arch=sae", "act=relu", f"act.l1_coef={RELU_COEFS}"],
-            [*sizes, "arch=transcoder,skip_transcoder", "act=jumprelu", f"act.sparsity_coef={JUMPRELU_AT_K}"],
-            [*sizes, "arch=transcoder,skip_transcoder", "act=relu", f"act.l1_coef={RELU_AT_K}"],
-            [*sizes, *CLT, "act=topk,batchtopk", f"act.k={K}"],
-            [*sizes, *CLT, "act=jumprelu", f"act.sparsity_coef={JUMPRELU_AT_K}"],
-            [*sizes, *CLT, "act=relu", f"act.l1_coef={RELU_AT_K}"]]
+            [*sizes, *CLT, "act=topk,batchtopk", f"act.k={K}"]]
 
 
 COLUMNS = ["run", "arch", "act", "knob", "mean_max_cos", "frac_above_0.9", "max_cos_frequent", "max_cos_middle",
@@ -72,7 +70,8 @@ def score_job(job: Path) -> dict:
     data = SyntheticData.for_run(cfg, "cpu", cfg.train.batch_size)
     rows = data.eval_rows(cfg.train.eval_tokens)
     out = coder(rows[0])
-    knob = {"TopK": f"k={cfg.act.get('k')}", "BatchTopK": f"k={cfg.act.get('k')}",
+    topk = f"k={cfg.act.get('k')}" + (" token_norm" if cfg.act.get("token_norm") else "")
+    knob = {"TopK": topk, "BatchTopK": topk,
             "JumpReLU": f"coef={cfg.act.get('sparsity_coef')}", "ReLU": f"l1={cfg.act.get('l1_coef')}"}
     act = type(coder.activation).__name__
     return {"run": f"ours {cfg.arch.name} {act} {knob[act]}", "arch": cfg.arch.name, "act": act.lower(),
@@ -86,9 +85,12 @@ def run_peers(jobs: list[dict], out: Path) -> list[dict]:
     from nn_decomp.peers import build_peer, train_peer
 
     done = json.loads(out.read_text()) if out.exists() else []
-    todo = [(j, name) for j in jobs if j["act"] == "topk"
+    installed = [p for p in ("saelens", "sparsify") if importlib.util.find_spec({"saelens": "sae_lens"}.get(p, p))]
+    if len(installed) < 2:
+        print(f"peers: only {installed} installed (pip install -e .[bench] for both)", flush=True)
+    todo = [(j, name) for j in jobs if j["act"] == "topk" and not j["knob"].endswith("token_norm")
             for name in {"sae": ["saelens_topk", "saelens_batchtopk", "sparsify_topk"],
-                         "transcoder": ["sparsify_topk"]}.get(j["arch"], [])]
+                         "transcoder": ["sparsify_topk"]}.get(j["arch"], []) if name.split("_")[0] in installed]
     for job, name in todo:
         run = f"{name.replace('_', ' ')} {job['arch']} {job['knob']}"
         if any(r["run"] == run for r in done):
@@ -141,7 +143,7 @@ def plot(results: list[dict], out_dir: Path) -> list[Path]:
 
 
 def coef(row: dict) -> float:
-    return number(row["knob"].split("=")[1])
+    return number(row["knob"].split("=")[1].split()[0])
 
 
 def at_target_l0(results: list[dict]) -> list[dict]:

@@ -84,12 +84,24 @@ class SparseCoder(nn.Module):
 
     # --- forward ----------------------------------------------------------------------------
 
+    def token_scale(self, x_BLD: Tensor) -> Tensor | None:
+        """[B, L, 1] √d_in / ‖x‖ per token and layer when the activation normalises tokens (x·s is
+        encoded, the reconstruction is divided by s), else None."""
+        if not self.activation.token_norm:
+            return None
+        return self.d_in ** 0.5 / x_BLD.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+
+    def normalized(self, x_BLD: Tensor) -> Tensor:
+        s = self.token_scale(x_BLD)
+        return x_BLD if s is None else x_BLD * s
+
     def encode_pre(self, x_BLD: Tensor) -> Tensor:
+        """Pre-activations of x already in the encoding space (as `forward` passes it on)."""
         return kernels.encode_pre(x_BLD, self.W_enc, self.b_enc)
 
     def layer_pre(self, x_ND: Tensor, i: int) -> Tensor:
-        """[N, F] pre-activations of source layer i alone."""
-        return F.linear(x_ND, self.W_enc[i], self.b_enc[i])
+        """[N, F] pre-activations of source layer i alone, from raw inputs."""
+        return F.linear(self.normalized(x_ND), self.W_enc[i], self.b_enc[i])
 
     def encode_with_pre(self, x_BLD: Tensor) -> tuple[Latents, Tensor]:
         """Latents and pre-activations. With the sparse backward, selection runs without autograd
@@ -111,7 +123,8 @@ class SparseCoder(nn.Module):
         return ws
 
     def encode(self, x_BLD: Tensor) -> Latents:
-        return self.encode_with_pre(x_BLD)[0]
+        """Latents of raw inputs."""
+        return self.encode_with_pre(self.normalized(x_BLD))[0]
 
     def decode(self, latents: Latents, x_BLD: Tensor | None = None, bias: bool = True) -> Tensor:
         """[B, L, D_out] reconstruction. Sparse latents decode as an embedding_bag over the selected
@@ -134,15 +147,23 @@ class SparseCoder(nn.Module):
         return kernels.decode_source(latents.indices[:, i], latents.values[:, i], w_FX, grad_mask)
 
     def forward(self, x_BLD: Tensor) -> CoderOutput:
+        """Reconstruction of raw x. With token_norm, Trainer passes tokens already at norm √d_in
+        (and targets scaled alike), so the loss is taken in that space; then s = 1 here."""
+        s = self.token_scale(x_BLD)
+        if s is not None:
+            x_BLD = x_BLD * s
         latents, pre_BLF = self.encode_with_pre(x_BLD)
         # The dense reference decodes with dense GEMMs as well: the baseline the kernels must beat.
         decoded = latents if self.sparse_backward else Latents(latents.dense(), None, self.n_latents)
-        return CoderOutput(pre_BLF, latents, self.decode(decoded, x_BLD), x_BLD)
+        recon = self.decode(decoded, x_BLD)
+        return CoderOutput(pre_BLF, latents, recon if s is None else recon / s, x_BLD)
 
     @torch.no_grad()
     def fold_scales(self, scale_in_L: Tensor, scale_out_L: Tensor) -> None:
         """Fold activation normalisation into the weights: the coder was trained on x·s_in → y·s_out;
-        afterwards it maps raw x to raw y with the same latents."""
+        afterwards it maps raw x to raw y with the same latents. A token-normalising coder's input
+        scale cancels out: it must be 1 (train.init_coder)."""
+        assert not self.activation.token_norm or bool((scale_in_L == 1).all()), "token_norm: no input scale"
         self.W_enc.mul_(scale_in_L[:, None, None])
         for i, w_FTD in enumerate(self.W_dec):
             w_FTD.div_(scale_out_L[i:][None, :, None])

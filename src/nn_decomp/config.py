@@ -62,6 +62,10 @@ class TopKConfig:
     """Dead latents used by the AuxK loss; null means d_out // 2 (Gao et al.)."""
     aux_coef: float = 1 / 32
     """Weight of the AuxK loss."""
+    token_norm: bool = False
+    """Scale each token's input to norm √d_in before encoding (and the reconstruction back): what a
+    batch-wide selection needs (BatchTopK's default); a per-token TopK selects the same latents
+    either way, only the loss weighs tokens alike."""
 
     def __post_init__(self):
         assert self.k > 0, f"act.k={self.k}: must be positive"
@@ -74,6 +78,9 @@ class BatchTopKConfig(TopKConfig):
     """EMA momentum of the inference threshold estimate."""
     per_layer: bool = True
     """CLT: select k·B per source layer (true) or k·B·L over all layers (false)."""
+    token_norm: bool = True
+    """One selection over the batch compares tokens: scale each to norm √d_in first, as the paper's
+    runs did (reference code: input_unit_norm=True). false: loud tokens take the budget (exp_005)."""
 
 
 @dataclass

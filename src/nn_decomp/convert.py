@@ -136,6 +136,9 @@ def convert(cfg: DictConfig, model=None) -> dict:
     if meta["act"] not in CONVERTIBLE:
         raise UsageError(f"{d.path} has act={meta['act']}; convert works on {'/'.join(CONVERTIBLE)} "
                          "(a jumprelu or relu dictionary exports as it is)")
+    if d.coder.activation.token_norm:
+        raise UsageError(f"{d.path} normalises each token (act.token_norm=true) and JumpReLU does not: it runs "
+                         "and exports as it is (BatchTopK infers with its threshold)")
     out = Path(cfg.out) if cfg.out else d.path.with_name(d.path.name + "_jumprelu")
     refuse_existing([out], cfg.overwrite)
     model_name = check_model_choice(cfg, [d])

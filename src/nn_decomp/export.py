@@ -105,6 +105,9 @@ def saelens_files(d: HookedDictionary, meta: dict, ckpt_cfg: DictConfig) -> dict
         hint = convert_hint(d) if act == "topk" else "retrain with act=jumprelu or relu"
         raise UsageError(f"SAELens cannot represent arch={arch} with act={meta['act']}: {hint}")
     coder = d.coder
+    if coder.activation.token_norm and arch != "sae":
+        raise UsageError(f"SAELens applies constant_norm_rescale to an SAE's output only: export a {arch} "
+                         "trained with act.token_norm=false")
     tensors = {"W_enc": coder.W_enc[0].T, "b_enc": coder.b_enc[0], "W_dec": coder.W_dec[0][:, 0], "b_dec": coder.b_dec[0]}
     if coder.W_skip is not None:
         tensors["W_skip"] = coder.W_skip[0].T  # ours: x @ W_skip; SAELens: x @ W_skip.T
@@ -113,7 +116,9 @@ def saelens_files(d: HookedDictionary, meta: dict, ckpt_cfg: DictConfig) -> dict
         tensors["threshold"] = theta[0]
     architecture = SAELENS_ARCH[(arch, act)]
     cfg = {"architecture": architecture, "d_in": coder.d_in, "d_sae": coder.n_latents, "dtype": "float32",
-           "device": "cpu", "apply_b_dec_to_input": False, "normalize_activations": "none",
+           "device": "cpu", "apply_b_dec_to_input": False,
+           # token_norm is SAELens' constant_norm_rescale: x·√d/‖x‖ in, the output divided back
+           "normalize_activations": "constant_norm_rescale" if coder.activation.token_norm else "none",
            "reshape_activations": "none"}
     if arch != "sae":
         cfg["d_out"] = coder.d_out
@@ -207,6 +212,9 @@ def circuit_tracer_files(dictionaries: list[HookedDictionary], metas: list[dict]
             raise UsageError("circuit-tracer runs transcoders (hook_in ≠ hook_out); export an SAE with format=saelens")
         if act_family(meta["act"]) == "topk":
             raise UsageError(f"circuit-tracer has no TopK activation: {convert_hint(d)}")
+        if d.coder.activation.token_norm:
+            raise UsageError(f"{d.path}: circuit-tracer has no per-token input normalisation; retrain with "
+                             "act.token_norm=false to export this dictionary")
     layers = [layer for d in dictionaries for layer in d.layers]
     if layers != list(range(len(layers))):
         raise UsageError(f"circuit-tracer feeds file i from blocks.{{i}}, so it needs layers 0..{max(layers)} "

@@ -100,8 +100,11 @@ def _write_output(act_BTD: Tensor, hook, *, cache: dict, d_idx: int, coder: Spar
     recon_ND = coder.b_dec[j].expand(act_BTD.shape[:-1].numel(), -1).clone()
     for i, w_FD in decoders.items():
         recon_ND += decode_source(cache[(d_idx, i)][1], w_FD)
+    x_ND = cache[(d_idx, j)][0]  # target j's own input: its token scale maps the write back
     if coder.W_skip is not None:
-        recon_ND += cache[(d_idx, j)][0] @ coder.W_skip[j]
+        recon_ND += coder.normalized(x_ND) @ coder.W_skip[j]
+    if (s_N1 := coder.token_scale(x_ND)) is not None:
+        recon_ND /= s_N1
     if clear:  # the last target of this dictionary: its inputs are not needed again this pass
         for key in [k for k in cache if k[0] == d_idx]:
             del cache[key]

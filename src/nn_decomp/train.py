@@ -139,8 +139,11 @@ class Trainer:
     def train_step(self, x_BLD, y_BLD):
         """One optimiser step on this rank's rows; with several ranks, on their average gradient."""
         coder, act = self.coder, self.coder.activation
-        out = coder(x_BLD * self.scale_in_L[:, None])
-        losses = coder_loss(coder, out, y_BLD * self.scale_out_L[:, None], self.dead_LF())
+        x_BLD, y_BLD = x_BLD * self.scale_in_L[:, None], y_BLD * self.scale_out_L[:, None]
+        if (s_BL1 := coder.token_scale(x_BLD)) is not None:  # the loss is taken where the activation selects
+            x_BLD, y_BLD = x_BLD * s_BL1, y_BLD * s_BL1
+        out = coder(x_BLD)
+        losses = coder_loss(coder, out, y_BLD, self.dead_LF())
         self.optimizer.zero_grad(set_to_none=True)
         losses.loss.backward()
         # After the average, so that every rank sees the same loss and stops at the same step.
@@ -272,10 +275,13 @@ def init_coder(cfg: DictConfig, store, device, info: DistInfo = SINGLE) -> tuple
     x_NLD, y_NLD = take_tokens(store, INIT_BATCHES * store.batch_size)
     x_NLD, y_NLD = global_rows(x_NLD, INIT_BATCHES, info), global_rows(y_NLD, INIT_BATCHES, info)
     d_in, d_out = x_NLD.shape[-1], y_NLD.shape[-1]
-    ones = torch.ones(x_NLD.shape[1], device=device)
-    scale_in = norm_scale(x_NLD) if cfg.train.normalize_activations else ones
-    scale_out = norm_scale(y_NLD) if cfg.train.normalize_activations else ones.clone()
     coder = build_coder(cfg, d_in, d_out).to(device)
+    ones = torch.ones(x_NLD.shape[1], device=device)
+    # a token-normalising coder scales each input itself: an input scale would only be folded wrongly
+    scale_in = norm_scale(x_NLD) if cfg.train.normalize_activations and not coder.activation.token_norm else ones
+    if (s_NL1 := coder.token_scale(x_NLD)) is not None:  # targets as train_step scales them
+        y_NLD = y_NLD * s_NL1
+    scale_out = norm_scale(y_NLD) if cfg.train.normalize_activations else ones.clone()
     y_NLD = y_NLD * scale_out[:, None]
     with torch.no_grad():
         if cfg.train.b_dec_init == "mean":
