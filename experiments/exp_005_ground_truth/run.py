@@ -70,10 +70,12 @@ def score_job(job: Path) -> dict:
     data = SyntheticData.for_run(cfg, "cpu", cfg.train.batch_size)
     rows = data.eval_rows(cfg.train.eval_tokens)
     out = coder(rows[0])
-    topk = f"k={cfg.act.get('k')}" + (" token_norm" if cfg.act.get("token_norm") else "")
+    act = type(coder.activation).__name__
+    # token normalisation named where it differs from the activation's default (BatchTopK: on)
+    token_norm = "" if cfg.act.get("token_norm") == (act == "BatchTopK") else f" token_norm={cfg.act.get('token_norm')}"
+    topk = f"k={cfg.act.get('k')}{token_norm}"
     knob = {"TopK": topk, "BatchTopK": topk,
             "JumpReLU": f"coef={cfg.act.get('sparsity_coef')}", "ReLU": f"l1={cfg.act.get('l1_coef')}"}
-    act = type(coder.activation).__name__
     return {"run": f"ours {cfg.arch.name} {act} {knob[act]}", "arch": cfg.arch.name, "act": act.lower(),
             "knob": knob[act], "config": cfg,
             **score([w.flatten(1) for w in coder.W_dec], out.latents.dense(), out.recon, data, rows)}
@@ -88,7 +90,7 @@ def run_peers(jobs: list[dict], out: Path) -> list[dict]:
     installed = [p for p in ("saelens", "sparsify") if importlib.util.find_spec({"saelens": "sae_lens"}.get(p, p))]
     if len(installed) < 2:
         print(f"peers: only {installed} installed (pip install -e .[bench] for both)", flush=True)
-    todo = [(j, name) for j in jobs if j["act"] == "topk" and not j["knob"].endswith("token_norm")
+    todo = [(j, name) for j in jobs if j["act"] == "topk" and "token_norm" not in j["knob"]
             for name in {"sae": ["saelens_topk", "saelens_batchtopk", "sparsify_topk"],
                          "transcoder": ["sparsify_topk"]}.get(j["arch"], []) if name.split("_")[0] in installed]
     for job, name in todo:
