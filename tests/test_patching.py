@@ -175,6 +175,28 @@ def test_clt_replacement_encodes_each_layer_from_the_patched_stream(model, token
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("arch", ["clt", "skip_transcoder"])
+def test_token_normalising_dictionary_writes_what_its_forward_gives(model, tokens, arch):
+    """BatchTopK with act.token_norm encodes x·√d/‖x‖ and divides its write by the same factor of its
+    target layer's input (skip term included): the patched pass writes exactly coder(x).recon."""
+    L = 3 if arch == "clt" else 1
+    coder = make_coder(arch, "batchtopk", d_in=32, d_out=32, n_latents=64, n_layers=3).eval()
+    assert coder.activation.token_norm
+    coder.activation.threshold.uniform_(0, 0.3)
+    layers = list(range(L)) if arch == "clt" else [1]
+    ins, outs = [HOOK_IN.format(i) for i in layers], [HOOK_OUT.format(i) for i in layers]
+    d = HookedDictionary(coder, ins, outs, layers, "relu_lm")
+    with replacement_model(model, d):
+        _, seen = record(model, tokens, ins + outs)
+    x_NLD = torch.stack([seen[h] for h in ins], 2).reshape(-1, L, 32)
+    recon_NLD = coder(x_NLD).recon
+    for j in range(L):
+        torch.testing.assert_close(seen[outs[j]].reshape(-1, 32), recon_NLD[:, j], atol=1e-4, rtol=1e-4)
+    plain = coder(x_NLD * 3.0).recon  # the encoding ignores a token's scale, the write follows it
+    torch.testing.assert_close(plain, 3.0 * recon_NLD, atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
 def test_clt_splice_of_one_layer_sums_every_earlier_source(model, tokens):
     clt = mlp_clt(model, cross_scale=0.05)
     ins, out = [HOOK_IN.format(i) for i in range(3)], HOOK_OUT.format(2)
