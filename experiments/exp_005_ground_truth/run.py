@@ -63,6 +63,7 @@ def score(decoders: list[torch.Tensor], latents_BLF: torch.Tensor, recon_BLD: to
             "fvu": fvu(recon_BLD, y).mean().item()}
 
 
+@torch.no_grad()
 def score_job(job: Path) -> dict:
     """Our checkpoint on the job's own held-out rows: eval mode, as a user loads it."""
     cfg, _ = read_config(job / "checkpoint")

@@ -71,12 +71,13 @@ def sparsify_coder(d_in: int, n_latents: int, k: int, transcode: bool) -> Peer:
     from sparsify import SparseCoder, SparseCoderConfig
 
     sc = SparseCoder(d_in, SparseCoderConfig(num_latents=n_latents, k=k, transcode=transcode))
+    auxk_alpha = sparsify_auxk_alpha()
 
     def loss(x, y, dead_F):  # sparsify.Trainer.fit, loss_fn="fvu"
         out = sc(x, y, dead_mask=dead_F)
         fired_F = torch.zeros(n_latents, dtype=torch.bool)
         fired_F[out.latent_indices.flatten()] = True
-        return out.fvu + sparsify_auxk_alpha() * out.auxk_loss + out.multi_topk_fvu / 8, fired_F
+        return out.fvu + auxk_alpha * out.auxk_loss + out.multi_topk_fvu / 8, fired_F
 
     @torch.no_grad()
     def latents(x):
