@@ -168,6 +168,9 @@ def compose_cfg(v: Variant, shapes: Shapes):
     overrides = [f"arch={v.arch}", f"act={v.act}", f"arch.n_latents={shapes.n_latents}",
                  f"arch.layers=[{','.join(map(str, range(v.layers) if v.arch == 'clt' else [LAYER]))}]"]
     overrides += [f"act.k={shapes.k}"] * (v.act in ("topk", "batchtopk"))
+    # a penalty SAELens also has (it has no target-L0 one), with its θ learning rate
+    overrides += ["act.penalty=tanh", "act.sparsity_coef=0.1",
+                  "act.threshold_lr_scale=1"] * (v.act == "jumprelu")
     overrides += ["train.dead_tokens=10000000"]  # sparsify's default: no latent goes dead during the benchmark
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return compose("config", overrides=overrides)

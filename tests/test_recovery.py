@@ -25,15 +25,12 @@ from nn_decomp.train import Trainer
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # Per-activation overrides, on top of conf/act/*.yaml; k is the planted L0.
-# JumpReLU: the default init_threshold 0.1 sits far below the pre-activations' scale (std ≈ 1 for
-# unit encoder rows and E‖x‖² = d), so ~half the latents start active; the log-parametrised θ then
-# moves only ~θ·lr per Adam step and training settles in a dense code (L0 ≈ 57, score ≈ 0.47).
-# Starting θ at 3 (≈ 3σ: a sparse start) recovers the features with the other defaults unchanged.
+# JumpReLU: its default target-L0 penalty, told the planted L0 as TopK is told k.
 ACT_OVERRIDES = {
     "relu": [],
     "topk": ["act.k=4"],
     "batchtopk": ["act.k=4"],
-    "jumprelu": ["act.init_threshold=3.0"],
+    "jumprelu": ["act.target_l0=4"],
 }
 COMMON = ["train.warmup_steps=20", "train.optimizer.lr=3e-3"]
 

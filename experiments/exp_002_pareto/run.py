@@ -17,8 +17,12 @@ NAME = "exp_002_pareto"
 GRIDS = {
     "smoke": [["arch=transcoder,clt", "act=topk", "act.k=8,16"]],
     "cpu": [["arch=transcoder,clt", "act=topk", "act.k=8,16,32"]],
+    # the findings scale: whole-sotu cache, 2M tokens per dictionary (README: which of these have run)
+    "cpu_2m": [["arch=transcoder,skip_transcoder,sae_mlp_out", "act=topk", "act.k=8,16,32,64"],
+               ["arch=transcoder,skip_transcoder,sae_mlp_out", "act=batchtopk", "act.k=32"],
+               ["arch=transcoder,skip_transcoder,sae_mlp_out", "act=jumprelu", "act.target_l0=32"]],
     "gpu": [["arch=transcoder,skip_transcoder,clt", "act=topk,batchtopk", "act.k=16,32,64,128"],
-            ["arch=transcoder,skip_transcoder,clt", "act=jumprelu", "act.sparsity_coef=0.01,0.03,0.1,0.3,1"]],
+            ["arch=transcoder,skip_transcoder,clt", "act=jumprelu", "act.target_l0=16,32,64,128"]],
 }
 COLUMNS = ["job", "status", "family", "knob", "knob_value", "l0_per_layer", "nmse", "ce_recovered_zero",
            "ce_recovered_mean", "kl_spliced", "ce_clean", "ce_spliced", "replacement_ce_recovered_zero", "n_eval_tokens"]

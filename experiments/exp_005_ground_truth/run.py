@@ -31,8 +31,12 @@ SIZES = {
     "gpu": ["arch.n_latents=4096", "train.n_tokens=40960000", "train.batch_size=4096", "train.eval_tokens=65536",
             "train.eval_every=2000", "train.checkpoint_every=2000", "data.n_features=2048"],
 }
-# Coefficient sweeps with the default init: which L0 each lands on (README: the table).
-JUMPRELU_COEFS = "0.01,0.03,0.1,0.3,1"
+# The sparsity dials (README: the tables): JumpReLU's target L0 (its default penalty), and the coefficient
+# sweeps that do not dial L0: JumpReLU's tanh penalty with the init that was the default before
+# (θ₀ = 3, θ at the base lr), ReLU's L1.
+JUMPRELU_TARGETS = "8,16,32,64,128"
+JUMPRELU_TANH = ["act.penalty=tanh", "act.init_threshold=3", "act.threshold_lr_scale=1",
+                 "act.sparsity_coef=0.01,0.03,0.1,0.3,1"]
 RELU_COEFS = "1,3,10,30,100"
 CLT = ["arch=clt", "arch.layers=[0,1,2]"]
 
@@ -46,7 +50,8 @@ def grids(scale: str) -> list[list[str]]:
             # the token normalisation BatchTopK needs (activations.BatchTopK), off; and on for TopK
             [*sizes, "arch=sae", "act=batchtopk", f"act.k={K}", "act.token_norm=false"],
             [*sizes, "arch=sae", "act=topk", f"act.k={K}", "act.token_norm=true"],
-            [*sizes, "arch=sae", "act=jumprelu", f"act.sparsity_coef={JUMPRELU_COEFS}"],
+            [*sizes, "arch=sae", "act=jumprelu", f"act.target_l0={JUMPRELU_TARGETS}"],
+            [*sizes, "arch=sae", "act=jumprelu", *JUMPRELU_TANH],
             [*sizes, "arch=sae", "act=relu", f"act.l1_coef={RELU_COEFS}"],
             [*sizes, *CLT, "act=topk,batchtopk", f"act.k={K}"]]
 
@@ -76,7 +81,9 @@ def score_job(job: Path) -> dict:
     token_norm = "" if cfg.act.get("token_norm") == (act == "BatchTopK") else f" token_norm={cfg.act.get('token_norm')}"
     topk = f"k={cfg.act.get('k')}{token_norm}"
     knob = {"TopK": topk, "BatchTopK": topk,
-            "JumpReLU": f"coef={cfg.act.get('sparsity_coef')}", "ReLU": f"l1={cfg.act.get('l1_coef')}"}
+            "JumpReLU": (f"target={cfg.act.get('target_l0')}" if cfg.act.get("penalty") == "target"
+                         else f"{cfg.act.get('penalty')} coef={cfg.act.get('sparsity_coef')}"),
+            "ReLU": f"l1={cfg.act.get('l1_coef')}"}
     return {"run": f"ours {cfg.arch.name} {act} {knob[act]}", "arch": cfg.arch.name, "act": act.lower(),
             "knob": knob[act], "config": cfg,
             **score([w.flatten(1) for w in coder.W_dec], out.latents.dense(), out.recon, data, rows)}
@@ -134,19 +141,22 @@ def plot(results: list[dict], out_dir: Path) -> list[Path]:
     ax_cos.axvline(0.9, color="grey", ls=":")
     ax_cos.legend(fontsize=7, loc="lower left")
     ax_cos.invert_yaxis()
-    for act, knob_name in (("jumprelu", "sparsity_coef"), ("relu", "l1_coef")):
-        sweep = sorted((r for r in results if r["act"] == act and r["arch"] == "sae"), key=lambda r: coef(r))
-        ax_l0.plot([coef(r) for r in sweep], [r["l0"] for r in sweep], "o-", label=f"sae {act} ({knob_name})")
-    ax_l0.axhline(K, color="grey", ls=":", label=f"L0 = {K}")
-    ax_l0.set(xscale="log", yscale="log", xlabel="sparsity coefficient (default init)", ylabel="L0",
-              title="coefficient → L0")
+    for act, dial, label in (("jumprelu", "target=", "JumpReLU act.target_l0 (default)"),
+                             ("jumprelu", "tanh coef=", "JumpReLU tanh act.sparsity_coef (θ₀ = 3)"),
+                             ("relu", "l1=", "ReLU act.l1_coef")):
+        sweep = sorted((r for r in results if r["act"] == act and r["arch"] == "sae" and r["knob"].startswith(dial)),
+                       key=coef)
+        ax_l0.plot([coef(r) for r in sweep], [r["l0"] for r in sweep], "o-", label=label)
+    ax_l0.plot([8, 128], [8, 128], color="grey", ls=":", label="L0 = target")
+    ax_l0.set(xscale="log", yscale="log", xlabel="the knob: target L0, or coefficient", ylabel="L0 (held out)",
+              title="knob → L0 (SAE)")
     ax_l0.legend(fontsize=8)
     ax_l0.grid(alpha=0.3)
     return [save_figure(fig, out_dir / "ground_truth.png"), write_points(results, out_dir / "ground_truth.csv", COLUMNS)]
 
 
 def coef(row: dict) -> float:
-    return number(row["knob"].split("=")[1].split()[0])
+    return number(row["knob"].split("=")[-1])
 
 
 def at_target_l0(results: list[dict]) -> list[dict]:

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nn_decomp.config import PENALTIES
+
 
 class Latents(NamedTuple):
     """Activations of a batch. Sparse when `indices` is set, else dense.
@@ -260,17 +262,23 @@ class JumpReLU(Activation):
 
     penalty="l0": sparsity_coef · Σ_f H(z−θ) (Rajamanoharan et al. 2024, unit-norm decoder).
     penalty="tanh": sparsity_coef · Σ_f tanh(tanh_scale · |f| · ‖W_dec,f‖) (Anthropic, Jan 2025).
+    penalty="target": sparsity_coef · (L0 / target_l0 − 1)², L0 = Σ_f H(z−θ) averaged over the batch
+    (per source layer, then averaged over layers), as dictionary_learning's JumpReLU trainer. L0's
+    straight-through gradient reaches θ alone, so the coefficient only sets how tightly L0 holds the
+    target, never how the dictionary trades reconstruction for sparsity elsewhere.
     pre_act_coef > 0 adds Σ_f ReLU(θ − z)·‖W_dec,f‖, which revives latents stuck below θ.
     """
 
     def __init__(self, sparsity_coef: float, penalty: str, bandwidth: float, init_threshold: float,
-                 tanh_scale: float, pre_act_coef: float, threshold_lr_scale: float = 1.0):
+                 tanh_scale: float, pre_act_coef: float, threshold_lr_scale: float = 1.0,
+                 target_l0: float | None = None):
         super().__init__()
-        assert penalty in ("l0", "tanh"), f"act.penalty={penalty!r}: use 'l0' or 'tanh'"
-        self.threshold_lr_scale = threshold_lr_scale
+        assert penalty in PENALTIES, f"act.penalty={penalty!r}: use one of {PENALTIES}"
+        assert penalty != "target" or target_l0, "penalty='target' needs target_l0"
+        self.threshold_lr_scale, self.target_l0 = threshold_lr_scale, target_l0
         self.sparsity_coef, self.penalty_kind, self.bandwidth = sparsity_coef, penalty, bandwidth
         self.init_threshold_value, self.tanh_scale, self.pre_act_coef = init_threshold, tanh_scale, pre_act_coef
-        self.unit_norm_decoder = penalty == "l0"
+        self.unit_norm_decoder = penalty != "tanh"
         # The pre-activation loss reaches every latent below θ: dense by nature, so no sparse backward.
         self.elementwise = pre_act_coef == 0
         self.log_threshold: nn.Parameter | None = None
@@ -296,12 +304,17 @@ class JumpReLU(Activation):
 
     def penalty(self, pre_BLF, latents, dec_norm_LF):
         threshold = latents.at(self.threshold.to(pre_BLF.dtype))
-        if self.penalty_kind == "l0":
-            sparsity = StepFunction.apply(latents.at(pre_BLF), threshold, self.bandwidth)
-        else:
-            sparsity = torch.tanh(self.tanh_scale * latents.values.abs() * latents.at(dec_norm_LF))
-        loss = self.sparsity_coef * sparsity.sum((-1, -2)).mean()
+        loss = self.sparsity_coef * self._sparsity(pre_BLF, latents, threshold, dec_norm_LF)
         if self.pre_act_coef > 0:  # dense only: elementwise is False
             pre_act = torch.relu(threshold - pre_BLF) * dec_norm_LF
             loss = loss + self.pre_act_coef * pre_act.sum((-1, -2)).mean()
         return loss
+
+    def _sparsity(self, pre_BLF, latents, threshold, dec_norm_LF) -> Tensor:
+        if self.penalty_kind == "tanh":
+            return torch.tanh(self.tanh_scale * latents.values.abs() * latents.at(dec_norm_LF)).sum((-1, -2)).mean()
+        step = StepFunction.apply(latents.at(pre_BLF), threshold, self.bandwidth)
+        if self.penalty_kind == "l0":
+            return step.sum((-1, -2)).mean()
+        l0_L = step.sum(-1).mean(0)
+        return (l0_L / self.target_l0 - 1).pow(2).mean()

@@ -83,30 +83,41 @@ class BatchTopKConfig(TopKConfig):
     runs did (reference code: input_unit_norm=True). false: loud tokens take the budget (exp_005)."""
 
 
+PENALTIES = ("target", "l0", "tanh")
+
+
 @dataclass
 class JumpReLUConfig:
     _target_: str = "nn_decomp.activations.JumpReLU"
-    sparsity_coef: float = 0.1
-    """Weight of the sparsity penalty: the L0 target is reached by sweeping it."""
-    penalty: str = "tanh"
-    """l0 (Rajamanoharan et al. 2024) or tanh (Anthropic, Jan 2025)."""
+    target_l0: float | None = 32.0
+    """The dial (penalty=target): the mean L0 per token and source layer the penalty holds, as act.k is
+    TopK's; read by penalty=target alone. Sweeping a tanh coefficient instead does not dial L0 (exp_005
+    README: 0.01–1 → L0 17–14)."""
+    penalty: str = "target"
+    """target: sparsity_coef·(L0/target_l0 − 1)² (dictionary_learning's JumpReLU trainer); l0: sparsity_coef·L0
+    (Rajamanoharan et al. 2024); tanh: sparsity_coef·Σ tanh(c·|f|·‖W_dec‖) (Anthropic, Jan 2025). l0 and
+    tanh are dialled by sweeping act.sparsity_coef."""
+    sparsity_coef: float = 100.0
+    """Weight of the penalty. target: how tightly L0 holds target_l0 (its gradient reaches θ alone, so a
+    large one costs no reconstruction; 10 / 100 / 1000 → L0 96 / 69 / 64 for a target of 64 on exp_005)."""
     bandwidth: float = 0.1
     """Width ε of the rectangle kernel of the straight-through estimator."""
-    init_threshold: float = 3.0
-    """Initial θ. Pre-activations start with std ≈ 1, so θ ≈ 3 starts sparse; a low θ starts dense
-    and the log-parametrised θ moves too slowly to recover (planted-feature recovery: 0.47 → 0.998).
-    On SmolLM2 MLPs θ = 3 starts at L0 ≈ 1 with an empty kernel band, so the coefficient barely moves
-    L0 (0.01–1 → L0 4–6 in 800 steps); 0.5 with threshold_lr_scale=10 spreads it (exp_001)."""
+    init_threshold: float = 0.5
+    """Initial θ. Pre-activations start with std ≈ 1: θ = 0.5 starts dense with a full kernel band, so
+    the penalty's gradient reaches every θ from the first step. θ = 3 starts at L0 ≈ 1 with an empty
+    band on SmolLM2, where neither loss moves θ (exp_005 / exp_001 READMEs)."""
     tanh_scale: float = 4.0
     """c in tanh(c·|f|·‖W_dec‖)."""
     pre_act_coef: float = 0.0
     """Weight of Σ ReLU(θ − z)·‖W_dec‖ (Anthropic's pre-activation loss); 0 disables it."""
-    threshold_lr_scale: float = 1.0
-    """log θ's learning rate / train.optimizer.lr. Adam moves log θ by about lr per step whatever the
-    coefficient, so a run of a few hundred steps needs ~10 for θ to reach the L0 its coefficient sets."""
+    threshold_lr_scale: float = 10.0
+    """log θ's learning rate / train.optimizer.lr. Adam moves log θ by about its lr per step whatever
+    the gradient's size: at 1 a 500-step run has not moved θ from 0.5 to where L0 = 8 needs it."""
 
     def __post_init__(self):
-        assert self.penalty in ("l0", "tanh"), f"act.penalty={self.penalty!r}: use l0 or tanh"
+        assert self.penalty in PENALTIES, f"act.penalty={self.penalty!r}: use one of {', '.join(PENALTIES)}"
+        assert self.penalty != "target" or (self.target_l0 or 0) > 0, (
+            f"act.target_l0={self.target_l0}: act.penalty=target needs a target L0 > 0 (e.g. act.target_l0=32)")
         assert self.bandwidth > 0 and self.init_threshold > 0, "act.bandwidth and act.init_threshold must be > 0"
         assert self.threshold_lr_scale > 0, "act.threshold_lr_scale must be > 0"
 

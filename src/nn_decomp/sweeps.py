@@ -23,7 +23,7 @@ from nn_decomp.config import AnalysisConfig  # importing config registers the sc
 from nn_decomp.jobs import analysis_config, run_cli
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
-SCALES = ("smoke", "cpu", "gpu")
+SCALES = ("smoke", "cpu", "cpu_2m", "gpu")
 
 
 def compose_config(config_name: str, overrides: Sequence[str], hydra: bool = False) -> DictConfig:
@@ -208,7 +208,7 @@ def one_thread_if_smoke(scale: str) -> None:
 
 # --- reading a collected row -------------------------------------------------------------------
 
-KNOBS = ("act.k", "act.sparsity_coef", "act.l1_coef")
+KNOBS = ("act.k", "act.target_l0", "act.sparsity_coef", "act.l1_coef")
 
 
 def act_name(row: dict) -> str:
@@ -225,8 +225,10 @@ def family(row: dict) -> str:
 
 
 def knob(row: dict) -> tuple[str, float]:
-    """The sparsity knob of the job's activation: k (TopK/BatchTopK) or its coefficient."""
-    key = {"topk": "act.k", "batchtopk": "act.k", "jumprelu": "act.sparsity_coef", "relu": "act.l1_coef"}.get(
+    """The sparsity knob of the job's activation: k (TopK/BatchTopK), JumpReLU's target L0 (or its
+    coefficient, for the l0/tanh penalties), ReLU's L1 coefficient."""
+    jumprelu = "act.target_l0" if row.get("act.penalty") == "target" else "act.sparsity_coef"
+    key = {"topk": "act.k", "batchtopk": "act.k", "jumprelu": jumprelu, "relu": "act.l1_coef"}.get(
         act_name(row), "act.k")
     return key, number(row.get(key))
 
