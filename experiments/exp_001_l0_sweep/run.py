@@ -15,16 +15,14 @@ from nn_decomp.sweeps import (Experiment, family, knob, n_layers, number, pyplot
 NAME = "exp_001_l0_sweep"
 FULL = [
     ["arch=transcoder,skip_transcoder,clt,sae_mlp_out", "act=topk", "act.k=8,16,32,64"],
-    # θ starts inside the pre-activations' range (the default 3.0 starts at L0 ≈ 1 and every
-    # coefficient then lands near the same L0: measured 3.9–5.9 for 0.01–1 at scale=cpu).
-    ["arch=transcoder", "act=jumprelu", "act.sparsity_coef=0.01,0.03,0.1,0.3,1", "act.init_threshold=0.5"],
+    # JumpReLU's dial is its target L0 (the default penalty), as TopK's is k
+    ["arch=transcoder", "act=jumprelu", "act.target_l0=8,16,32,64"],
     ["arch=transcoder", "act=relu", "act.l1_coef=0.3,1,3,10,30"],
 ]
 GRIDS = {
     "smoke": [["arch=transcoder,sae_mlp_out", "act=topk", "act.k=8"],  # exp_003's smoke trains a CLT
-              ["arch=transcoder", "act=jumprelu", "act.sparsity_coef=0.1,1"]],
-    # 800 steps: log θ needs a faster rate to reach the L0 its coefficient sets (config.py).
-    "cpu": [FULL[0], [*FULL[1], "act.threshold_lr_scale=10"], FULL[2]],
+              ["arch=transcoder", "act=jumprelu", "act.target_l0=8,32"]],
+    "cpu": FULL,
     "gpu": FULL,
 }
 COLUMNS = ["job", "status", "family", "knob", "knob_value", "l0_per_layer", "nmse", "explained_variance"]
@@ -68,7 +66,7 @@ def plot(rows: list[dict], out_dir) -> list:
 
 
 def main(argv: list[str]) -> list:
-    exp, flags, _ = Experiment.from_args(NAME, argv, __doc__)
+    exp, flags, _ = Experiment.from_args(NAME, argv, __doc__, list(GRIDS))
     if "--print-commands" in flags:
         return exp.print_commands(GRIDS[exp.scale])
     rows = exp.collect() if "--plot-only" in flags else exp.run_sweeps(GRIDS[exp.scale])

@@ -66,7 +66,7 @@ def plot(rows: list[dict], out_dir: Path) -> list[Path]:
 
 
 def main(argv: list[str]) -> list[Path]:
-    exp, flags, sweep_dirs = Experiment.from_args(NAME, argv, __doc__)
+    exp, flags, sweep_dirs = Experiment.from_args(NAME, argv, __doc__, list(GRIDS))
     if "--print-commands" in flags:
         return exp.print_commands(GRIDS[exp.scale])
     if "--no-train" in flags:  # evaluate and plot sweeps that already exist

@@ -106,7 +106,7 @@ def plot(points: list[dict], out_dir: Path) -> list[Path]:
 
 
 def main(argv: list[str]) -> list[Path]:
-    exp, flags, _ = Experiment.from_args(NAME, argv, __doc__)
+    exp, flags, _ = Experiment.from_args(NAME, argv, __doc__, list(BLOCKS))
     if "--print-commands" in flags:
         return exp.print_commands(grids(exp.scale))
     rows = exp.collect() if flags & {"--plot-only", "--no-train"} else exp.run_sweeps(grids(exp.scale))

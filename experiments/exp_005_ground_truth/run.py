@@ -169,7 +169,7 @@ def at_target_l0(results: list[dict]) -> list[dict]:
 
 
 def main(argv: list[str]) -> list:
-    exp, flags, _ = Experiment.from_args(NAME, argv, __doc__)
+    exp, flags, _ = Experiment.from_args(NAME, argv, __doc__, list(SIZES))
     if "--print-commands" in flags:
         return exp.print_commands(grids(exp.scale))
     rows = exp.collect() if "--plot-only" in flags else exp.run_sweeps(grids(exp.scale))

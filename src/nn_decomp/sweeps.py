@@ -46,10 +46,14 @@ class Experiment:
         assert (CONF / "experiment" / f"{self.name}.yaml").exists(), f"no conf/experiment/{self.name}.yaml"
 
     @classmethod
-    def from_args(cls, name: str, argv: Sequence[str], usage: str) -> tuple["Experiment", set[str], list[str]]:
+    def from_args(cls, name: str, argv: Sequence[str], usage: str,
+                  scales: Sequence[str] = SCALES) -> tuple["Experiment", set[str], list[str]]:
         """How every run.py starts: `run.py [scale=S] [--flag ...] [override ...] [PATH ...]` ->
-        (the experiment at that scale, the flags, the paths); smoke runs take one thread."""
+        (the experiment at that scale, the flags, the paths); smoke runs take one thread. `scales`:
+        the ones this experiment has sizes for."""
         scale, flags, overrides, paths = parse_args(argv, usage)
+        if scale not in scales:
+            raise SystemExit(f"{name} has no scale={scale}: use one of {', '.join(scales)}")
         one_thread_if_smoke(scale)
         return cls(name, scale, overrides), flags, paths
 
