@@ -18,8 +18,8 @@ from nn_decomp.sweeps import (Experiment, evaluate_checkpoints, evaluation_model
                               save_figure, write_points)
 
 NAME = "exp_003_all_layers_patching"
-BLOCKS = {"smoke": [0, 1], "cpu": [0, 1, 2, 3], "gpu": list(range(12))}
-KS = {"smoke": [8], "cpu": [8, 16, 32], "gpu": [16, 32, 64, 128]}
+BLOCKS = {"smoke": [0, 1], "cpu": [0, 1, 2, 3], "cpu_2m": [0, 1, 2, 3], "gpu": list(range(12))}
+KS = {"smoke": [8], "cpu": [8, 16, 32], "cpu_2m": [32], "gpu": [16, 32, 64, 128]}
 COLUMNS = ["family", "k", "layers", "mean_l0_per_module", "active_latents_per_mlp", "active_decoder_params",
            "replacement_ce", "replacement_kl", "replacement_top1_agreement", "replacement_ce_recovered_zero",
            "ce_clean", "n_tokens", "eval_json"]
