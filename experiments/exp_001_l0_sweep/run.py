@@ -25,6 +25,7 @@ GRIDS = {
     "cpu": FULL,
     "gpu": FULL,
 }
+SCALES = list(GRIDS)  # the scales this experiment has sizes for
 COLUMNS = ["job", "status", "family", "knob", "knob_value", "l0_per_layer", "nmse", "explained_variance"]
 
 
@@ -66,7 +67,7 @@ def plot(rows: list[dict], out_dir) -> list:
 
 
 def main(argv: list[str]) -> list:
-    exp, flags, _ = Experiment.from_args(NAME, argv, __doc__, list(GRIDS))
+    exp, flags, _ = Experiment.from_args(NAME, argv, __doc__, SCALES)
     if "--print-commands" in flags:
         return exp.print_commands(GRIDS[exp.scale])
     rows = exp.collect() if "--plot-only" in flags else exp.run_sweeps(GRIDS[exp.scale])

@@ -24,6 +24,7 @@ GRIDS = {
     "gpu": [["arch=transcoder,skip_transcoder,clt", "act=topk,batchtopk", "act.k=16,32,64,128"],
             ["arch=transcoder,skip_transcoder,clt", "act=jumprelu", "act.target_l0=16,32,64,128"]],
 }
+SCALES = list(GRIDS)  # the scales this experiment has sizes for
 COLUMNS = ["job", "status", "family", "knob", "knob_value", "l0_per_layer", "nmse", "ce_recovered_zero",
            "ce_recovered_mean", "kl_spliced", "ce_clean", "ce_spliced", "replacement_ce_recovered_zero", "n_eval_tokens"]
 PANELS = [("nmse", "NMSE (held-out, mean over layers)", True),
@@ -66,7 +67,7 @@ def plot(rows: list[dict], out_dir: Path) -> list[Path]:
 
 
 def main(argv: list[str]) -> list[Path]:
-    exp, flags, sweep_dirs = Experiment.from_args(NAME, argv, __doc__, list(GRIDS))
+    exp, flags, sweep_dirs = Experiment.from_args(NAME, argv, __doc__, SCALES)
     if "--print-commands" in flags:
         return exp.print_commands(GRIDS[exp.scale])
     if "--no-train" in flags:  # evaluate and plot sweeps that already exist

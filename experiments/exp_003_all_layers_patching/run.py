@@ -20,6 +20,7 @@ from nn_decomp.sweeps import (Experiment, evaluate_checkpoints, evaluation_model
 NAME = "exp_003_all_layers_patching"
 BLOCKS = {"smoke": [0, 1], "cpu": [0, 1, 2, 3], "cpu_2m": [0, 1, 2, 3], "gpu": list(range(12))}
 KS = {"smoke": [8], "cpu": [8, 16, 32], "cpu_2m": [32], "gpu": [16, 32, 64, 128]}
+SCALES = list(BLOCKS)  # the scales this experiment has sizes for
 COLUMNS = ["family", "k", "layers", "mean_l0_per_module", "active_latents_per_mlp", "active_decoder_params",
            "replacement_ce", "replacement_kl", "replacement_top1_agreement", "replacement_ce_recovered_zero",
            "ce_clean", "n_tokens", "eval_json"]
@@ -106,7 +107,7 @@ def plot(points: list[dict], out_dir: Path) -> list[Path]:
 
 
 def main(argv: list[str]) -> list[Path]:
-    exp, flags, _ = Experiment.from_args(NAME, argv, __doc__, list(BLOCKS))
+    exp, flags, _ = Experiment.from_args(NAME, argv, __doc__, SCALES)
     if "--print-commands" in flags:
         return exp.print_commands(grids(exp.scale))
     rows = exp.collect() if flags & {"--plot-only", "--no-train"} else exp.run_sweeps(grids(exp.scale))

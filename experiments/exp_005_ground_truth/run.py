@@ -31,6 +31,7 @@ SIZES = {
     "gpu": ["arch.n_latents=4096", "train.n_tokens=40960000", "train.batch_size=4096", "train.eval_tokens=65536",
             "train.eval_every=2000", "train.checkpoint_every=2000", "data.n_features=2048"],
 }
+SCALES = list(SIZES)  # the scales this experiment has sizes for
 # The sparsity dials (README: the tables): JumpReLU's target L0 (its default penalty), and the coefficient
 # sweeps that do not dial L0: JumpReLU's tanh penalty with the init that was the default before
 # (θ₀ = 3, θ at the base lr), ReLU's L1.
@@ -169,7 +170,7 @@ def at_target_l0(results: list[dict]) -> list[dict]:
 
 
 def main(argv: list[str]) -> list:
-    exp, flags, _ = Experiment.from_args(NAME, argv, __doc__, list(SIZES))
+    exp, flags, _ = Experiment.from_args(NAME, argv, __doc__, SCALES)
     if "--print-commands" in flags:
         return exp.print_commands(grids(exp.scale))
     rows = exp.collect() if "--plot-only" in flags else exp.run_sweeps(grids(exp.scale))
