@@ -109,6 +109,23 @@ def test_jumprelu_l0_penalty_counts_latents_above_threshold():
     assert act.unit_norm_decoder
 
 
+def test_jumprelu_target_penalty_and_its_gradient_reach_only_theta():
+    act = jumprelu(sparsity_coef=3.0, penalty="target", target_l0=1.0, bandwidth=0.4)
+    pre = PRE.clone().requires_grad_()
+    latents = act(pre)
+    # L0 = (2 + 1) / 2 = 1.5 tokens' mean; 3·(1.5/1 − 1)² = 0.75, whatever the decoder norm
+    loss = act.penalty(pre, latents, 7 * DEC_NORM)
+    assert loss.item() == pytest.approx(0.75)
+    loss.backward()
+    assert pre.grad is None  # the step function passes nothing to the pre-activations
+    # dloss/dθ_f = 3·2·(0.5)·(1/2 tokens)·Σ_b −(1/ε)·K((z−θ)/ε), the band |z − θ| < ε/2 = 0.2:
+    # latent 0 holds z = 0.6 (token 1), latent 1 holds z = 0.7 and 0.4, latent 2 none
+    per_entry = 3 * 2 * 0.5 * 0.5 * -(1 / 0.4)
+    expected = torch.tensor([[per_entry * 1, per_entry * 2, 0.0]]) * act.threshold  # through log θ
+    torch.testing.assert_close(act.log_threshold.grad, expected)
+    assert act.unit_norm_decoder
+
+
 def test_jumprelu_tanh_penalty():
     act = jumprelu(sparsity_coef=0.3, penalty="tanh", tanh_scale=4.0)
     latents = act(PRE)
