@@ -212,9 +212,6 @@ def one_thread_if_smoke(scale: str) -> None:
 
 # --- reading a collected row -------------------------------------------------------------------
 
-KNOBS = ("act.k", "act.target_l0", "act.sparsity_coef", "act.l1_coef")
-
-
 def act_name(row: dict) -> str:
     target = str(row.get("act._target_") or "")
     return target.rsplit(".", 1)[-1].lower() or str(row.get("act", ""))
