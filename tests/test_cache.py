@@ -251,6 +251,34 @@ def test_resume_from_a_cache_reaches_the_same_weights(caches, tmp_path):
         torch.testing.assert_close(resumed["coder"][name], tensor, msg=name)
 
 
+def test_a_peer_trains_on_exactly_the_rows_our_run_trained_on(tiny_lm, tmp_path, monkeypatch):
+    """peers.train_peer_on_run: batch for batch, the rows our Trainer trained on, at our scale; then
+    scored on the run's held-out rows."""
+    from nn_decomp import peers
+
+    build_cache(cache_cfg(tmp_path / "sae.h5", arch="sae"), tiny_lm)
+    cfg = cached_train_cfg(tmp_path / "sae.h5", arch="sae")
+    ours, theirs = [], []
+    train_step = train_module.Trainer.train_step
+
+    def recorded_step(trainer, x_BLD, y_BLD):
+        ours.append((x_BLD * trainer.scale_in_L[:, None], y_BLD * trainer.scale_out_L[:, None]))
+        return train_step(trainer, x_BLD, y_BLD)
+
+    def recorded_peer(peer, next_batch, train_cfg, n_latents):
+        theirs.extend(next_batch() for _ in range(train_cfg.n_tokens // train_cfg.batch_size))
+
+    monkeypatch.setattr(train_module.Trainer, "train_step", recorded_step)
+    monkeypatch.setattr(peers, "train_peer", recorded_peer)
+    train(cfg, tmp_path / "run")
+    scores = peers.train_peer_on_run("saelens_topk", cfg)
+    assert len(ours) == len(theirs) == 16
+    for (x, y), (px, py) in zip(ours, theirs):
+        torch.testing.assert_close(px, x)
+        torch.testing.assert_close(py, y)
+    assert scores["l0"] <= 4 and 0 < scores["nmse"] < 10
+
+
 # --- bad caches -------------------------------------------------------------------------------
 
 @pytest.fixture

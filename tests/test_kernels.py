@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import ARCHS, arch_act_cfg
-from nn_decomp.activations import BatchTopK, Latents, TopK
+from nn_decomp.activations import BatchTopK, JumpReLU, Latents, TopK
 from nn_decomp.checkpoint import build_coder
 from nn_decomp.coder import SparseCoder
 from nn_decomp.kernels import (attach_encoder_grad, aux_topk_latents, decode_source, encode_pre, entry_dots,
@@ -18,10 +18,18 @@ B, F_LAT, K, K_AUX = 48, 64, 6, 5
 TOL = dict(rtol=1e-4, atol=1e-5)
 
 
+def make_activation(act_name: str):
+    if act_name == "jumprelu":
+        return JumpReLU(sparsity_coef=1.0, penalty="target", bandwidth=0.1, init_threshold=0.5, tanh_scale=4.0,
+                        pre_act_coef=0.0, target_l0=K, aux_coef=1 / 32, k_aux=K_AUX)
+    if act_name == "topk":
+        return TopK(K, K_AUX, aux_coef=1 / 32)
+    return BatchTopK(K, K_AUX, aux_coef=1 / 32, threshold_momentum=0.9, per_layer=True, token_norm=False)
+
+
 def make_coder(act_name: str, n_layers: int) -> SparseCoder:
     torch.manual_seed(0)
-    act = TopK(K, K_AUX, aux_coef=1 / 32) if act_name == "topk" else BatchTopK(
-        K, K_AUX, aux_coef=1 / 32, threshold_momentum=0.9, per_layer=True, token_norm=False)
+    act = make_activation(act_name)
     d_in, d_out = (16, 16) if n_layers == 1 else (16, 12)
     coder = SparseCoder(d_in, d_out, F_LAT, n_layers, act, cross_layer=n_layers > 1)
     with torch.no_grad():
@@ -236,11 +244,13 @@ def test_jumprelu_pre_activation_loss_keeps_the_dense_path():
     assert not build_coder(cfg, 16, 16).sparse_backward
 
 
-@pytest.mark.parametrize("act_name,token_norm", [("topk", False), ("batchtopk", False), ("batchtopk", True)])
+@pytest.mark.parametrize("act_name,token_norm",
+                         [("topk", False), ("batchtopk", False), ("batchtopk", True), ("jumprelu", False)])
 def test_aux_k_gradient_reaches_dead_encoder_rows_in_production(act_name, token_norm):
     """SparseCoder.forward + coder_loss, as Trainer.train_step calls them: a latent that is dead and
-    never selected gets an encoder gradient only from AuxK, the same on the sparse and dense paths,
-    and none without AuxK."""
+    never selected (JumpReLU: its pre-activation ≈ 0.2, below θ − ε/2 = 0.45, so outside the kernel
+    band too) gets an encoder gradient only from AuxK, the same on the sparse and dense paths, and
+    none without AuxK."""
     sparse = make_coder(act_name, 1)
     sparse.activation.token_norm = token_norm
     x, y, dead = make_batch(sparse)
@@ -248,7 +258,7 @@ def test_aux_k_gradient_reaches_dead_encoder_rows_in_production(act_name, token_
         s = sparse.token_scale(x)
         x, y = x * s, y * s
     with torch.no_grad():  # live latents ≈ 10 fill every selection; dead ones (0, 3, 6, ...) sit ≈ 1
-        sparse.b_enc[0] = torch.where(dead[0], 1.0, 10.0)
+        sparse.b_enc[0] = torch.where(dead[0], 0.2 if act_name == "jumprelu" else 1.0, 10.0)
         sparse.W_enc[0, dead[0]] *= 0.01
     dense = copy.deepcopy(sparse)
     dense.sparse_backward = False

@@ -5,7 +5,10 @@
     ... --plot-only              re-collects and re-plots (no training, no evaluation)
     ... --no-train SWEEP_DIR ... evaluates + plots existing sweep dirs instead (e.g. exp_001's)
     ... --print-commands         prints the sweep commands and exits
+    ... --peers                  also trains the peers on the rows of our TopK k=32 jobs (PEERS;
+                                 needs `pip install -e .[bench]`) into peers.json, and plots them
 """
+import json
 import sys
 from pathlib import Path
 
@@ -25,6 +28,9 @@ GRIDS = {
             ["arch=transcoder,skip_transcoder,clt", "act=jumprelu", "act.target_l0=16,32,64,128"]],
 }
 SCALES = list(GRIDS)  # the scales this experiment has sizes for
+# Peer parity: each peer on the identical cache rows, token budget, latents, k and lr schedule as our job.
+PEERS = {"transcoder": ["sparsify_topk"], "sae_mlp_out": ["saelens_topk", "sparsify_topk"]}
+PEER_K = 32
 COLUMNS = ["job", "status", "family", "knob", "knob_value", "l0_per_layer", "nmse", "ce_recovered_zero",
            "ce_recovered_mean", "kl_spliced", "ce_clean", "ce_spliced", "replacement_ce_recovered_zero", "n_eval_tokens"]
 PANELS = [("nmse", "NMSE (held-out, mean over layers)", True),
@@ -66,19 +72,42 @@ def plot(rows: list[dict], out_dir: Path) -> list[Path]:
     return [save_figure(fig, out_dir / "pareto.png"), write_points(points(rows), out_dir / "pareto.csv", COLUMNS)]
 
 
+def run_peers(rows: list[dict], out: Path) -> list[dict]:
+    """Each peer of PEERS trained on its TopK k=PEER_K job's rows (nn_decomp.peers.train_peer_on_run);
+    results kept in `out`, so a re-run trains only what is missing."""
+    from nn_decomp.checkpoint import read_config
+    from nn_decomp.peers import train_peer_on_run
+
+    done = json.loads(out.read_text()) if out.exists() else []
+    for r in rows:
+        if r["status"] != "completed" or r.get("act") != "topk" or r.get("act.k") != PEER_K:
+            continue
+        for name in PEERS.get(r.get("arch.name"), []):
+            if any(d["peer"] == name and d["arch"] == r["arch.name"] for d in done):
+                continue
+            print(f"training {name} on the rows of {r['job']}", flush=True)
+            cfg, _ = read_config(Path(r["job"]) / "checkpoint")
+            done.append({"peer": name, "arch": r["arch.name"], "k": PEER_K, "ours_job": str(r["job"]),
+                         "ours_nmse": number(r.get("eval.nmse")), "ours_l0": number(r.get("eval.l0")),
+                         **train_peer_on_run(name, cfg)})
+            out.write_text(json.dumps(done, indent=2))
+    return done
+
+
 def main(argv: list[str]) -> list[Path]:
     exp, flags, sweep_dirs = Experiment.from_args(NAME, argv, __doc__, SCALES)
     if "--print-commands" in flags:
         return exp.print_commands(GRIDS[exp.scale])
-    if "--no-train" in flags:  # evaluate and plot sweeps that already exist
-        rows = [row | {"job": str(Path(d) / row["job"])} for d in sweep_dirs
-                for row in evaluate_jobs(collect(d), Path(d), exp.analysis)]
-    elif "--plot-only" in flags:
-        rows = exp.collect()
-    else:
-        exp.run_sweeps(GRIDS[exp.scale])
-        rows = evaluate_jobs(collect(exp.sweep_dir), exp.sweep_dir, exp.analysis)
+    if "--no-train" not in flags:
+        sweep_dirs = [exp.sweep_dir]
+        if "--plot-only" not in flags:
+            exp.run_sweeps(GRIDS[exp.scale])
+    # every row's job as a path from here; --no-train: evaluate and plot sweeps that already exist
+    rows = [row | {"job": str(Path(d) / row["job"])} for d in sweep_dirs
+            for row in (collect(d) if "--plot-only" in flags else evaluate_jobs(collect(d), Path(d), exp.analysis))]
     write_table(rows, exp.out_dir / "runs.csv")
+    if "--peers" in flags:
+        print(json.dumps(run_peers(rows, exp.out_dir / "peers.json"), indent=2))
     return report_written(plot(rows, exp.out_dir))
 
 

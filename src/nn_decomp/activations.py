@@ -267,12 +267,16 @@ class JumpReLU(Activation):
     straight-through gradient reaches θ alone, so the coefficient only sets how tightly L0 holds the
     target, never how the dictionary trades reconstruction for sparsity elsewhere.
     pre_act_coef > 0 adds Σ_f ReLU(θ − z)·‖W_dec,f‖, which revives latents stuck below θ.
+    aux_coef > 0 adds TopK's AuxK loss (losses.aux_k_loss): the top k_aux dead latents, by
+    pre-activation, reconstruct the residual, which gives a latent whose θ has passed every one of its
+    pre-activations a gradient again.
     """
 
     def __init__(self, sparsity_coef: float, penalty: str, bandwidth: float, init_threshold: float,
                  tanh_scale: float, pre_act_coef: float, threshold_lr_scale: float = 1.0,
-                 target_l0: float | None = None):
+                 target_l0: float | None = None, aux_coef: float = 0.0, k_aux: int | None = None):
         super().__init__()
+        self.aux_coef, self.k_aux, self.uses_aux_loss = aux_coef, k_aux, aux_coef > 0
         assert penalty in PENALTIES, f"act.penalty={penalty!r}: use one of {PENALTIES}"
         assert penalty != "target" or target_l0, "penalty='target' needs target_l0"
         self.threshold_lr_scale, self.target_l0 = threshold_lr_scale, target_l0

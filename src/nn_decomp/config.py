@@ -110,6 +110,10 @@ class JumpReLUConfig:
     """c in tanh(c·|f|·‖W_dec‖)."""
     pre_act_coef: float = 0.0
     """Weight of Σ ReLU(θ − z)·‖W_dec‖ (Anthropic's pre-activation loss); 0 disables it."""
+    aux_coef: float = 0.0
+    """Weight of TopK's AuxK loss on JumpReLU's dead latents; 0 disables it."""
+    k_aux: int | None = None
+    """Dead latents used by the AuxK loss; null means d_out // 2."""
     threshold_lr_scale: float = 10.0
     """log θ's learning rate / train.optimizer.lr. Adam moves log θ by about its lr per step whatever
     the gradient's size: at 1 a 500-step run has not moved θ from 0.5 to where L0 = 8 needs it."""

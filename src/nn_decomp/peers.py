@@ -14,6 +14,7 @@ import torch
 from hydra.utils import instantiate
 from torch import Tensor, nn
 
+from nn_decomp.losses import fvu
 from nn_decomp.train import lr_lambda
 
 PEERS = ("saelens_topk", "saelens_batchtopk", "sparsify_topk")
@@ -132,3 +133,38 @@ def train_peer(peer: Peer, next_batch: Callable[[], tuple[Tensor, Tensor]], trai
         scheduler.step()
         since_fired_F += len(x)
         since_fired_F[fired_F] = 0
+
+
+@torch.no_grad()
+def held_out(peer: Peer, x_ND: Tensor, y_ND: Tensor, batch_size: int) -> dict:
+    """The peer's held-out FVU, L0 and fraction of latents that never fire, in eval mode."""
+    peer.module.eval()
+    latents = torch.cat([peer.latents(x) for x in x_ND.split(batch_size)])
+    recon = torch.cat([peer.reconstruct(x) for x in x_ND.split(batch_size)])
+    return {"nmse": fvu(recon[:, None], y_ND[:, None]).item(), "l0": (latents != 0).float().sum(-1).mean().item(),
+            "dead_fraction_eval": (latents == 0).all(0).float().mean().item()}
+
+
+def train_peer_on_run(name: str, cfg) -> dict:
+    """Peer `name` trained on exactly the rows our run `cfg` trained on (its stream after init_coder's
+    batches, each layer scaled to E‖x‖² = d by the same init batches as ours), scored on the run's
+    held-out rows. FVU does not depend on that scale, so it compares with our eval.nmse as is."""
+    from nn_decomp.config import arch_hooks
+    from nn_decomp.train import INIT_BATCHES, norm_scale, setup, take_tokens
+
+    hooks_in, hooks_out = arch_hooks(cfg.arch)
+    assert len(hooks_in) == 1, "peers train single-layer dictionaries"
+    _, store, (x_eval, y_eval), _ = setup(cfg)
+    try:
+        x0, y0 = take_tokens(store, INIT_BATCHES * store.batch_size)
+        s_in, s_out = (norm_scale(x0), norm_scale(y0)) if cfg.train.normalize_activations else (1.0, 1.0)
+        peer = build_peer(name, x0.shape[-1], cfg.arch.n_latents, cfg.act.k, transcode=hooks_in != hooks_out)
+
+        def next_batch():
+            x, y = store.next_batch()
+            return x * s_in, y * s_out
+
+        train_peer(peer, next_batch, cfg.train, cfg.arch.n_latents)
+    finally:
+        store.close()
+    return held_out(peer, x_eval[:, 0] * s_in, y_eval[:, 0] * s_out, cfg.train.batch_size)
