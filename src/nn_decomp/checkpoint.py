@@ -1,10 +1,12 @@
 """Checkpoints that load without Hydra: `dictionary.safetensors` (normalisation folded in),
 `config.yaml` (the resolved run config), `metadata.json`, and `trainer_state.pt` for resume.
 
-A checkpoint directory is replaced whole: written to a temporary sibling, then swapped in by
-rename, so a crash mid-write leaves the previous checkpoint intact.
+A checkpoint directory is replaced whole (`publish_dir`): written and synced to a temporary sibling,
+then swapped in by rename. A crash at any point leaves a complete checkpoint that `recover_dir` puts
+back in place: the previous one, or the new one once it was fully written.
 """
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -27,23 +29,68 @@ def build_coder(cfg: DictConfig, d_in: int, d_out: int) -> SparseCoder:
                        dec_init_norm=cfg.arch.dec_init_norm, tied_init=arch == "sae")
 
 
+def siblings(out: Path) -> tuple[Path, Path]:
+    """(`out`.tmp, `out`.old): where the next version is written, where the previous one waits."""
+    return out.with_name(out.name + ".tmp"), out.with_name(out.name + ".old")
+
+
+def fresh_tmp(out: Path) -> Path:
+    """An empty `out`.tmp to write the next version of `out` into (after recovering a crashed swap,
+    so that `out` exists whenever a .tmp is only partly written)."""
+    recover_dir(out)
+    tmp, _ = siblings(out)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def sync(path: Path) -> None:
+    """fsync a file or a directory (its entries), so that a rename after it cannot outlive its data."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish_dir(tmp: Path, out: Path) -> None:
+    """Swap the fully written `tmp` in as `out`: sync tmp's files, `out` → `out`.old, tmp → `out`,
+    remove `out`.old. Between the two renames only .old and a complete .tmp exist (recover_dir)."""
+    for f in tmp.iterdir():
+        sync(f)
+    sync(tmp)
+    _, old = siblings(out)
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    sync(out.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_dir(out: Path) -> None:
+    """Undo a crash inside publish_dir: with `out` missing but `out`.old present, the crash fell
+    between the renames, and `out`.tmp (synced before `out` moved) is the newer complete version."""
+    out = Path(out)
+    tmp, old = siblings(out)
+    if not out.exists() and old.exists():
+        (tmp if tmp.exists() else old).rename(out)
+        sync(out.parent)
+    if out.exists():
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def save_checkpoint(path: Path, coder: SparseCoder, cfg: DictConfig, metadata: dict,
                     trainer_state: dict | None = None) -> None:
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = fresh_tmp(path)
     tensors = {name: t.detach().contiguous().cpu() for name, t in coder.state_dict().items()}
     save_file(tensors, tmp / WEIGHTS)
     (tmp / CONFIG).write_text(OmegaConf.to_yaml(cfg))
     (tmp / METADATA).write_text(json.dumps(metadata, indent=2))
     if trainer_state is not None:
         torch.save(trainer_state, tmp / TRAINER_STATE)
-    old = path.with_name(path.name + ".old")
-    if path.exists():
-        path.rename(old)
-    tmp.rename(path)
-    shutil.rmtree(old, ignore_errors=True)
+    publish_dir(tmp, path)
 
 
 def read_config(path: Path) -> tuple[DictConfig, dict]:

@@ -24,7 +24,6 @@ feature_input_hook / feature_output_hook (hook names inside `blocks.{i}.`), and
   first. File i feeds from `blocks.{i}`, so the dictionaries must cover layers 0..n−1.
 """
 import json
-import shutil
 from pathlib import Path
 
 import hydra
@@ -37,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 import nn_decomp.config  # noqa: F401  (registers base_export)
-from nn_decomp.checkpoint import build_coder, read_config, save_checkpoint
+from nn_decomp.checkpoint import build_coder, fresh_tmp, publish_dir, read_config, save_checkpoint
 from nn_decomp.evaluate import checkpoint_list, load_dictionaries, refuse_existing
 from nn_decomp.jobs import UsageError, exit_on_usage_error
 from nn_decomp.patching import HookedDictionary
@@ -65,22 +64,10 @@ def thresholds(d: HookedDictionary) -> Tensor | None:
     return None if theta is None else theta.detach().float().clamp(min=0)
 
 
-def publish_dir(tmp: Path, out: Path) -> None:
-    """Swap a fully written `tmp` in as `out`; the old `out` is removed only once the new one is in."""
-    old = out.with_name(out.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def write_dir(out: Path, files: dict[str, dict[str, Tensor] | str], overwrite: bool) -> Path:
     """Write {name: tensors (safetensors) or text} into `out` atomically."""
     refuse_existing([out], overwrite)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = fresh_tmp(out)
     for name, content in files.items():
         if isinstance(content, str):
             (tmp / name).write_text(content)

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from nn_decomp import distributed
 from nn_decomp.cache import open_cache
-from nn_decomp.checkpoint import TRAINER_STATE, build_coder, save_checkpoint
+from nn_decomp.checkpoint import TRAINER_STATE, build_coder, recover_dir, save_checkpoint
 from nn_decomp.config import arch_hooks, validate
 from nn_decomp.coder import SparseCoder
 from nn_decomp.distributed import SINGLE, DistInfo
@@ -186,7 +186,10 @@ class Trainer:
         return {"coder": self.coder.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "step": self.step, "tokens_seen": self.tokens_seen,
                 "tokens_since_fired": self.tokens_since_fired_LF, "scale_in": self.scale_in_L,
-                "scale_out": self.scale_out_L, "torch_rng": torch.get_rng_state()}
+                "scale_out": self.scale_out_L, "torch_rng": torch.get_rng_state(),
+                # BatchTopK's search width changes no selection, but it orders the selected entries and
+                # so the decoder's float sums: kept, a resumed run stays bitwise equal to an unbroken one
+                "n_candidates": getattr(self.coder.activation, "n_candidates", None)}
 
     def load_state_dict(self, state: dict) -> None:
         self.coder.load_state_dict(state["coder"])
@@ -197,6 +200,8 @@ class Trainer:
         self.scale_in_L.copy_(state["scale_in"])
         self.scale_out_L.copy_(state["scale_out"])
         torch.set_rng_state(state["torch_rng"])
+        if state.get("n_candidates") is not None:
+            self.coder.activation.n_candidates = state["n_candidates"]
 
 
 def folded_copy(trainer: Trainer) -> SparseCoder:
@@ -305,6 +310,9 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, model: HookedTrans
     cfg = resolved(cfg, run_dir)
     if (done := finished_run(cfg.train.resume, run_dir)) is not None:
         return done  # train.resume=auto on a run that already finished (a re-run sweep)
+    if info.is_main:  # a crash while the last checkpoint was being swapped in
+        recover_dir(run_dir / "checkpoint")
+    distributed.barrier(info)
     ckpt_state = run_dir / "checkpoint" / TRAINER_STATE
     resume = resolve_resume(cfg.train.resume, ckpt_state)
     start = time.time()
