@@ -238,6 +238,13 @@ def test_multirun_over_a_cache_does_not_even_import_the_lm_library(caches, tmp_p
     assert "LM library imported: False" in done.stdout
     jobs = sorted(p for p in tmp_path.iterdir() if (p / "metrics.json").exists())
     assert [json.loads((j / "metrics.json").read_text())["steps"] for j in jobs] == [16, 16]
+    # each run ends with its summary, the sweep with one line per job and the collect command
+    for job in jobs:
+        metrics = json.loads((job / "metrics.json").read_text())
+        assert f"checkpoint  {job / 'checkpoint'}" in done.stdout
+        assert f"FVU {metrics['nmse']:.4f}  EV {metrics['explained_variance']:.4f}" in done.stdout
+        assert f"completed {job.name}  FVU {metrics['nmse']:.4f}  L0 {metrics['l0']:.1f}" in done.stdout
+    assert "2 jobs: 2 completed" in done.stdout and f"python -m nn_decomp.collect {tmp_path}" in done.stdout
 
 
 def test_resume_from_a_cache_reaches_the_same_weights(caches, tmp_path):

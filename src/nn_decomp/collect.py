@@ -169,9 +169,15 @@ def summary(rows: list[dict]) -> str:
     for row in rows:
         counts[row["status"]] = counts.get(row["status"], 0) + 1
     lines = [f"{len(rows)} jobs: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))]
-    lines += [f"  {row['status']}: {row['job']}" + (f"  ({row['error']})" if row.get("error") else "")
-              for row in rows if row["status"] != "completed"]
+    lines += [f"  {row['status']:9} {row['job']}  " + (f"({row['error']})" if row.get("error") else job_metrics(row))
+              for row in rows]
     return "\n".join(lines)
+
+
+def job_metrics(row: dict) -> str:
+    """The held-out numbers of a job's row, where it has them."""
+    names = {"nmse": "FVU {:.4f}", "l0": "L0 {:.1f}", "dead_fraction_eval": "dead {:.1%}"}
+    return "  ".join(f.format(row[k]) for k, f in names.items() if isinstance(row.get(k), (int, float)))
 
 
 def main(argv: list[str] | None = None) -> int:

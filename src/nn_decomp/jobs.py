@@ -5,7 +5,8 @@
   its traceback. Hydra 1.3 already runs every job of a sweep when one raises (its `run_job` catches
   the exception into the JobReturn; the basic sweeper re-raises the first one only after the whole
   batch, so the command still exits non-zero); the file makes each failure visible to
-  `python -m nn_decomp.collect` and to a person listing the sweep dir. `fail_fast=true`
+  `python -m nn_decomp.collect` and to a person listing the sweep dir; when the sweep ends it prints
+  one line per job (status, held-out metrics) and the collect command. `fail_fast=true`
   (`hydra.callbacks.job_status.fail_fast=true`) instead stops a basic-launcher sweep at the first
   failed job. A job killed outright (OOM, SIGKILL, a SLURM requeue) stays `running`; `attempts`
   counts its starts.
@@ -101,6 +102,13 @@ class JobStatusCallback(Callback):
             # Hydra turns an Exception raised by a callback into a warning; SystemExit passes
             # through run_job and the launcher, which ends the sweep here.
             raise SystemExit(f"job {config.hydra.job.num} failed and fail_fast=true: stopping the sweep")
+
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from nn_decomp.collect import collect, summary
+
+        sweep_dir = Path(config.hydra.sweep.dir)
+        print(f"{summary(collect(sweep_dir))}\ntable: python -m nn_decomp.collect {sweep_dir}", flush=True)
 
 
 # --- resume ------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from nn_decomp.checkpoint import TRAINER_STATE, build_coder, recover_dir, save_c
 from nn_decomp.config import arch_hooks, validate
 from nn_decomp.coder import SparseCoder
 from nn_decomp.distributed import SINGLE, DistInfo
-from nn_decomp.jobs import finished_run, resolve_resume
+from nn_decomp.jobs import finished_run, is_first_rank, resolve_resume
 from nn_decomp.logger import MetricsLogger
 from nn_decomp.losses import LossOutput, coder_loss, explained_variance, fvu
 from nn_decomp.synthetic import SyntheticData
@@ -345,9 +345,25 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, model: HookedTrans
     return final
 
 
+def run_summary(run_dir: Path, final: dict) -> str:
+    """What a finished run printed last: where it is, how good it is, and what to run next."""
+    ckpt = run_dir / "checkpoint"
+    minutes, seconds = divmod(round(final.get("wall_time_s", 0)), 60)
+    return "\n".join([
+        f"run dir     {run_dir}",
+        f"checkpoint  {ckpt}",
+        f"held-out    FVU {final.get('nmse', float('nan')):.4f}  EV {final.get('explained_variance', float('nan')):.4f}  "
+        f"L0 {final.get('l0', float('nan')):.1f}  dead {final.get('dead_fraction_eval', float('nan')):.1%}  "
+        f"({final.get('tokens_seen', 0):,} tokens, {minutes}m{seconds:02d}s)",
+        f"evaluate    python -m nn_decomp.evaluate checkpoint={ckpt}",
+        f"export      python -m nn_decomp.export checkpoint={ckpt} format=saelens|circuit_tracer out=DIR"])
+
+
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    train(cfg)
+    final = train(cfg)
+    if is_first_rank():
+        print(run_summary(Path(cfg.paths.output_dir), final), flush=True)
 
 
 if __name__ == "__main__":
