@@ -19,7 +19,7 @@ from nn_decomp.sweeps import (Experiment, evaluate_checkpoints, evaluation_model
 
 NAME = "exp_003_all_layers_patching"
 BLOCKS = {"smoke": [0, 1], "cpu": [0, 1, 2, 3], "cpu_2m": [0, 1, 2, 3], "gpu": list(range(12))}
-KS = {"smoke": [8], "cpu": [8, 16, 32], "cpu_2m": [32], "gpu": [16, 32, 64, 128]}
+KS = {"smoke": [8], "cpu": [8, 16, 32], "cpu_2m": [12, 32], "gpu": [16, 32, 64, 128]}
 SCALES = list(BLOCKS)  # the scales this experiment has sizes for
 COLUMNS = ["family", "k", "layers", "mean_l0_per_module", "active_latents_per_mlp", "active_decoder_params",
            "replacement_ce", "replacement_kl", "replacement_top1_agreement", "replacement_ce_recovered_zero",

@@ -97,11 +97,14 @@ class JobStatusCallback(Callback):
         tb = "".join(traceback.format_exception(type(error), error, error.__traceback__))
         write_status(job_dir, status | {"status": "failed", "error": f"{type(error).__name__}: {error}",
                                         "traceback": tb})
-        log.error(f"job {config.hydra.job.num} failed ({job_dir}):\n{tb}")
+        # a single run has no hydra.job.num: reading it raised inside the callback (a spurious warning)
+        num = OmegaConf.select(config, "hydra.job.num", default=None)
+        name = "run" if num is None else f"job {num}"
+        log.error(f"{name} failed ({job_dir}):\n{tb}")
         if self.fail_fast:
             # Hydra turns an Exception raised by a callback into a warning; SystemExit passes
             # through run_job and the launcher, which ends the sweep here.
-            raise SystemExit(f"job {config.hydra.job.num} failed and fail_fast=true: stopping the sweep")
+            raise SystemExit(f"{name} failed and fail_fast=true: stopping the sweep")
 
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
