@@ -314,7 +314,7 @@ def test_corrupted_chunk_fails_naming_the_file_and_the_rows(caches, tmp_path):
 
 
 def test_missing_or_foreign_file_fails_naming_it(tmp_path, no_training):
-    with pytest.raises(FileNotFoundError, match="python -m nn_decomp.cache"):
+    with pytest.raises(CacheError, match="python -m nn_decomp.cache"):
         train(cached_train_cfg(tmp_path / "absent.h5"), tmp_path / "run")
     with h5py.File(tmp_path / "other.h5", "w") as f:
         f["x"] = np.zeros(3)

@@ -2,6 +2,7 @@ import datasets
 import pytest
 import torch
 
+from nn_decomp.config import UsageError
 from nn_decomp.data import load_texts, split_documents, sotu_files, token_contexts
 
 
@@ -35,7 +36,7 @@ def test_token_contexts_without_bos_drops_partial_chunk():
 
 
 def test_token_contexts_needs_bos_to_prepend():
-    with pytest.raises(ValueError, match="data.prepend_bos=false"):
+    with pytest.raises(UsageError, match="data.prepend_bos=false"):
         next(token_contexts(DOCS, FakeTokenizer(bos_token_id=None), context_size=4))
 
 
@@ -55,7 +56,7 @@ def test_text_files_one_document_each(tmp_path):
 
 def test_text_missing_files_name_the_path(tmp_path):
     missing = str(tmp_path / "nope*.txt")
-    with pytest.raises(FileNotFoundError, match="nope"):
+    with pytest.raises(UsageError, match="nope"):
         load_texts("text", path=missing)
 
 
@@ -63,7 +64,7 @@ def test_hf_missing_column_lists_columns(tmp_path):
     # A local folder of csv files loads through the same load_dataset(path) call as a hub id.
     (tmp_path / "train.csv").write_text("content,label\nhello world,0\nbye,1\n")
     assert load_texts("hf", path=str(tmp_path), column="content")["content"] == ["hello world", "bye"]
-    with pytest.raises(ValueError, match=r"'text' not in dataset columns \['content', 'label'\]"):
+    with pytest.raises(UsageError, match=r"'text' not in dataset columns \['content', 'label'\]"):
         load_texts("hf", path=str(tmp_path))
 
 

@@ -9,6 +9,7 @@ from nn_decomp import models
 
 HOOKS = ["blocks.0.ln2.hook_normalized", "blocks.0.hook_mlp_out", "blocks.0.hook_resid_post"]
 PROMPT = "The president said that the economy of the United States"
+from nn_decomp.config import UsageError
 
 
 def test_tiny_model_runs_with_cache():
@@ -33,7 +34,7 @@ def test_resolve_device():
 
 
 def test_unknown_dtype_lists_options():
-    with pytest.raises(ValueError, match="bfloat16"):
+    with pytest.raises(UsageError, match="bfloat16"):
         models.load_model(models.SMOLLM2, dtype="float64")
 
 
@@ -56,7 +57,7 @@ def smollm2_cache():
 @pytest.mark.slow
 @pytest.mark.parametrize("n", [0, 31])
 def test_first_n_layers_out_of_range(smollm2_cache, n):
-    with pytest.raises(ValueError, match=r"1\.\.30"):
+    with pytest.raises(UsageError, match=r"1\.\.30"):
         models.load_model(models.SMOLLM2, device="cpu", first_n_layers=n)
 
 

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from nn_decomp.config import UsageError
 from nn_decomp.store import ActivationsStore, check_hooks, hook_layer
 
 BOS = 0
@@ -31,19 +32,19 @@ def test_hook_layer():
     assert hook_layer("blocks.7.ln2.hook_normalized") == 7
     assert hook_layer("blocks.12.hook_mlp_out") == 12
     assert hook_layer("hook_embed") == -1
-    with pytest.raises(ValueError, match="not inside a block"):
+    with pytest.raises(UsageError, match="not inside a block"):
         hook_layer("ln_final.hook_normalized")
 
 
 def test_check_hooks_suggests_close_matches(tiny_model):
     check_hooks(tiny_model, LN2 + MLP_OUT)
     expected = r"'blocks.1.hook_mlp_outt' not in .*close matches: .*'blocks.1.hook_mlp_out'"
-    with pytest.raises(ValueError, match=expected):
+    with pytest.raises(UsageError, match=expected):
         check_hooks(tiny_model, ["blocks.1.hook_mlp_outt"])
 
 
 def test_batch_size_must_fit_half_the_buffer(tiny_model):
-    with pytest.raises(ValueError, match="data.buffer_tokens"):
+    with pytest.raises(UsageError, match="data.buffer_tokens"):
         make_store(tiny_model, batch_size=30, buffer_tokens=40)
 
 

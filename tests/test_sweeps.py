@@ -19,7 +19,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from helpers import CONF, compose_cfg, one_thread  # noqa: F401  (fixture)
 from nn_decomp.collect import collect
-from nn_decomp.config import validate
+from nn_decomp.config import UsageError, validate
 from nn_decomp.jobs import finished_run, is_first_rank, read_status, resolve_resume, run_cli
 from nn_decomp.sweeps import SCALES, Experiment, pareto_front
 
@@ -94,12 +94,12 @@ def test_pareto_front_keeps_the_points_nothing_beats():
 def test_resume_auto_resumes_only_when_a_trainer_state_exists(tmp_path):
     state = tmp_path / "checkpoint" / "trainer_state.pt"
     assert resolve_resume("auto", state) is False and resolve_resume(False, state) is False
-    with pytest.raises(AssertionError, match="train without resume first"):
+    with pytest.raises(UsageError, match="train without resume first"):
         resolve_resume(True, state)
     state.parent.mkdir()
     state.write_bytes(b"")
     assert resolve_resume("auto", state) is True and resolve_resume(True, state) is True
-    with pytest.raises(AssertionError, match="true, false or auto"):
+    with pytest.raises(UsageError, match="true, false or auto"):
         resolve_resume("yes", state)
     assert finished_run("auto", tmp_path) is None
     (tmp_path / "metrics.json").write_text('{"nmse": 0.5}')

@@ -38,15 +38,16 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from tqdm import tqdm
 
-from nn_decomp.config import CacheConfig, arch_hooks, validate
+from nn_decomp.config import CacheConfig, UsageError, arch_hooks, require, validate
 from nn_decomp.distributed import SINGLE, DistInfo, rank_device
+from nn_decomp.jobs import exit_on_usage_error
 
 FORMAT = "nn_decomp.activations/1"
 BUILD = "python -m nn_decomp.cache"
 FLOAT16_MAX = 65504.0
 
 
-class CacheError(OSError):
+class CacheError(UsageError, OSError):
     """The cache file is missing, truncated, corrupted or not a cache."""
 
 
@@ -115,8 +116,8 @@ def read_meta(path: str | Path) -> CacheMeta:
     """The metadata of the cache at `path`, after checking that the file is complete."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"activation cache {path} does not exist: build it with "
-                                f"`{BUILD} model=… arch=… data=…` (writes cache.path) or fix data.path")
+        raise CacheError(f"activation cache {path} does not exist: build it with "
+                         f"`{BUILD} model=… arch=… data=…` (writes cache.path) or fix data.path")
     try:
         with h5py.File(path, "r") as f:
             a = f.attrs
@@ -163,7 +164,7 @@ def build_cache(cfg: DictConfig, model=None) -> CacheMeta:
 
     validate(cfg)
     cc: CacheConfig = OmegaConf.to_object(cfg.cache)
-    assert cfg.data.source != "cache", "data=cache reads a cache: build one from text (data=sotu, text or hf)"
+    require(cfg.data.source != "cache", "data=cache reads a cache: build one from text (data=sotu, text or hf)")
     torch.manual_seed(cfg.train.seed)
     lm = lm_stores(cfg, model, rank_device(cfg.train.device, SINGLE), cc.chunk_rows, buffer_tokens=cc.shuffle_tokens)
     n_chunks = -(-cc.n_tokens // cc.chunk_rows)
@@ -289,8 +290,8 @@ class CachedActivations:
     def __init__(self, meta: CacheMeta, hooks_in: list[str], hooks_out: list[str], batch_size: int,
                  device: torch.device | str, streams: int = 8, rank: int = 0, world_size: int = 1,
                  seed: int = 0, prefetch_chunks: int = 16):
-        assert batch_size % streams == 0, f"train.batch_size={batch_size} must be a multiple of data.streams={streams}"
-        assert streams % world_size == 0, (
+        require(batch_size % streams == 0, f"train.batch_size={batch_size} must be a multiple of data.streams={streams}")
+        require(streams % world_size == 0,
             f"data.streams={streams} must be a multiple of the {world_size} ranks: set data.streams={world_size}·n")
         if meta.n_chunks < streams:
             raise ValueError(f"{meta.path} has {meta.n_chunks} chunks, fewer than data.streams={streams}: "
@@ -431,7 +432,7 @@ def open_cache(cfg: DictConfig, device: torch.device, info: DistInfo = SINGLE):
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    meta = build_cache(cfg)
+    meta = exit_on_usage_error(build_cache, cfg)
     print(f"wrote {meta.n_tokens} train + {meta.n_eval} eval rows of {meta.hooks} ({meta.dtype}) to {meta.path}\n"
           f"train from it: python -m nn_decomp.train data=cache data.path={meta.path} "
           f"model.name={meta.model} arch=… (the same arch overrides)")

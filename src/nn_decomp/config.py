@@ -13,6 +13,16 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 ARCHS = ("sae", "transcoder", "skip_transcoder", "clt")
 
 
+class UsageError(Exception):
+    """Bad input the user can fix; the CLIs print it as one line (jobs.exit_on_usage_error)."""
+
+
+def require(ok: Any, message: str) -> None:
+    """A check on user input: unlike an assert it survives `python -O`, and it ends a CLI with one line."""
+    if not ok:
+        raise UsageError(message)
+
+
 @dataclass
 class ArchConfig:
     name: str = MISSING
@@ -29,15 +39,15 @@ class ArchConfig:
     """Initial norm of each decoder vector (concatenated over target layers for a CLT)."""
 
     def __post_init__(self):
-        assert self.name in ARCHS, f"arch.name={self.name!r}: choose one of {ARCHS}"
-        assert self.n_latents > 0, f"arch.n_latents={self.n_latents}: must be positive"
+        require(self.name in ARCHS, f"arch.name={self.name!r}: choose one of {ARCHS}")
+        require(self.n_latents > 0, f"arch.n_latents={self.n_latents}: must be positive")
         if self.name == "clt":
-            assert len(self.layers) >= 2, (
+            require(len(self.layers) >= 2,
                 f"arch.layers={self.layers}: a CLT needs >= 2 layers; use arch=transcoder for one")
         else:
-            assert len(self.layers) == 1, (
+            require(len(self.layers) == 1,
                 f"arch.layers={self.layers}: arch={self.name} covers one layer; use arch=clt for several")
-        assert sorted(set(self.layers)) == list(self.layers), f"arch.layers={self.layers}: give distinct increasing layers"
+        require(sorted(set(self.layers)) == list(self.layers), f"arch.layers={self.layers}: give distinct increasing layers")
 
 
 def arch_hooks(arch) -> tuple[list[str], list[str]]:
@@ -51,6 +61,9 @@ class ReLUConfig:
     _target_: str = "nn_decomp.activations.ReLU"
     l1_coef: float = 1.0
     """Weight of Σ f·‖W_dec‖ (data normalised to E‖x‖² = d)."""
+
+    def __post_init__(self):
+        require(self.l1_coef >= 0, f"act.l1_coef={self.l1_coef}: must be >= 0")
 
 
 @dataclass
@@ -68,7 +81,9 @@ class TopKConfig:
     either way, only the loss weighs tokens alike."""
 
     def __post_init__(self):
-        assert self.k > 0, f"act.k={self.k}: must be positive"
+        require(self.k > 0, f"act.k={self.k}: must be positive")
+        require(self.aux_coef >= 0, f"act.aux_coef={self.aux_coef}: must be >= 0")
+        require(self.k_aux is None or self.k_aux > 0, f"act.k_aux={self.k_aux}: must be positive (or null)")
 
 
 @dataclass
@@ -119,11 +134,13 @@ class JumpReLUConfig:
     the gradient's size: at 1 a 500-step run has not moved θ from 0.5 to where L0 = 8 needs it."""
 
     def __post_init__(self):
-        assert self.penalty in PENALTIES, f"act.penalty={self.penalty!r}: use one of {', '.join(PENALTIES)}"
-        assert self.penalty != "target" or (self.target_l0 or 0) > 0, (
+        require(self.penalty in PENALTIES, f"act.penalty={self.penalty!r}: use one of {', '.join(PENALTIES)}")
+        require(self.penalty != "target" or (self.target_l0 or 0) > 0,
             f"act.target_l0={self.target_l0}: act.penalty=target needs a target L0 > 0 (e.g. act.target_l0=32)")
-        assert self.bandwidth > 0 and self.init_threshold > 0, "act.bandwidth and act.init_threshold must be > 0"
-        assert self.threshold_lr_scale > 0, "act.threshold_lr_scale must be > 0"
+        require(self.bandwidth > 0 and self.init_threshold > 0, "act.bandwidth and act.init_threshold must be > 0")
+        require(self.threshold_lr_scale > 0, "act.threshold_lr_scale must be > 0")
+        require(min(self.sparsity_coef, self.pre_act_coef, self.aux_coef) >= 0,
+                "act.sparsity_coef, act.pre_act_coef and act.aux_coef must be >= 0")
 
 
 @dataclass
@@ -170,10 +187,10 @@ class DataConfig:
     """source=cache: chunks the background reader keeps loaded ahead of the trainer (per rank)."""
 
     def __post_init__(self):
-        assert self.source in DATA_SOURCES, f"data.source={self.source!r}: use one of {DATA_SOURCES}"
-        assert self.source in ("sotu", "synthetic") or self.path, f"data.source={self.source}: set data.path"
-        assert 0 < self.eval_fraction < 1, f"data.eval_fraction={self.eval_fraction}: must be in (0, 1)"
-        assert self.streams > 0 and self.prefetch_chunks > 0, "data.streams and data.prefetch_chunks must be > 0"
+        require(self.source in DATA_SOURCES, f"data.source={self.source!r}: use one of {DATA_SOURCES}")
+        require(self.source in ("sotu", "synthetic") or self.path, f"data.source={self.source}: set data.path")
+        require(0 < self.eval_fraction < 1, f"data.eval_fraction={self.eval_fraction}: must be in (0, 1)")
+        require(self.streams > 0 and self.prefetch_chunks > 0, "data.streams and data.prefetch_chunks must be > 0")
 
 
 @dataclass
@@ -212,19 +229,19 @@ class SyntheticDataConfig(DataConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        assert self.source == "synthetic", "data=synthetic sets data.source=synthetic"
-        assert self.n_parents * (self.children_per_parent + 1) <= self.n_features, (
+        require(self.source == "synthetic", "data=synthetic sets data.source=synthetic")
+        require(self.n_parents * (self.children_per_parent + 1) <= self.n_features,
             f"data.n_parents·(children_per_parent+1) = {self.n_parents * (self.children_per_parent + 1)} "
             f"exceeds data.n_features={self.n_features}: lower n_parents or raise n_features")
-        assert 0 < self.mean_l0 < self.n_features, f"data.mean_l0={self.mean_l0}: must be in (0, n_features)"
-        assert 0 <= self.correlation < 1 and 0 <= self.child_prob <= 1, "data.correlation in [0, 1), child_prob in [0, 1]"
+        require(0 < self.mean_l0 < self.n_features, f"data.mean_l0={self.mean_l0}: must be in (0, n_features)")
+        require(0 <= self.correlation < 1 and 0 <= self.child_prob <= 1, "data.correlation in [0, 1), child_prob in [0, 1]")
 
 
 RESUME_CHOICES = (True, False, "auto")
 
 
 def check_resume(resume: Any) -> None:
-    assert resume in RESUME_CHOICES, f"train.resume={resume!r}: use true, false or auto"
+    require(resume in RESUME_CHOICES, f"train.resume={resume!r}: use true, false or auto")
 
 
 @dataclass
@@ -259,11 +276,15 @@ class TrainConfig:
     """Stop after this many steps (tests use it to simulate an interrupted run)."""
 
     def __post_init__(self):
-        assert self.decay in ("linear", "cosine"), f"train.decay={self.decay!r}: use linear or cosine"
-        assert self.b_dec_init in ("mean", "geometric_median", "zeros"), (
+        require(self.decay in ("linear", "cosine"), f"train.decay={self.decay!r}: use linear or cosine")
+        require(self.b_dec_init in ("mean", "geometric_median", "zeros"),
             f"train.b_dec_init={self.b_dec_init!r}: use mean, geometric_median or zeros")
-        assert 0 <= self.decay_fraction <= 1, f"train.decay_fraction={self.decay_fraction}: must be in [0, 1]"
-        assert self.n_tokens >= self.batch_size, "train.n_tokens must be >= train.batch_size"
+        require(0 <= self.decay_fraction <= 1, f"train.decay_fraction={self.decay_fraction}: must be in [0, 1]")
+        require(self.batch_size > 0, f"train.batch_size={self.batch_size}: must be positive")
+        require(self.n_tokens >= self.batch_size, "train.n_tokens must be >= train.batch_size")
+        require(min(self.log_every, self.eval_every, self.checkpoint_every, self.eval_tokens, self.dead_tokens) > 0,
+                "train.log_every, eval_every, checkpoint_every, eval_tokens and dead_tokens must be positive")
+        require(self.warmup_steps >= 0 and self.grad_clip > 0, "train.warmup_steps must be >= 0, train.grad_clip > 0")
         check_resume(self.resume)
 
 
@@ -291,10 +312,10 @@ class CacheConfig:
     """Rows mixed before they are cut into chunks (the write-time shuffle window)."""
 
     def __post_init__(self):
-        assert self.dtype in CACHE_DTYPES, f"cache.dtype={self.dtype!r}: use one of {CACHE_DTYPES}"
-        assert self.n_tokens > 0 and self.eval_tokens > 0, "cache.n_tokens and cache.eval_tokens must be > 0"
-        assert self.chunk_rows > 0, f"cache.chunk_rows={self.chunk_rows}: must be positive"
-        assert self.shuffle_tokens >= 2 * self.chunk_rows, (
+        require(self.dtype in CACHE_DTYPES, f"cache.dtype={self.dtype!r}: use one of {CACHE_DTYPES}")
+        require(self.n_tokens > 0 and self.eval_tokens > 0, "cache.n_tokens and cache.eval_tokens must be > 0")
+        require(self.chunk_rows > 0, f"cache.chunk_rows={self.chunk_rows}: must be positive")
+        require(self.shuffle_tokens >= 2 * self.chunk_rows,
             f"cache.shuffle_tokens={self.shuffle_tokens}: set it >= 2 * cache.chunk_rows = {2 * self.chunk_rows}")
 
 
@@ -308,8 +329,8 @@ class LoggerConfig:
     """wandb mode: online | offline | disabled."""
 
     def __post_init__(self):
-        assert self.name in ("none", "wandb"), f"logger.name={self.name!r}: use none or wandb"
-        assert self.mode in ("online", "offline", "disabled"), f"logger.mode={self.mode!r}"
+        require(self.name in ("none", "wandb"), f"logger.name={self.name!r}: use none or wandb")
+        require(self.mode in ("online", "offline", "disabled"), f"logger.mode={self.mode!r}")
 
 
 # --- entry points besides train: evaluate, convert, export (conf/<name>.yaml) --------------------
@@ -328,7 +349,7 @@ class EvalSettings:
     """Tokens per context; null: the checkpoint's data.context_size."""
 
     def __post_init__(self):
-        assert self.n_tokens > 0 and self.batch_contexts > 0, "eval.n_tokens and eval.batch_contexts must be > 0"
+        require(self.n_tokens > 0 and self.batch_contexts > 0, "eval.n_tokens and eval.batch_contexts must be > 0")
 
 
 @dataclass
@@ -382,7 +403,7 @@ class ConvertConfig:
     paths: Any = None
 
     def __post_init__(self):
-        assert self.estimator in ESTIMATORS, f"estimator={self.estimator!r}: choose one of {ESTIMATORS}"
+        require(self.estimator in ESTIMATORS, f"estimator={self.estimator!r}: choose one of {ESTIMATORS}")
 
 
 @dataclass
@@ -457,8 +478,8 @@ class InterpConfig:
     """Seeds the sample of features, the intruder pool and the intruder trials."""
 
     def __post_init__(self):
-        assert self.judge in ("offline", "openai"), f"interp.judge={self.judge!r}: use offline or openai"
-        assert self.n_features > 0 and self.n_examples > 0 and self.window >= 0, "interp sizes must be positive"
+        require(self.judge in ("offline", "openai"), f"interp.judge={self.judge!r}: use offline or openai")
+        require(self.n_features > 0 and self.n_examples > 0 and self.window >= 0, "interp sizes must be positive")
 
 
 def validate(cfg: DictConfig) -> None:
@@ -468,11 +489,19 @@ def validate(cfg: DictConfig) -> None:
         if group in cfg:  # configs saved before the cache group existed lack it
             OmegaConf.to_object(cfg[group])
     k = cfg.act.get("k")
-    assert k is None or k < cfg.arch.n_latents, (
+    require(k is None or k < cfg.arch.n_latents,
         f"act.k={k} must be < arch.n_latents={cfg.arch.n_latents}: lower act.k or raise arch.n_latents")
     if cfg.data.source == "cache":
-        assert cfg.train.batch_size % cfg.data.streams == 0, (
+        require(cfg.train.batch_size % cfg.data.streams == 0,
             f"train.batch_size={cfg.train.batch_size} must be a multiple of data.streams={cfg.data.streams}")
+    lr = OmegaConf.select(cfg, "train.optimizer.lr", default=None)
+    require(lr is None or lr > 0, f"train.optimizer.lr={lr}: must be positive")
+    import torch  # here, not at the top: the schemas above are read without it
+
+    for key in ("model.device", "train.device"):
+        device = str(OmegaConf.select(cfg, key, default="auto"))
+        require(not device.startswith("cuda") or torch.cuda.is_available(),
+                f"{key}={device}: this machine has no CUDA device; use {key}=cpu or auto")
 
 
 def register_configs() -> None:

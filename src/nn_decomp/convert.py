@@ -31,9 +31,9 @@ from torch import Tensor
 
 from nn_decomp.checkpoint import build_coder, read_config, save_checkpoint
 from nn_decomp.coder import SparseCoder
-from nn_decomp.config import JumpReLUConfig  # importing config registers base_convert
+from nn_decomp.config import JumpReLUConfig, UsageError  # importing config registers base_convert
 from nn_decomp.evaluate import check_compatible, check_model_choice, load_dictionaries, refuse_existing, text_config
-from nn_decomp.jobs import UsageError, exit_on_usage_error
+from nn_decomp.jobs import exit_on_usage_error
 from nn_decomp.patching import layer_latents
 
 CONVERTIBLE = ("topk", "batchtopk")

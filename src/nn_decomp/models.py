@@ -19,6 +19,8 @@ from safetensors.torch import save_file
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from nn_decomp.config import UsageError
+
 SMOLLM2 = "smollm2_135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TL_WEIGHTS = "tl_weights.safetensors"
@@ -36,7 +38,7 @@ def resolve_device(device: str) -> torch.device:
 
 def _resolve_dtype(dtype: str) -> torch.dtype:
     if dtype not in DTYPES:
-        raise ValueError(f"Unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}.")
+        raise UsageError(f"Unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}.")
     return DTYPES[dtype]
 
 
@@ -52,6 +54,13 @@ def load_model(name: str, device: str = "auto", dtype: str = "float32",
         _check_first_n_layers(first_n_layers, n_layers)
     return HookedTransformer.from_pretrained(name, device=torch_device, dtype=torch_dtype,
                                              first_n_layers=first_n_layers, **PROCESSING)
+
+
+def model_n_layers(name: str, cache_dir: str | Path = "~/.cache/nn_decomp") -> int:
+    """The model's block count from its config alone (no weights read)."""
+    if name == SMOLLM2:
+        return AutoConfig.from_pretrained(smollm2_dir(cache_dir)).num_hidden_layers
+    return tl_loading.get_pretrained_model_config(name).n_layers
 
 
 def tiny_model(n_layers: int = 3, d_model: int = 32, d_mlp: int = 64, d_vocab: int = 100,
@@ -144,5 +153,5 @@ def _load_smollm2(device: torch.device, dtype: torch.dtype, first_n_layers: int 
 
 def _check_first_n_layers(first_n_layers: int | None, n_layers: int) -> None:
     if first_n_layers is not None and not 1 <= first_n_layers <= n_layers:
-        raise ValueError(f"first_n_layers={first_n_layers} is out of range; "
+        raise UsageError(f"first_n_layers={first_n_layers} is out of range; "
                          f"this model has layers 1..{n_layers}.")

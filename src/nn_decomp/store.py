@@ -10,10 +10,10 @@ from omegaconf import DictConfig
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from nn_decomp.config import arch_hooks
+from nn_decomp.config import UsageError, arch_hooks, require
 from nn_decomp.data import load_texts, split_documents, token_contexts
 from nn_decomp.distributed import SINGLE, DistInfo, rank_device
-from nn_decomp.models import load_model
+from nn_decomp.models import load_model, model_n_layers
 
 
 def check_hooks(model: HookedTransformer, hooks: list[str]) -> None:
@@ -21,7 +21,7 @@ def check_hooks(model: HookedTransformer, hooks: list[str]) -> None:
     for hook in hooks:
         if hook not in model.hook_dict:
             close = difflib.get_close_matches(hook, list(model.hook_dict), n=5)
-            raise ValueError(f"hook {hook!r} not in {model.cfg.model_name}; close matches: {close}")
+            raise UsageError(f"hook {hook!r} not in {model.cfg.model_name}; close matches: {close}")
 
 
 def hook_layer(hook: str) -> int:
@@ -34,7 +34,7 @@ def hook_layer(hook: str) -> int:
         return int(match[1])
     if hook.startswith("hook_"):
         return -1
-    raise ValueError(f"hook {hook!r} is not inside a block; use a blocks.N.* or hook_embed hook")
+    raise UsageError(f"hook {hook!r} is not inside a block; use a blocks.N.* or hook_embed hook")
 
 
 class ActivationsStore:
@@ -73,7 +73,7 @@ class ActivationsStore:
         hooks = [*hooks_in, *hooks_out]
         check_hooks(model, hooks)
         if batch_size > buffer_tokens // 2:
-            raise ValueError(
+            raise UsageError(
                 f"batch_size={batch_size} exceeds half of data.buffer_tokens={buffer_tokens}; "
                 f"set data.buffer_tokens >= {2 * batch_size}"
             )
@@ -176,15 +176,18 @@ def lm_stores(cfg: DictConfig, model: HookedTransformer | None, device: torch.de
     takes every world_size-th training context, starting at its rank. `buffer_tokens` replaces
     data.buffer_tokens for the training store only: the eval set stays the same. Nothing runs the LM yet."""
     n_needed = max(cfg.arch.layers) + 1
-    if model is None:
-        model = load_model(cfg.model.name, str(rank_device(cfg.model.device, info)), cfg.model.dtype,
-                           cfg.model.first_n_layers or n_needed, cfg.model.cache_dir)
-    assert n_needed <= model.cfg.n_layers, (
-        f"arch.layers={list(cfg.arch.layers)} out of range: {cfg.model.name} has {model.cfg.n_layers} layers")
-    check_hooks(model, sum(arch_hooks(cfg.arch), []))
+    n_layers = (model.cfg.n_layers if model is not None
+                else cfg.model.first_n_layers or model_n_layers(cfg.model.name, cfg.model.cache_dir))
+    require(n_needed <= n_layers, f"arch.layers={list(cfg.arch.layers)} out of range: {cfg.model.name} has "
+                                  f"{n_layers} layers (0..{n_layers - 1})")
+    # the text before the model: a bad corpus fails without loading weights
     texts = load_texts(cfg.data.source, cfg.data.path, cfg.data.name, cfg.data.split, cfg.data.column,
                        cfg.data.streaming)
     train_texts, eval_texts = split_documents(texts, cfg.data.eval_fraction, cfg.train.seed)
+    if model is None:
+        model = load_model(cfg.model.name, str(rank_device(cfg.model.device, info)), cfg.model.dtype,
+                           cfg.model.first_n_layers or n_needed, cfg.model.cache_dir)
+    check_hooks(model, sum(arch_hooks(cfg.arch), []))
     tok = model.tokenizer
     exclude = sorted({t for t in (tok.bos_token_id, tok.pad_token_id, tok.eos_token_id) if t is not None})
 

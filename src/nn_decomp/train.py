@@ -23,10 +23,10 @@ from tqdm import tqdm
 from nn_decomp import distributed
 from nn_decomp.cache import open_cache
 from nn_decomp.checkpoint import TRAINER_STATE, build_coder, recover_dir, save_checkpoint
-from nn_decomp.config import arch_hooks, validate
+from nn_decomp.config import arch_hooks, require, validate
 from nn_decomp.coder import SparseCoder
 from nn_decomp.distributed import SINGLE, DistInfo
-from nn_decomp.jobs import finished_run, is_first_rank, resolve_resume
+from nn_decomp.jobs import exit_on_usage_error, finished_run, is_first_rank, resolve_resume
 from nn_decomp.logger import MetricsLogger
 from nn_decomp.losses import LossOutput, coder_loss, explained_variance, fvu
 from nn_decomp.synthetic import SyntheticData
@@ -257,7 +257,7 @@ def setup(cfg: DictConfig, model: HookedTransformer | None = None, info: DistInf
     validate(cfg)
     device = distributed.rank_device(cfg.train.device, info)
     torch.manual_seed(cfg.train.seed)
-    assert cfg.train.batch_size % info.world_size == 0, (
+    require(cfg.train.batch_size % info.world_size == 0,
         f"train.batch_size={cfg.train.batch_size} must be a multiple of the {info.world_size} ranks")
     if cfg.data.source == "cache":
         _, store, eval_set = open_cache(cfg, device, info)
@@ -361,7 +361,7 @@ def run_summary(run_dir: Path, final: dict) -> str:
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    final = train(cfg)
+    final = exit_on_usage_error(train, cfg)
     if is_first_rank():
         print(run_summary(Path(cfg.paths.output_dir), final), flush=True)
 
