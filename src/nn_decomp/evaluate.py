@@ -101,7 +101,7 @@ def check_compatible(model: HookedTransformer, dictionaries: list[HookedDictiona
     hooks = sorted({h for d in dictionaries for h in d.hooks_in + d.hooks_out})
     try:
         check_hooks(model, hooks)
-    except ValueError as e:
+    except UsageError as e:
         raise UsageError(f"{e}: the checkpoint was trained on another model; evaluate it with that one") from None
     stop = max(hook_layer(h) for h in hooks) + 1
     _, cache = model.run_with_cache(torch.zeros(1, 2, dtype=torch.long, device=model.cfg.device),
