@@ -82,12 +82,12 @@ def run_peers(rows: list[dict], out: Path) -> list[dict]:
     for r in rows:
         if r["status"] != "completed" or r.get("act") != "topk" or r.get("act.k") != PEER_K:
             continue
-        for name in PEERS.get(r.get("arch.name"), []):
-            if any(d["peer"] == name and d["arch"] == r["arch.name"] for d in done):
+        for name in PEERS.get(r.get("arch"), []):  # the arch config chosen (sae_mlp_out's arch.name is sae)
+            if any(d["peer"] == name and d["arch"] == r["arch"] for d in done):
                 continue
             print(f"training {name} on the rows of {r['job']}", flush=True)
             cfg, _ = read_config(Path(r["job"]) / "checkpoint")
-            done.append({"peer": name, "arch": r["arch.name"], "k": PEER_K, "ours_job": str(r["job"]),
+            done.append({"peer": name, "arch": r["arch"], "k": PEER_K, "ours_job": str(r["job"]),
                          "ours_nmse": number(r.get("eval.nmse")), "ours_l0": number(r.get("eval.l0")),
                          **train_peer_on_run(name, cfg)})
             out.write_text(json.dumps(done, indent=2))
