@@ -3,6 +3,7 @@ names the setting, a non-zero exit and no traceback, before any model weights or
 The CLIs run in this process (as `python -m` runs them), so each case costs its config checks only."""
 import runpy
 import sys
+from pathlib import Path
 
 import h5py
 import pytest
@@ -10,14 +11,19 @@ import torch
 from hydra.core.global_hydra import GlobalHydra
 
 TRAIN = "nn_decomp.train"
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
 
 def run(module: str, args: list[str], capsys) -> tuple[int, str]:
-    """`python -m module args` in process: (exit code, what it printed to stderr, the exit message included)."""
+    """`python -m module args` (or `python experiments/<module>/run.py args`) in process: (exit code,
+    what it printed to stderr, the exit message included)."""
     argv, sys.argv = sys.argv, [module, *args]
     GlobalHydra.instance().clear()
     try:
-        runpy.run_module(module, run_name="__main__", alter_sys=False)
+        if module.startswith("exp_"):
+            runpy.run_path(str(EXPERIMENTS / module / "run.py"), run_name="__main__")
+        else:
+            runpy.run_module(module, run_name="__main__", alter_sys=False)
         code, message = 0, ""
     except SystemExit as e:
         code, message = (1, e.code) if isinstance(e.code, str) else (e.code or 0, "")
@@ -72,12 +78,14 @@ CASES = [  # (module, args, a fragment the one line must name)
     ("nn_decomp.export", ["checkpoint={tmp}", "format=saelens", "out={tmp}/out"], "is not a checkpoint"),
     ("nn_decomp.collect", ["/nonexistent/sweep"], "is not a directory"),
     ("nn_decomp.collect", ["{tmp}", "output=x.csv"], "unknown option"),
+    ("exp_002_pareto", ["scale=huge"], "scale=huge: use one of smoke, cpu, cpu_2m, gpu"),
+    ("exp_005_ground_truth", ["scale=cpu_2m"], "exp_005_ground_truth has no scale=cpu_2m"),
 ]
 if not torch.cuda.is_available():
     CASES.append((TRAIN, ["model.device=cuda"], "model.device=cuda: this machine has no CUDA device"))
 
 
-@pytest.mark.parametrize("module, args, fragment", CASES, ids=[" ".join([m.split(".")[1], *a]) for m, a, _ in CASES])
+@pytest.mark.parametrize("module, args, fragment", CASES, ids=[" ".join([m.split(".")[-1], *a]) for m, a, _ in CASES])
 def test_bad_input_ends_with_one_line_naming_the_fix(module, args, fragment, files, capsys, monkeypatch):
     monkeypatch.chdir(files)  # Hydra's run dirs land here
     code, err = run(module, [a.replace("{tmp}", str(files)) for a in args], capsys)
@@ -88,6 +96,6 @@ def test_bad_input_ends_with_one_line_naming_the_fix(module, args, fragment, fil
 
 
 @pytest.mark.parametrize("module", [TRAIN, "nn_decomp.cache", "nn_decomp.evaluate", "nn_decomp.convert",
-                                    "nn_decomp.export", "nn_decomp.collect"])
+                                    "nn_decomp.export", "nn_decomp.collect", "exp_003_all_layers_patching"])
 def test_every_entry_point_answers_help(module, capsys):
     assert run(module, ["--help"], capsys)[0] == 0

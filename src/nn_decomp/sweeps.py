@@ -53,7 +53,7 @@ class Experiment:
         the ones this experiment has sizes for."""
         scale, flags, overrides, paths = parse_args(argv, usage)
         if scale not in scales:
-            raise SystemExit(f"{name} has no scale={scale}: use one of {', '.join(scales)}")
+            raise SystemExit(f"error: {name} has no scale={scale}: use one of {', '.join(scales)}")
         one_thread_if_smoke(scale)
         return cls(name, scale, overrides), flags, paths
 
@@ -245,6 +245,9 @@ def parse_args(argv: Sequence[str], usage: str) -> tuple[str, set[str], list[str
     assigns = [a for a in argv if "=" in a and not a.startswith("--")]
     paths = [a for a in argv if "=" not in a and not a.startswith("--")]
     scale = next((a.split("=", 1)[1] for a in assigns if a.startswith("scale=")), "cpu")
-    if "--help" in flags or scale not in SCALES:
-        raise SystemExit(usage)
+    if "--help" in flags:
+        print(usage)
+        raise SystemExit(0)
+    if scale not in SCALES:
+        raise SystemExit(f"error: scale={scale}: use one of {', '.join(SCALES)} (--help: what this experiment runs)")
     return scale, flags, [a for a in assigns if not a.startswith("scale=")], paths
