@@ -10,6 +10,8 @@ import pytest
 import torch
 from hydra.core.global_hydra import GlobalHydra
 
+from nn_decomp.config import UsageError
+
 TRAIN = "nn_decomp.train"
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
@@ -93,6 +95,13 @@ def test_bad_input_ends_with_one_line_naming_the_fix(module, args, fragment, fil
     assert code != 0, err
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert fragment.replace("{tmp}", str(files)) in lines[0], err
+
+
+def test_hydra_full_error_shows_the_traceback(files, capsys, monkeypatch):
+    monkeypatch.chdir(files)
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+    with pytest.raises(UsageError, match="act.k=0"):
+        run(TRAIN, ["act=topk", "act.k=0"], capsys)
 
 
 @pytest.mark.parametrize("module", [TRAIN, "nn_decomp.cache", "nn_decomp.evaluate", "nn_decomp.convert",

@@ -147,12 +147,13 @@ def analysis_config(cfg: DictConfig) -> AnalysisConfig:
 
 def exit_on_usage_error(run: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
     """A CLI's `main`: `run(cfg)`, a UsageError ending the process with `error: ...` (one line, no
-    traceback; exit code 1) instead. In a sweep it is raised: Hydra records that job as failed
-    (status.json) and runs the others."""
+    traceback; exit code 1) instead. It is raised in a sweep (Hydra records that job as failed in
+    status.json and runs the others) and under HYDRA_FULL_ERROR=1 (for its traceback)."""
     try:
         return run(cfg)
     except UsageError as e:
-        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1" or (
+                HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN):
             raise
         sys.exit(f"error: {e}")
 
