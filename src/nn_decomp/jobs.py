@@ -108,7 +108,6 @@ class JobStatusCallback(Callback):
             # through run_job and the launcher, which ends the sweep here.
             raise SystemExit(f"{name} failed and fail_fast=true: stopping the sweep")
 
-
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from nn_decomp.collect import collect, summary
 
