@@ -7,6 +7,7 @@ shapes its loaders read (circuit_tracer/transcoder/{cross_layer,single_layer}_tr
 against a re-implementation of its forward pass; the loader test runs only where it is importable."""
 import importlib.util
 import json
+import os
 
 import pytest
 import torch
@@ -72,6 +73,10 @@ def test_saelens_export_has_the_documented_layout(tmp_path, arch, act):
     assert ("W_skip" in w) == (arch == "skip_transcoder")
     if arch != "sae":
         assert cfg["d_out"] == 12 and cfg["metadata"]["hook_name_out"] == "blocks.2.hook_mlp_out"
+    mask = os.umask(0)
+    os.umask(mask)
+    for f in [*out.iterdir(), *ckpt.iterdir()]:  # others may read what the umask lets them (not 0600)
+        assert f.stat().st_mode & 0o777 == 0o666 & ~mask, f
 
 
 @needs_saelens

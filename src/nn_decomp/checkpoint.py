@@ -55,8 +55,12 @@ def sync(path: Path) -> None:
 
 def publish_dir(tmp: Path, out: Path) -> None:
     """Swap the fully written `tmp` in as `out`: sync tmp's files, `out` → `out`.old, tmp → `out`,
-    remove `out`.old. Between the two renames only .old and a complete .tmp exist (recover_dir)."""
+    remove `out`.old. Between the two renames only .old and a complete .tmp exist (recover_dir).
+    Files get the mode the umask allows (safetensors writes 0600: others on a cluster could not read)."""
+    mask = os.umask(0)
+    os.umask(mask)
     for f in tmp.iterdir():
+        f.chmod(0o666 & ~mask)
         sync(f)
     sync(tmp)
     _, old = siblings(out)
