@@ -97,11 +97,11 @@ def test_bad_input_ends_with_one_line_naming_the_fix(module, args, fragment, fil
     assert fragment.replace("{tmp}", str(files)) in lines[0], err
 
 
-def test_hydra_full_error_shows_the_traceback(files, capsys, monkeypatch):
+def test_nn_decomp_debug_shows_the_traceback(files, capsys, monkeypatch):
     monkeypatch.chdir(files)
-    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
-    with pytest.raises(UsageError, match="act.k=0"):
-        run(TRAIN, ["act=topk", "act.k=0"], capsys)
+    monkeypatch.setenv("NN_DECOMP_DEBUG", "1")
+    code, err = run(TRAIN, ["act=topk", "act.k=0"], capsys)
+    assert code == 1 and "Traceback" in err and f"{UsageError.__name__}: act.k=0" in err
 
 
 @pytest.mark.parametrize("module", [TRAIN, "nn_decomp.cache", "nn_decomp.evaluate", "nn_decomp.convert",

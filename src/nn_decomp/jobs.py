@@ -146,14 +146,16 @@ def analysis_config(cfg: DictConfig) -> AnalysisConfig:
 
 def exit_on_usage_error(run: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
     """A CLI's `main`: `run(cfg)`, a UsageError ending the process with `error: ...` (one line, no
-    traceback; exit code 1) instead. It is raised in a sweep (Hydra records that job as failed in
-    status.json and runs the others) and under HYDRA_FULL_ERROR=1 (for its traceback)."""
+    traceback; exit code 1) instead; NN_DECOMP_DEBUG=1 prints its traceback first (HYDRA_FULL_ERROR
+    stays Hydra's own, for errors that are not the user's). It is raised in a sweep: Hydra records
+    that job as failed in status.json and runs the others."""
     try:
         return run(cfg)
     except UsageError as e:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1" or (
-                HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN):
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
             raise
+        if os.environ.get("NN_DECOMP_DEBUG") == "1":
+            traceback.print_exc()
         sys.exit(f"error: {e}")
 
 
