@@ -88,7 +88,8 @@ def run_peers(rows: list[dict], out: Path) -> list[dict]:
             print(f"training {name} on the rows of {r['job']}", flush=True)
             cfg, _ = read_config(Path(r["job"]) / "checkpoint")
             done.append({"peer": name, "arch": r["arch"], "k": PEER_K, "ours_job": str(r["job"]),
-                         "ours_nmse": number(r.get("eval.nmse")), "ours_l0": number(r.get("eval.l0")),
+                         # the run's own held-out cache rows (metrics.json), the rows the peer is scored on
+                         "ours_nmse": number(r.get("nmse")), "ours_l0": number(r.get("l0")),
                          **train_peer_on_run(name, cfg)})
             out.write_text(json.dumps(done, indent=2))
     return done
