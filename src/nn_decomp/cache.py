@@ -290,9 +290,11 @@ class CachedActivations:
     def __init__(self, meta: CacheMeta, hooks_in: list[str], hooks_out: list[str], batch_size: int,
                  device: torch.device | str, streams: int = 8, rank: int = 0, world_size: int = 1,
                  seed: int = 0, prefetch_chunks: int = 16):
-        require(batch_size % streams == 0, f"train.batch_size={batch_size} must be a multiple of data.streams={streams}")
+        require(batch_size % streams == 0,
+                f"train.batch_size={batch_size} must be a multiple of data.streams={streams}")
         require(streams % world_size == 0,
-            f"data.streams={streams} must be a multiple of the {world_size} ranks: set data.streams={world_size}·n")
+                f"data.streams={streams} must be a multiple of the {world_size} ranks: "
+                f"set data.streams={world_size}·n")
         if meta.n_chunks < streams:
             raise UsageError(f"{meta.path} has {meta.n_chunks} chunks, fewer than data.streams={streams}: "
                              "lower data.streams or build the cache with a smaller cache.chunk_rows")

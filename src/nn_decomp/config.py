@@ -43,11 +43,12 @@ class ArchConfig:
         require(self.n_latents > 0, f"arch.n_latents={self.n_latents}: must be positive")
         if self.name == "clt":
             require(len(self.layers) >= 2,
-                f"arch.layers={self.layers}: a CLT needs >= 2 layers; use arch=transcoder for one")
+                    f"arch.layers={self.layers}: a CLT needs >= 2 layers; use arch=transcoder for one")
         else:
             require(len(self.layers) == 1,
-                f"arch.layers={self.layers}: arch={self.name} covers one layer; use arch=clt for several")
-        require(sorted(set(self.layers)) == list(self.layers), f"arch.layers={self.layers}: give distinct increasing layers")
+                    f"arch.layers={self.layers}: arch={self.name} covers one layer; use arch=clt for several")
+        require(sorted(set(self.layers)) == list(self.layers),
+                f"arch.layers={self.layers}: give distinct increasing layers")
 
 
 def arch_hooks(arch) -> tuple[list[str], list[str]]:
@@ -137,7 +138,7 @@ class JumpReLUConfig:
     def __post_init__(self):
         require(self.penalty in PENALTIES, f"act.penalty={self.penalty!r}: use one of {', '.join(PENALTIES)}")
         require(self.penalty != "target" or (self.target_l0 or 0) > 0,
-            f"act.target_l0={self.target_l0}: act.penalty=target needs a target L0 > 0 (e.g. act.target_l0=32)")
+                f"act.target_l0={self.target_l0}: act.penalty=target needs a target L0 > 0 (e.g. act.target_l0=32)")
         require(self.bandwidth > 0 and self.init_threshold > 0, "act.bandwidth and act.init_threshold must be > 0")
         require(self.threshold_lr_scale > 0, "act.threshold_lr_scale must be > 0")
         require(min(self.sparsity_coef, self.pre_act_coef, self.aux_coef) >= 0,
@@ -232,10 +233,11 @@ class SyntheticDataConfig(DataConfig):
         super().__post_init__()
         require(self.source == "synthetic", "data=synthetic sets data.source=synthetic")
         require(self.n_parents * (self.children_per_parent + 1) <= self.n_features,
-            f"data.n_parents·(children_per_parent+1) = {self.n_parents * (self.children_per_parent + 1)} "
-            f"exceeds data.n_features={self.n_features}: lower n_parents or raise n_features")
+                f"data.n_parents·(children_per_parent+1) = {self.n_parents * (self.children_per_parent + 1)} "
+                f"exceeds data.n_features={self.n_features}: lower n_parents or raise n_features")
         require(0 < self.mean_l0 < self.n_features, f"data.mean_l0={self.mean_l0}: must be in (0, n_features)")
-        require(0 <= self.correlation < 1 and 0 <= self.child_prob <= 1, "data.correlation in [0, 1), child_prob in [0, 1]")
+        require(0 <= self.correlation < 1 and 0 <= self.child_prob <= 1,
+                "data.correlation in [0, 1), child_prob in [0, 1]")
 
 
 RESUME_CHOICES = (True, False, "auto")
@@ -279,7 +281,7 @@ class TrainConfig:
     def __post_init__(self):
         require(self.decay in ("linear", "cosine"), f"train.decay={self.decay!r}: use linear or cosine")
         require(self.b_dec_init in ("mean", "geometric_median", "zeros"),
-            f"train.b_dec_init={self.b_dec_init!r}: use mean, geometric_median or zeros")
+                f"train.b_dec_init={self.b_dec_init!r}: use mean, geometric_median or zeros")
         require(0 <= self.decay_fraction <= 1, f"train.decay_fraction={self.decay_fraction}: must be in [0, 1]")
         require(self.batch_size > 0, f"train.batch_size={self.batch_size}: must be positive")
         require(self.n_tokens >= self.batch_size, "train.n_tokens must be >= train.batch_size")
@@ -317,7 +319,7 @@ class CacheConfig:
         require(self.n_tokens > 0 and self.eval_tokens > 0, "cache.n_tokens and cache.eval_tokens must be > 0")
         require(self.chunk_rows > 0, f"cache.chunk_rows={self.chunk_rows}: must be positive")
         require(self.shuffle_tokens >= 2 * self.chunk_rows,
-            f"cache.shuffle_tokens={self.shuffle_tokens}: set it >= 2 * cache.chunk_rows = {2 * self.chunk_rows}")
+                f"cache.shuffle_tokens={self.shuffle_tokens}: set it >= 2 * cache.chunk_rows = {2 * self.chunk_rows}")
 
 
 @dataclass
@@ -491,10 +493,10 @@ def validate(cfg: DictConfig) -> None:
             OmegaConf.to_object(cfg[group])
     k = cfg.act.get("k")
     require(k is None or k < cfg.arch.n_latents,
-        f"act.k={k} must be < arch.n_latents={cfg.arch.n_latents}: lower act.k or raise arch.n_latents")
+            f"act.k={k} must be < arch.n_latents={cfg.arch.n_latents}: lower act.k or raise arch.n_latents")
     if cfg.data.source == "cache":
         require(cfg.train.batch_size % cfg.data.streams == 0,
-            f"train.batch_size={cfg.train.batch_size} must be a multiple of data.streams={cfg.data.streams}")
+                f"train.batch_size={cfg.train.batch_size} must be a multiple of data.streams={cfg.data.streams}")
     lr = OmegaConf.select(cfg, "train.optimizer.lr", default=None)
     require(lr is None or lr > 0, f"train.optimizer.lr={lr}: must be positive")
     import torch  # here, not at the top: the schemas above are read without it

@@ -258,7 +258,7 @@ def setup(cfg: DictConfig, model: HookedTransformer | None = None, info: DistInf
     device = distributed.rank_device(cfg.train.device, info)
     torch.manual_seed(cfg.train.seed)
     require(cfg.train.batch_size % info.world_size == 0,
-        f"train.batch_size={cfg.train.batch_size} must be a multiple of the {info.world_size} ranks")
+            f"train.batch_size={cfg.train.batch_size} must be a multiple of the {info.world_size} ranks")
     if cfg.data.source == "cache":
         _, store, eval_set = open_cache(cfg, device, info)
         return None, store, eval_set, device
