@@ -148,7 +148,8 @@ def held_out(peer: Peer, x_ND: Tensor, y_ND: Tensor, batch_size: int) -> dict:
 def train_peer_on_run(name: str, cfg) -> dict:
     """Peer `name` trained on exactly the rows our run `cfg` trained on (its stream after init_coder's
     batches, each layer scaled to E‖x‖² = d by the same init batches as ours), scored on the run's
-    held-out rows. FVU does not depend on that scale, so it compares with our eval.nmse as is."""
+    held-out rows. FVU does not depend on that scale, so it compares as is with the run's own held-out
+    nmse (metrics.json, the same rows; eval.nmse is the evaluator's, on other tokens)."""
     from nn_decomp.config import arch_hooks
     from nn_decomp.train import INIT_BATCHES, norm_scale, setup, take_tokens
 
