@@ -129,6 +129,7 @@ class Variant:
     act: str  # topk | batchtopk | jumprelu | relu
     arch: str  # sae | transcoder | clt
     layers: int = 1
+    matryoshka: bool = False  # nested prefixes F/16, F/4 (arch.matryoshka)
 
 
 ACTS = ["topk", "batchtopk", "jumprelu", "relu"]
@@ -137,9 +138,10 @@ SAELENS_ACTS, SPARSIFY_ACTS = set(ACTS), {"topk"}
 ARCH_NAMES = {"sae": "SAE", "transcoder": "TC", "clt": "CLT"}
 
 
-def row_name(impl: str, act: str, arch: str, layers: int = 1) -> str:
+def row_name(impl: str, act: str, arch: str, layers: int = 1, matryoshka: bool = False) -> str:
     arch_name = f"CLT{layers}" if arch == "clt" else ARCH_NAMES[arch]
-    return f"{impl} {arch_name} {ACT_NAMES[act]}" if arch != "clt" else f"{impl} {arch_name}"
+    act_name = "Matryoshka " * matryoshka + ACT_NAMES[act]
+    return f"{impl} {arch_name} {act_name}" if arch != "clt" else f"{impl} {arch_name}"
 
 
 def step_variants() -> list[Variant]:
@@ -149,6 +151,8 @@ def step_variants() -> list[Variant]:
             impls = ["ours", "ours dense"] + ["saelens"] * (arch == "sae" and act in SAELENS_ACTS)
             impls += ["sparsify"] * (act in SPARSIFY_ACTS)
             rows += [Variant(row_name(impl, act, arch), impl, act, arch) for impl in impls]
+        rows += [Variant(row_name(impl, "batchtopk", arch, matryoshka=True), impl, "batchtopk", arch, matryoshka=True)
+                 for impl in ("ours", "ours dense")]
     return rows
 
 
@@ -171,6 +175,7 @@ def compose_cfg(v: Variant, shapes: Shapes):
     # a penalty SAELens also has (it has no target-L0 one), with its θ learning rate
     overrides += ["act.penalty=tanh", "act.sparsity_coef=0.1",
                   "act.threshold_lr_scale=1"] * (v.act == "jumprelu")
+    overrides += [f"arch.matryoshka=[{shapes.n_latents // 16},{shapes.n_latents // 4}]"] * v.matryoshka
     overrides += ["train.dead_tokens=10000000"]  # sparsify's default: no latent goes dead during the benchmark
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return compose("config", overrides=overrides)
@@ -413,6 +418,8 @@ def targets(names: set[str]) -> list[Target]:
             out.append(Target(f"{o} / SAELens {ACT_NAMES[act]}", o, row_name("saelens", act, arch),
                               5.0 if act in ("topk", "batchtopk") else 3.0))
             out.append(Target(f"{o} / ours dense reference", o, row_name("ours dense", act, arch), 0.0))
+        m = row_name("ours", "batchtopk", arch, matryoshka=True)
+        out.append(Target(f"{m} step ≤ 1.5× plain BatchTopK", m, row_name("ours", "batchtopk", arch), 1 / 1.5))
     for L in (4, 8):
         o = row_name("ours", "topk", "clt", L)
         out.append(Target(f"{o} / ours dense reference", o, row_name("ours dense", "topk", "clt", L), 3.0 if L == 8 else 0.0))

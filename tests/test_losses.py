@@ -1,11 +1,14 @@
 """Exact values of the objective's terms on tiny hand-made tensors; every expected number is worked
 out by hand in the comments, not by calling the code under test."""
+import copy
 import math
 
 import pytest
 import torch
 
+from helpers import arch_act_cfg
 from nn_decomp.activations import JumpReLU, Latents, ReLU, TopK
+from nn_decomp.checkpoint import build_coder
 from nn_decomp.coder import SparseCoder
 from nn_decomp.losses import aux_k_loss, coder_loss, explained_variance, fvu, squared_error
 
@@ -223,3 +226,24 @@ def test_latents_l0_and_fired_ignore_padding():
     latents = Latents(torch.tensor([[[2.0, 0.0]], [[1.0, 3.0]]]), torch.tensor([[[1, 0]], [[0, 3]]]), 4)
     torch.testing.assert_close(latents.l0(), torch.tensor([1.5]))
     assert latents.fired().tolist() == [[True, True, False, True]]
+
+
+@pytest.mark.parametrize("arch", ["sae", "clt"])
+def test_matryoshka_loss_averages_the_error_of_each_prefix_of_one_selection(arch):
+    """recon = mean over m ∈ {4, 16, F} of ‖y − ŷ_m‖², ŷ_m decoded by the first m latents of the same
+    selection: here, the coder with every decoder row ≥ m zeroed (selection reads the encoder only)."""
+    cfg = arch_act_cfg(arch, "topk", "arch.matryoshka=[4,16]", n_latents=64, k=8)
+    torch.manual_seed(0)
+    coder = build_coder(cfg, 12, 12)
+    x, y = torch.randn(32, coder.n_layers, 12), torch.randn(32, coder.n_layers, 12)
+    loss = coder_loss(coder, coder(x), y, None)
+    errors = []
+    for m in (4, 16, 64):
+        truncated = copy.deepcopy(coder)
+        with torch.no_grad():
+            for w in truncated.W_dec:
+                w[m:] = 0
+        errors.append(squared_error(truncated.eval()(x).recon, y))
+    torch.testing.assert_close(loss.recon, torch.stack(errors).mean())
+    assert len({round(e.item(), 3) for e in errors}) == 3  # each prefix decodes something different
+    assert coder.eval()(x).prefix_recons == ()  # evaluation decodes the whole dictionary only

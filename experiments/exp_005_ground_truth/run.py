@@ -40,12 +40,14 @@ JUMPRELU_TANH = ["act.penalty=tanh", "act.init_threshold=3", "act.threshold_lr_s
                  "act.sparsity_coef=0.01,0.03,0.1,0.3,1"]
 RELU_COEFS = "1,3,10,30,100"
 CLT = ["arch=clt", "arch.layers=[0,1,2]"]
+MATRYOSHKA = "[128,512]"
 
 
 def grids(scale: str) -> list[list[str]]:
     sizes = SIZES[scale]
     if scale == "smoke":
         return [[*sizes, "arch=sae,transcoder", "act=topk,batchtopk", "act.k=2"],
+                [*sizes, "arch=sae", "act=batchtopk", "act.k=2", "arch.matryoshka=[8,32]"],
                 [*sizes, "arch=sae", "act=jumprelu,relu"], [*sizes, *CLT, "act=batchtopk", "act.k=2"]]
     return [[*sizes, "arch=sae,transcoder,skip_transcoder", "act=topk,batchtopk", f"act.k={K}"],
             # the token normalisation BatchTopK needs (activations.BatchTopK), off; and on for TopK
@@ -54,7 +56,9 @@ def grids(scale: str) -> list[list[str]]:
             [*sizes, "arch=sae", "act=jumprelu", f"act.target_l0={JUMPRELU_TARGETS}"],
             [*sizes, "arch=sae", "act=jumprelu", *JUMPRELU_TANH],
             [*sizes, "arch=sae", "act=relu", f"act.l1_coef={RELU_COEFS}"],
-            [*sizes, *CLT, "act=topk,batchtopk", f"act.k={K}"]]
+            [*sizes, *CLT, "act=topk,batchtopk", f"act.k={K}"],
+            # Matryoshka: nested prefixes of 128 and 512 of the 2048 latents (the 64 parents fit the first)
+            [*sizes, "arch=sae", "act=topk,batchtopk", f"act.k={K}", f"arch.matryoshka={MATRYOSHKA}"]]
 
 
 COLUMNS = ["run", "arch", "act", "knob", "mean_max_cos", "frac_above_0.9", "max_cos_frequent", "max_cos_middle",
@@ -80,7 +84,8 @@ def score_job(job: Path) -> dict:
     act = type(coder.activation).__name__
     # token normalisation named where it differs from the activation's default (BatchTopK: on)
     token_norm = "" if cfg.act.get("token_norm") == (act == "BatchTopK") else f" token_norm={cfg.act.get('token_norm')}"
-    topk = f"k={cfg.act.get('k')}{token_norm}"
+    matryoshka = f" matryoshka={list(cfg.arch.matryoshka)}" if cfg.arch.get("matryoshka") else ""
+    topk = f"k={cfg.act.get('k')}{token_norm}{matryoshka}"
     knob = {"TopK": topk, "BatchTopK": topk,
             "JumpReLU": (f"target={cfg.act.get('target_l0')}" if cfg.act.get("penalty") == "target"
                          else f"{cfg.act.get('penalty')} coef={cfg.act.get('sparsity_coef')}"),
@@ -99,7 +104,7 @@ def run_peers(jobs: list[dict], out: Path) -> list[dict]:
     installed = [p for p in ("saelens", "sparsify") if importlib.util.find_spec({"saelens": "sae_lens"}.get(p, p))]
     if len(installed) < 2:
         print(f"peers: only {installed} installed (pip install -e .[bench] for both)", flush=True)
-    todo = [(j, name) for j in jobs if j["act"] == "topk" and "token_norm" not in j["knob"]
+    todo = [(j, name) for j in jobs if j["act"] == "topk" and not any(w in j["knob"] for w in ("token_norm", "matryoshka"))
             for name in {"sae": ["saelens_topk", "saelens_batchtopk", "sparsify_topk"],
                          "transcoder": ["sparsify_topk"]}.get(j["arch"], []) if name.split("_")[0] in installed]
     for job, name in todo:

@@ -26,7 +26,8 @@ def build_coder(cfg: DictConfig, d_in: int, d_out: int) -> SparseCoder:
     arch = cfg.arch.name
     return SparseCoder(d_in, d_out, cfg.arch.n_latents, len(cfg.arch.layers), act,
                        cross_layer=arch == "clt", skip=arch == "skip_transcoder",
-                       dec_init_norm=cfg.arch.dec_init_norm, tied_init=arch == "sae")
+                       dec_init_norm=cfg.arch.dec_init_norm, tied_init=arch == "sae",
+                       matryoshka=tuple(cfg.arch.get("matryoshka", ())))  # older checkpoints lack the key
 
 
 def siblings(out: Path) -> tuple[Path, Path]:

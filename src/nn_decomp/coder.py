@@ -6,6 +6,8 @@ The architecture decides only which hooks feed x and y (config.py) and these two
   decoder vector. W_dec[i] is [F, L−i, D_out] (circuit-tracer's layout), so a latent can never
   write to an earlier layer: there is no weight for it.
 - skip: a learned linear map x → y added to the reconstruction (skip transcoder), zero at init.
+Any architecture can be Matryoshka (`matryoshka`: nested prefix sizes): in training, the forward
+also reconstructs from each prefix of the latents alone, for the loss to average.
 """
 from typing import NamedTuple
 
@@ -20,25 +22,27 @@ from nn_decomp import kernels
 class CoderOutput(NamedTuple):
     """Result of a forward pass. pre_acts: [B, L, F], detached when the sparse backward ran (and
     then, in training mode, a workspace that the next forward overwrites);
-    latents: sparse or dense; recon: [B, L, D_out]; x: the input (AuxK's sparse backward needs it)."""
+    latents: sparse or dense; recon: [B, L, D_out]; x: the input (AuxK's sparse backward needs it);
+    prefix_recons: in training, the reconstruction from each Matryoshka prefix alone."""
 
     pre_acts: Tensor
     latents: Latents
     recon: Tensor
     x: Tensor | None = None
+    prefix_recons: tuple[Tensor, ...] = ()
 
 
 class SparseCoder(nn.Module):
     def __init__(self, d_in: int, d_out: int, n_latents: int, n_layers: int, activation: Activation,
                  cross_layer: bool = False, skip: bool = False, dec_init_norm: float = 0.1,
-                 tied_init: bool = False, sparse_backward: bool = True):
+                 tied_init: bool = False, sparse_backward: bool = True, matryoshka: tuple[int, ...] = ()):
         super().__init__()
         # sparse_backward=False keeps the dense reference path (tests compare the two).
         self.sparse_backward = sparse_backward and (activation.sparse_output or activation.elementwise)
         assert cross_layer or n_layers == 1, "only a cross-layer transcoder spans several layers"
         assert not (cross_layer and skip), "skip connections are for single-layer transcoders"
         self.d_in, self.d_out, self.n_latents, self.n_layers = d_in, d_out, n_latents, n_layers
-        self.cross_layer, self.activation = cross_layer, activation
+        self.cross_layer, self.activation, self.matryoshka = cross_layer, activation, matryoshka
         L, Fl = n_layers, n_latents
         self.W_dec = nn.ParameterList(
             [nn.Parameter(torch.randn(Fl, L - i, d_out)) for i in range(L)])
@@ -155,8 +159,12 @@ class SparseCoder(nn.Module):
         latents, pre_BLF = self.encode_with_pre(x_BLD)
         # The dense reference decodes with dense GEMMs as well: the baseline the kernels must beat.
         decoded = latents if self.sparse_backward else Latents(latents.dense(), None, self.n_latents)
-        recon = self.decode(decoded, x_BLD)
-        return CoderOutput(pre_BLF, latents, recon if s is None else recon / s, x_BLD)
+        recons = [self.decode(decoded, x_BLD)]
+        if self.training:
+            recons += [self.decode(prefix(decoded, n), x_BLD) for n in self.matryoshka]
+        if s is not None:
+            recons = [r / s for r in recons]
+        return CoderOutput(pre_BLF, latents, recons[0], x_BLD, tuple(recons[1:]))
 
     @torch.no_grad()
     def fold_scales(self, scale_in_L: Tensor, scale_out_L: Tensor) -> None:
@@ -170,3 +178,14 @@ class SparseCoder(nn.Module):
         self.b_dec.div_(scale_out_L[:, None])
         if self.W_skip is not None:
             self.W_skip.mul_((scale_in_L / scale_out_L)[:, None, None])
+
+
+def prefix(latents: Latents, n: int) -> Latents:
+    """The same latents with every one at index ≥ n zeroed: a Matryoshka prefix of one selection.
+    Sparse latents stay [B, L, K] (the decoder skips zeros, so a prefix costs its own entries)."""
+    if latents.indices is None:
+        keep = torch.arange(latents.n_latents, device=latents.values.device) < n
+        return latents._replace(values=latents.values * keep)
+    keep = latents.indices < n
+    grad_mask = keep if latents.grad_mask is None else keep & latents.grad_mask
+    return latents._replace(values=latents.values * keep, grad_mask=grad_mask)

@@ -37,10 +37,18 @@ class ArchConfig:
     """Latents per layer."""
     dec_init_norm: float = 0.1
     """Initial norm of each decoder vector (concatenated over target layers for a CLT)."""
+    matryoshka: list[int] = field(default_factory=list)
+    """Nested prefix sizes, e.g. [128, 512] (Matryoshka; Bussmann et al. 2025): the loss averages the
+    reconstruction error of the first m latents (of the same selection) over every m and of all
+    n_latents, so early latents learn general features. Empty: off."""
 
     def __post_init__(self):
         require(self.name in ARCHS, f"arch.name={self.name!r}: choose one of {ARCHS}")
         require(self.n_latents > 0, f"arch.n_latents={self.n_latents}: must be positive")
+        m = list(self.matryoshka)
+        require(m == sorted(set(m)) and all(0 < n < self.n_latents for n in m),
+                f"arch.matryoshka={m}: give increasing prefix sizes between 0 and arch.n_latents={self.n_latents} "
+                "(the full dictionary is always the last prefix)")
         if self.name == "clt":
             require(len(self.layers) >= 2,
                     f"arch.layers={self.layers}: a CLT needs >= 2 layers; use arch=transcoder for one")

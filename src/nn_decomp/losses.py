@@ -11,7 +11,7 @@ from nn_decomp.kernels import aux_topk_latents
 
 class LossOutput(NamedTuple):
     """loss: the scalar optimised. recon: Σ_d (y−ŷ)² per token, averaged over tokens and target
-    layers. sparsity: the activation's penalty. aux: AuxK dead-latent loss (unweighted).
+    layers (and over the Matryoshka prefixes). sparsity: the activation's penalty. aux: AuxK dead-latent loss (unweighted).
     fvu_L, l0_L: per-layer metrics, detached."""
 
     loss: Tensor
@@ -61,7 +61,8 @@ def aux_k_loss(coder: SparseCoder, pre_BLF: Tensor, residual_BLD: Tensor, dead_L
 
 def coder_loss(coder: SparseCoder, out: CoderOutput, y_BLD: Tensor, dead_LF: Tensor | None) -> LossOutput:
     act = coder.activation
-    recon = squared_error(out.recon, y_BLD)
+    # Matryoshka: the mean over the nested prefixes and the whole dictionary (one term unless set).
+    recon = torch.stack([squared_error(r, y_BLD) for r in (out.recon, *out.prefix_recons)]).mean()
     sparsity = act.penalty(out.pre_acts, out.latents, coder.decoder_norm())
     aux = out.recon.new_zeros(())
     loss = recon + sparsity
