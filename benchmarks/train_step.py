@@ -430,16 +430,17 @@ def report(results: dict[str, Result], shapes: Shapes, floor_ms: float, floor_me
     print(f"\n{rounds} rounds; ms/step: median; × floor: median of step / the floor GEMM timed just before it; "
           "L0: latents per token at the first step; peak MB: a fresh process running the row alone; "
           "step MB = peak − steady")
-    header = f"{'row':26s} {'ms/step':>8s} {'tokens/s':>9s} {'× floor':>8s} {'L0':>6s} {'peak MB':>8s} {'step MB':>8s}"
+    w = max(26, *map(len, results))
+    header = f"{'row':{w}s} {'ms/step':>8s} {'tokens/s':>9s} {'× floor':>8s} {'L0':>6s} {'peak MB':>8s} {'step MB':>8s}"
     print(header + "\n" + "-" * len(header))
 
     def mem(m):
         return f"{m['peak_mb']:8.0f} {m['step_mb']:8.0f}" if m else f"{'-':>8s} {'-':>8s}"
 
-    print(f"{'floor GEMM [B×D]·[D×F]':26s} {floor_ms:8.0f} {1e3 * shapes.batch / floor_ms:9.0f} {1.0:8.2f} "
+    print(f"{'floor GEMM [B×D]·[D×F]':{w}s} {floor_ms:8.0f} {1e3 * shapes.batch / floor_ms:9.0f} {1.0:8.2f} "
           f"{'':6s} {mem(floor_mem)}")
     for name, r in results.items():
-        print(f"{name:26s} {r.ms:8.0f} {1e3 * shapes.batch / r.ms:9.0f} {r.x_floor:8.2f} {r.l0:6.1f} {mem(r.memory)}")
+        print(f"{name:{w}s} {r.ms:8.0f} {1e3 * shapes.batch / r.ms:9.0f} {r.x_floor:8.2f} {r.l0:6.1f} {mem(r.memory)}")
     print("\nspeed-ups (ratio of × floor; target in brackets)")
     for t in targets(set(results)):
         slower = 1.0 if t.slower == "floor" else results[t.slower].x_floor
@@ -448,9 +449,9 @@ def report(results: dict[str, Result], shapes: Shapes, floor_ms: float, floor_me
             verdict = f"{results[t.faster].x_floor:.2f}× floor [≤ {1 / t.minimum:.1f}×] " + \
                       ("met" if ratio >= t.minimum else "NOT met")
         else:
-            verdict = f"{ratio:6.2f}×" + (f" [≥ {t.minimum:g}×] " + ("met" if ratio >= t.minimum else "NOT met")
+            verdict = f"{ratio:6.2f}×" + (f" [≥ {t.minimum:.2g}×] " + ("met" if ratio >= t.minimum else "NOT met")
                                           if t.minimum else "")
-        print(f"  {t.label:52s} {verdict}")
+        print(f"  {t.label:60s} {verdict}")
 
 
 def profile(name: str, shapes: Shapes, batch: Batch, steps: int = 3) -> None:
