@@ -2,7 +2,7 @@
 
     pip install -e .[bench]                               # sae-lens, eai-sparsify
     python benchmarks/train_step.py                       # SAE + transcoder rows, d 576, F 9216, B 4096, k 32
-    python benchmarks/train_step.py --clt                 # our CLT over 4 and 8 layers: sparse vs dense
+    python benchmarks/train_step.py --clt                 # our CLT over 4 and 8 layers: sparse vs dense, tied
     python benchmarks/train_step.py --quick               # small shapes, a smoke run
     python benchmarks/train_step.py --cache outputs/caches/smollm2_L0-3_205k.h5   # data from a cache
     python benchmarks/train_step.py --profile "ours CLT8"  # where a row's step spends its time
@@ -130,6 +130,7 @@ class Variant:
     arch: str  # sae | transcoder | clt
     layers: int = 1
     matryoshka: bool = False  # nested prefixes F/16, F/4 (arch.matryoshka)
+    tying: str = "none"  # CLT arch.decoder_tying (per_source with learned per-target scales)
 
 
 ACTS = ["topk", "batchtopk", "jumprelu", "relu"]
@@ -138,8 +139,8 @@ SAELENS_ACTS, SPARSIFY_ACTS = set(ACTS), {"topk"}
 ARCH_NAMES = {"sae": "SAE", "transcoder": "TC", "clt": "CLT"}
 
 
-def row_name(impl: str, act: str, arch: str, layers: int = 1, matryoshka: bool = False) -> str:
-    arch_name = f"CLT{layers}" if arch == "clt" else ARCH_NAMES[arch]
+def row_name(impl: str, act: str, arch: str, layers: int = 1, matryoshka: bool = False, tying: str = "none") -> str:
+    arch_name = (f"CLT{layers}" + f" {tying}" * (tying != "none")) if arch == "clt" else ARCH_NAMES[arch]
     act_name = "Matryoshka " * matryoshka + ACT_NAMES[act]
     return f"{impl} {arch_name} {act_name}" if arch != "clt" else f"{impl} {arch_name}"
 
@@ -157,8 +158,10 @@ def step_variants() -> list[Variant]:
 
 
 def clt_variants() -> list[Variant]:
-    return [Variant(row_name(impl, "topk", "clt", L), impl, "topk", "clt", L)
-            for L in (4, 8) for impl in ("ours", "ours dense")]
+    untied = [Variant(row_name(impl, "topk", "clt", L), impl, "topk", "clt", L)
+              for L in (4, 8) for impl in ("ours", "ours dense")]
+    return untied + [Variant(row_name("ours", "topk", "clt", 4, tying=t), "ours", "topk", "clt", 4, tying=t)
+                     for t in ("per_source", "per_target")]
 
 
 VARIANTS = {v.name: v for v in step_variants() + clt_variants()}
@@ -176,6 +179,8 @@ def compose_cfg(v: Variant, shapes: Shapes):
     overrides += ["act.penalty=tanh", "act.sparsity_coef=0.1",
                   "act.threshold_lr_scale=1"] * (v.act == "jumprelu")
     overrides += [f"arch.matryoshka=[{shapes.n_latents // 16},{shapes.n_latents // 4}]"] * v.matryoshka
+    overrides += [f"arch.decoder_tying={v.tying}"] * (v.tying != "none")
+    overrides += ["arch.per_target_scale=true"] * (v.tying == "per_source")
     overrides += ["train.dead_tokens=10000000"]  # sparsify's default: no latent goes dead during the benchmark
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return compose("config", overrides=overrides)
@@ -423,6 +428,9 @@ def targets(names: set[str]) -> list[Target]:
     for L in (4, 8):
         o = row_name("ours", "topk", "clt", L)
         out.append(Target(f"{o} / ours dense reference", o, row_name("ours dense", "topk", "clt", L), 3.0 if L == 8 else 0.0))
+    for tying in ("per_source", "per_target"):
+        t = row_name("ours", "topk", "clt", 4, tying=tying)
+        out.append(Target(f"{t} step ≤ 1.5× untied CLT4", t, row_name("ours", "topk", "clt", 4), 1 / 1.5))
     return [t for t in out if t.faster in names and (t.slower in names or t.slower == "floor")]
 
 

@@ -92,12 +92,21 @@ class PlantedFeatures:
     @classmethod
     def make(cls, n_features: int, d_in: int, d_out: int | None = None, n_layers: int = 1,
              cross_layer: bool = False, active: float = 4.0, m_lo: float = 0.5, m_hi: float = 1.5,
-             seed: int = 0) -> "PlantedFeatures":
+             seed: int = 0, tying: str = "none") -> "PlantedFeatures":
+        """tying (CLT): "per_source": feature f of layer i writes one direction to every j ≥ i;
+        "per_target": features f of every layer i ≤ j write the same direction to j."""
         g = torch.Generator().manual_seed(seed)
         d_out = d_out or d_in
         enc = torch.stack([unit_rows(n_features, d_in, g) for _ in range(n_layers)])
-        dec = [torch.stack([unit_rows(n_features, d_out, g) for _ in range(n_layers - i if cross_layer else 1)], 1)
-               for i in range(n_layers)]
+        L = n_layers
+        if tying == "per_source":
+            dec = [unit_rows(n_features, d_out, g)[:, None].expand(-1, L - i, -1) for i in range(L)]
+        elif tying == "per_target":
+            shared = [unit_rows(n_features, d_out, g) for _ in range(L)]
+            dec = [torch.stack(shared[i:], 1) for i in range(L)]
+        else:
+            dec = [torch.stack([unit_rows(n_features, d_out, g) for _ in range(L - i if cross_layer else 1)], 1)
+                   for i in range(L)]
         mean_sq_mag = (m_hi ** 3 - m_lo ** 3) / (3 * (m_hi - m_lo))
         amp = (d_in / (active * mean_sq_mag)) ** 0.5
         return cls(enc, dec, active / n_features, m_lo, m_hi, amp, cross_layer, g)

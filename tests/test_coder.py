@@ -227,3 +227,87 @@ def test_fold_scales_maps_raw_activations_like_the_scaled_coder(arch, act):
     assert (raw.latents.dense() != 0).any()
     torch.testing.assert_close(raw.recon, scaled.recon / s_out[:, None], rtol=1e-4, atol=1e-5)
     assert not torch.allclose(raw.recon, scaled.recon, rtol=1e-2)  # the scales did matter
+
+
+# --- CLT variants: tied decoders, feature offset / scale, skip ------------------------------------
+
+CLT_VARIANTS = {
+    "per_source": ["arch.decoder_tying=per_source"],
+    "per_source+scale": ["arch.decoder_tying=per_source", "arch.per_target_scale=true"],
+    "per_target": ["arch.decoder_tying=per_target"],
+    "offset+scale+skip": ["arch.feature_offset=true", "arch.feature_scale=true", "arch.skip=true"],
+    "per_target+offset+scale": ["arch.decoder_tying=per_target", "arch.feature_offset=true", "arch.feature_scale=true"],
+}
+
+
+def clt_variant(name: str, act: str = "relu"):
+    """A CLT of that variant with every optional parameter random (so each term counts)."""
+    _, coder = fresh_coder("clt", act, *CLT_VARIANTS[name])
+    with torch.no_grad():
+        coder.b_dec.normal_()
+        for p in (coder.W_dec_scale, coder.feature_offset, coder.feature_scale, coder.W_skip):
+            if p is not None:
+                p.uniform_(0.5, 1.5)
+    return coder
+
+
+def reference_recon(coder, latents: Latents, x) -> torch.Tensor:
+    """recon_j = b_dec_j + Σ_{i ≤ j} v_i @ decoders()[i][:, j − i] (+ x_j @ W_skip_j), v = feature_values."""
+    v = coder.feature_values(latents).dense()
+    decoders = coder.decoders()
+    out = []
+    for j in range(coder.n_layers):
+        y = coder.b_dec[j] + sum(v[:, i] @ decoders[i][:, j - i] for i in range(j + 1))
+        out.append(y if coder.W_skip is None else y + x[:, j] @ coder.W_skip[j])
+    return torch.stack(out, 1)
+
+
+@pytest.mark.parametrize("variant", CLT_VARIANTS)
+def test_clt_variant_decodes_as_its_expanded_untied_decoders(variant):
+    coder = clt_variant(variant)
+    x, _ = batch("clt", n=16)
+    out = coder(x)
+    assert (out.latents.values != 0).any()
+    torch.testing.assert_close(out.recon, reference_recon(coder, out.latents, x), rtol=1e-4, atol=1e-5)
+    # decoder_norm: the norm of each latent's expanded decoder, computed without expanding
+    expanded = torch.stack([w.flatten(1).norm(dim=1) for w in coder.decoders()])
+    torch.testing.assert_close(coder.decoder_norm(), expanded)
+    tying = coder.decoder_tying
+    assert [tuple(w.shape) for w in coder.W_dec] == [(F, L_CLT - i if tying == "none" else 1, D_OUT) for i in range(L_CLT)]
+
+
+@pytest.mark.parametrize("variant", CLT_VARIANTS)
+def test_clt_variant_input_at_layer_i_changes_only_layers_from_i_on(variant):
+    coder = clt_variant(variant)
+    x, _ = batch("clt", n=16)
+    base = coder(x).recon
+    for i in range(L_CLT):
+        x2 = x.clone()
+        x2[:, i] += 3 * torch.randn_like(x2[:, i])
+        diff = coder(x2).recon - base
+        torch.testing.assert_close(diff[:, :i], torch.zeros_like(diff[:, :i]), atol=1e-5, rtol=0)
+        assert (diff[:, i:].abs().amax((0, 2)) > 1e-3).all()
+
+
+@pytest.mark.parametrize("variant", CLT_VARIANTS)
+def test_clt_variant_folds_scales(variant):
+    coder = clt_variant(variant)
+    s_in, s_out = torch.tensor([0.5, 2.0, 3.0]), torch.tensor([4.0, 0.25, 1.5])
+    x, _ = batch("clt", n=16)
+    scaled = coder(x * s_in[:, None])
+    folded = copy.deepcopy(coder)
+    folded.fold_scales(s_in, s_out)
+    torch.testing.assert_close(folded(x).recon, scaled.recon / s_out[:, None], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", CLT_VARIANTS)
+def test_clt_variant_parameters_and_active_decoder_cost(variant):
+    coder = clt_variant(variant)
+    names = {n for n, _ in coder.named_parameters()}
+    assert ("W_dec_scale" in names) == ("arch.per_target_scale=true" in CLT_VARIANTS[variant])
+    assert ("feature_offset" in names) == ("offset" in variant) and ("W_skip" in names) == ("skip" in variant)
+    per_latent = coder.decoder_params_per_latent()
+    if coder.decoder_tying == "per_source":
+        assert per_latent == [D_OUT + (L_CLT - i) * ("scale" in variant) for i in range(L_CLT)]
+    else:
+        assert per_latent == [(L_CLT - i) * D_OUT for i in range(L_CLT)]

@@ -49,6 +49,9 @@ def random_checkpoint(path, arch: str, act: str, *overrides: str, seed: int = 0,
             coder.activation.threshold.uniform_(0.0, 0.4)
         if act == "jumprelu":
             coder.activation.log_threshold.uniform_(-3, -1)
+        for p in (coder.W_dec_scale, coder.feature_scale):
+            if p is not None:
+                p.uniform_(0.5, 1.5)
     hooks_in, hooks_out = arch_hooks(cfg.arch)
     meta = {"model": model, "arch": arch, "act": act, "layers": list(cfg.arch.layers), "hooks_in": hooks_in,
             "hooks_out": hooks_out, "d_in": coder.d_in, "d_out": coder.d_out, "n_latents": coder.n_latents}
@@ -179,6 +182,29 @@ def test_circuit_tracer_clt_files_match_its_loader_layout_and_forward(tmp_path, 
     x_NLD = torch.randn(40, 3, 12)
     torch.testing.assert_close(circuit_tracer_forward(out, 3, x_NLD.transpose(0, 1), clt=True),
                                coder(x_NLD).recon, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant", [["arch.decoder_tying=per_source", "arch.per_target_scale=true"],
+                                     ["arch.decoder_tying=per_target", "arch.feature_scale=true"]])
+def test_tied_clt_exports_expanded_to_circuit_tracers_untied_layout(tmp_path, variant):
+    """circuit-tracer has untied CLTs only: tying and feature scales are expanded exactly."""
+    ckpt, coder = random_checkpoint(tmp_path / "ckpt", "clt", "jumprelu", *variant)
+    out = export(export_cfg(f"checkpoint={ckpt}", "format=circuit_tracer", f"out={tmp_path / 'ct'}"))
+    assert [load_file(out / f"W_dec_{i}.safetensors")[f"W_dec_{i}"].shape for i in range(3)] == \
+        [(64, 3 - i, 12) for i in range(3)]
+    x_NLD = torch.randn(40, 3, 12)
+    with torch.no_grad():
+        expected = coder(x_NLD).recon
+    torch.testing.assert_close(circuit_tracer_forward(out, 3, x_NLD.transpose(0, 1), clt=True), expected,
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("override, message", [("arch.feature_offset=true", "no per-feature offset"),
+                                               ("arch.skip=true", "reads no skip weights")])
+def test_clt_parts_circuit_tracer_lacks_are_refused(tmp_path, override, message):
+    ckpt, _ = random_checkpoint(tmp_path / "ckpt", "clt", "relu", override)
+    with pytest.raises(UsageError, match=message):
+        export(export_cfg(f"checkpoint={ckpt}", "format=circuit_tracer", f"out={tmp_path / 'ct'}"))
 
 
 @pytest.mark.parametrize("arch, act", [("transcoder", "jumprelu"), ("skip_transcoder", "relu")])

@@ -315,3 +315,36 @@ def make_coder_from_cfg(cfg) -> SparseCoder:
         if coder.W_skip is not None:
             coder.W_skip.normal_(0, 0.1)
     return coder
+
+
+@pytest.mark.parametrize("act", ["topk", "relu"])
+@pytest.mark.parametrize("variant", [["arch.decoder_tying=per_source", "arch.per_target_scale=true"],
+                                     ["arch.decoder_tying=per_target"],
+                                     ["arch.feature_offset=true", "arch.feature_scale=true", "arch.skip=true"]])
+def test_clt_variant_sparse_step_matches_dense(variant, act):
+    """Tied decoders, feature offset / scale and a CLT skip on the production path: the sparse step
+    gives the dense reference's loss and every gradient (scales and offsets included)."""
+    if act == "relu":
+        sparse, dense = elementwise_coders("clt", act, *variant)
+    else:
+        sparse = make_coder_from_cfg(arch_act_cfg("clt", act, *variant, n_latents=F_LAT, k=K))
+        dense = copy.deepcopy(sparse)
+        dense.sparse_backward = False
+    with torch.no_grad():
+        for coder in (sparse, dense):
+            for p in (coder.W_dec_scale, coder.feature_offset, coder.feature_scale):
+                if p is not None:
+                    p.copy_(torch.linspace(0.5, 1.5, p.numel()).view_as(p))
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(B, sparse.n_layers, sparse.d_in, generator=gen)
+    y = torch.randn(B, sparse.n_layers, sparse.d_out, generator=gen)
+    x_sparse, x_dense = x.clone().requires_grad_(), x.clone().requires_grad_()
+    loss_sparse = coder_loss(sparse, sparse(x_sparse), y, None).loss
+    loss_dense = coder_loss(dense, dense(x_dense), y, None).loss
+    loss_sparse.backward()
+    loss_dense.backward()
+    torch.testing.assert_close(loss_sparse, loss_dense, **TOL)
+    grads_sparse, grads_dense = all_grads(sparse, x_sparse), all_grads(dense, x_dense)
+    for name, want in grads_dense.items():
+        assert want is not None and want.abs().sum() > 0, name
+        torch.testing.assert_close(grads_sparse[name], want, **TOL, msg=lambda m: f"grad {name}: {m}")

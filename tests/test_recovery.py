@@ -85,20 +85,23 @@ def test_transcoder_recovers_planted_input_and_output_directions():
     assert enc_N.mean() >= 0.75  # the encoder also filters interference, so it is less aligned
 
 
-def test_clt_recovers_planted_cross_layer_decoders():
-    # Three layers; a feature at source layer i writes its own unit direction to every layer j ≥ i.
+@pytest.mark.parametrize("tying", ["none", "per_source", "per_target"])
+def test_clt_recovers_planted_cross_layer_decoders(tying):
+    # Three layers; a feature at source layer i writes a unit direction to every layer j ≥ i: its
+    # own per target (none), one for all its targets (per_source), or target j's shared one
+    # (per_target). Each is trained with the tying of its planted model.
     n_features, d, n_latents, L = 96, 32, 192, 3
-    pf = PlantedFeatures.make(n_features, d, d, n_layers=L, cross_layer=True, seed=3)
+    pf = PlantedFeatures.make(n_features, d, d, n_layers=L, cross_layer=True, seed=3, tying=tying)
     torch.manual_seed(0)
     cfg = compose_cfg("arch=clt", f"arch.layers=[{','.join(map(str, range(L)))}]", "act=topk",
-                      f"arch.n_latents={n_latents}", *COMMON, "act.k=4")
+                      f"arch.n_latents={n_latents}", *COMMON, "act.k=4", f"arch.decoder_tying={tying}")
     coder = build_coder(cfg, d, d)
-    assert max_cosine(pf.dec[0].flatten(1), coder.W_dec[0].detach().flatten(1)).mean() < 0.5
+    assert max_cosine(pf.dec[0].flatten(1), coder.decoders()[0].detach().flatten(1)).mean() < 0.5
     timing = train(pf, cfg, coder, steps=600, batch=512, autoencode=False)
     scores, per_target = {}, []
     for i in range(L):
         true_NX = pf.dec[i].flatten(1)  # [N, (L−i)·D]: concatenated over targets
-        learned_FTD = coder.W_dec[i].detach()
+        learned_FTD = coder.decoders()[i].detach()
         true_n = true_NX / true_NX.norm(dim=-1, keepdim=True)
         learned_n = learned_FTD.flatten(1) / learned_FTD.flatten(1).norm(dim=-1, keepdim=True)
         match_N = (true_n @ learned_n.T).argmax(-1)  # best latent for each true feature
@@ -106,6 +109,6 @@ def test_clt_recovers_planted_cross_layer_decoders():
             cos_N = torch.cosine_similarity(pf.dec[i][:, t], learned_FTD[match_N, t], dim=-1)
             scores[f"{i}->{i + t}"] = cos_N.mean().item()
             per_target.append(cos_N)
-    report("clt/topk", scores, timing)
+    report(f"clt/topk tying={tying}", scores, timing)
     assert torch.cat(per_target).mean() >= 0.9
     assert min(scores.values()) >= 0.85

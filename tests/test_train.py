@@ -46,9 +46,16 @@ def test_every_arch_and_act_trains(arch, act, tiny_lm, tmp_path):
     assert load_dictionary(tmp_path / "checkpoint").n_layers == (3 if arch == "clt" else 1)
 
 
-@pytest.mark.parametrize("arch, act", [("skip_transcoder", "batchtopk"), ("clt", "jumprelu"), ("sae", "relu")])
-def test_reloaded_checkpoint_reproduces_eval_metrics_on_raw_activations(arch, act, tiny_lm, tmp_path):
-    metrics = train(tiny_cfg(arch, act), tmp_path, model=tiny_lm)
+# CLT variants (decoder tying, feature offset / scale, skip) and Matryoshka, trained for real
+VARIANTS = [("clt", "topk", ("arch.decoder_tying=per_source", "arch.per_target_scale=true", "arch.feature_offset=true",
+                             "arch.feature_scale=true", "arch.matryoshka=[8,32]")),
+            ("clt", "relu", ("arch.decoder_tying=per_target", "arch.skip=true"))]
+
+
+@pytest.mark.parametrize("arch, act, extra", [("skip_transcoder", "batchtopk", ()), ("clt", "jumprelu", ()),
+                                              ("sae", "relu", ()), *VARIANTS])
+def test_reloaded_checkpoint_reproduces_eval_metrics_on_raw_activations(arch, act, extra, tiny_lm, tmp_path):
+    metrics = train(tiny_cfg(arch, act, *extra), tmp_path, model=tiny_lm)
     cfg, _ = read_config(tmp_path / "checkpoint")
     _, _, (x_eval, y_eval), _ = setup(cfg, tiny_lm)
     # The saved weights have the normalisation folded in: raw activations in, raw out.
@@ -57,13 +64,13 @@ def test_reloaded_checkpoint_reproduces_eval_metrics_on_raw_activations(arch, ac
         assert reloaded[key] == pytest.approx(metrics[key], rel=1e-4, abs=1e-5), key
 
 
-@pytest.mark.parametrize("arch, act", [("clt", "batchtopk"), ("skip_transcoder", "jumprelu")])
-def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(arch, act, tiny_lm, tmp_path):
-    train(tiny_cfg(arch, act), tmp_path / "full", model=tiny_lm)
-    train(tiny_cfg(arch, act, "train.max_steps=6"), tmp_path / "split", model=tiny_lm)
+@pytest.mark.parametrize("arch, act, extra", [("clt", "batchtopk", ()), ("skip_transcoder", "jumprelu", ()), *VARIANTS])
+def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(arch, act, extra, tiny_lm, tmp_path):
+    train(tiny_cfg(arch, act, *extra), tmp_path / "full", model=tiny_lm)
+    train(tiny_cfg(arch, act, *extra, "train.max_steps=6"), tmp_path / "split", model=tiny_lm)
     interrupted = torch.load(tmp_path / "split" / "checkpoint" / TRAINER_STATE, weights_only=False)
     assert interrupted["step"] == 6
-    train(tiny_cfg(arch, act, "train.resume=true"), tmp_path / "split", model=tiny_lm)
+    train(tiny_cfg(arch, act, *extra, "train.resume=true"), tmp_path / "split", model=tiny_lm)
     full = torch.load(tmp_path / "full" / "checkpoint" / TRAINER_STATE, weights_only=False)
     resumed = torch.load(tmp_path / "split" / "checkpoint" / TRAINER_STATE, weights_only=False)
     assert resumed["step"] == full["step"] == 16

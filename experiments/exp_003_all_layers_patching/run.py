@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from nn_decomp.checkpoint import read_config
+from nn_decomp.checkpoint import load_dictionary
 from nn_decomp.evaluate import EVAL_JSON
 from nn_decomp.sweeps import (Experiment, evaluate_checkpoints, evaluation_model, number, pyplot, report_written,
                               save_figure, write_points)
@@ -33,8 +33,11 @@ Y_AXES = [("replacement_ce", "CE, all MLPs replaced"), ("replacement_kl", "KL(cl
 def grids(scale: str) -> list[list[str]]:
     block, ks = BLOCKS[scale], ",".join(map(str, KS[scale]))
     per_layer = ",".join(f"[{layer}]" for layer in block)
-    return [["arch=transcoder", f"arch.layers={per_layer}", "act=topk", f"act.k={ks}"],
-            ["arch=clt", f"arch.layers=[{','.join(map(str, block))}]", "act=topk", f"act.k={ks}"]]
+    clt = ["arch=clt", f"arch.layers=[{','.join(map(str, block))}]", "act=topk"]
+    # a CLT whose latents write one vector (scaled per target): the per-layer transcoders' active
+    # decoder parameters at their L0 (the largest k)
+    tied = [*clt, f"act.k={KS[scale][-1]}", "arch.decoder_tying=per_source", "arch.per_target_scale=true"]
+    return [["arch=transcoder", f"arch.layers={per_layer}", "act=topk", f"act.k={ks}"], [*clt, f"act.k={ks}"], tied]
 
 
 def replacements(rows: list[dict], block: list[int], ks: list[int]) -> list[tuple[str, int, list[Path]]]:
@@ -43,30 +46,30 @@ def replacements(rows: list[dict], block: list[int], ks: list[int]) -> list[tupl
     done = [r for r in rows if r["status"] == "completed"]
     out = []
     for k in ks:
-        clt = [r for r in done if r.get("arch.name") == "clt" and r.get("act.k") == k]
+        for clt in (r for r in done if r.get("arch.name") == "clt" and r.get("act.k") == k):
+            tying = clt.get("arch.decoder_tying") or "none"  # absent from runs before tying existed
+            out.append(("clt" if tying == "none" else f"clt {tying}", k, [Path(clt["job"])]))
         per_layer = {r["arch.layers"][0]: r for r in done if r.get("arch.name") == "transcoder" and r.get("act.k") == k}
-        if clt:
-            out.append(("clt", k, [Path(clt[0]["job"])]))
         if sorted(per_layer) == block:
             out.append(("transcoders", k, [Path(per_layer[layer]["job"]) for layer in block]))
     return out
 
 
-def sparsity_costs(ev: dict, cross_layer: bool, d_out: int) -> dict:
+def sparsity_costs(ev: dict, cross_layer: bool, params_per_latent: list[int]) -> dict:
     """From the per-source-layer L0s: active latents that write each MLP's reconstruction (a CLT
-    latent of layer i writes every layer j >= i) and the decoder parameters those writes use."""
+    latent of layer i writes every layer j >= i) and the decoder parameters those writes use
+    (`SparseCoder.decoder_params_per_latent`: a tied CLT's latent uses fewer)."""
     l0 = ev["l0_per_layer"]
     n = len(l0)
     writes_into = [sum(l0[: j + 1]) if cross_layer else l0[j] for j in range(n)]
-    targets = [n - i if cross_layer else 1 for i in range(n)]
     return {"mean_l0_per_module": sum(l0) / n, "active_latents_per_mlp": sum(writes_into) / n,
-            "active_decoder_params": sum(a * t * d_out for a, t in zip(l0, targets))}
+            "active_decoder_params": sum(a * p for a, p in zip(l0, params_per_latent))}
 
 
 def point(family: str, k: int, eval_json: Path) -> dict:
     ev = json.loads(eval_json.read_text())
-    _, meta = read_config(Path(ev["checkpoints"][0]))
-    return {"family": family, "k": k, "layers": ev["layers"], **sparsity_costs(ev, family == "clt", meta["d_out"]),
+    per_latent = [n for path in ev["checkpoints"] for n in load_dictionary(path).decoder_params_per_latent()]
+    return {"family": family, "k": k, "layers": ev["layers"], **sparsity_costs(ev, family.startswith("clt"), per_latent),
             **{key: number(ev.get(key)) for key in COLUMNS[6:11]}, "n_tokens": ev["n_tokens"],
             "eval_json": str(eval_json)}
 
@@ -75,10 +78,11 @@ def evaluate_replacements(exp: Experiment, rows: list[dict], scale: str, plot_on
     model, points = None, []
     for family, k, jobs in replacements(rows, BLOCKS[scale], KS[scale]):
         ckpts = [exp.sweep_dir / job / "checkpoint" for job in jobs]
-        out = ckpts[0] if family == "clt" else exp.out_dir / "transcoder_sets" / f"k{k}"
+        clt = family.startswith("clt")
+        out = ckpts[0] if clt else exp.out_dir / "transcoder_sets" / f"k{k}"
         if not (out / EVAL_JSON).exists() and not plot_only:
             model = model or evaluation_model(exp.analysis, ckpts[0])
-            evaluate_checkpoints(ckpts, exp.analysis, model, out=None if family == "clt" else out)
+            evaluate_checkpoints(ckpts, exp.analysis, model, out=None if clt else out)
         if (out / EVAL_JSON).exists():
             points.append(point(family, k, out / EVAL_JSON))
     return points

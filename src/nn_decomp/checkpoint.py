@@ -23,11 +23,14 @@ WEIGHTS, CONFIG, METADATA, TRAINER_STATE = "dictionary.safetensors", "config.yam
 def build_coder(cfg: DictConfig, d_in: int, d_out: int) -> SparseCoder:
     """The one place a config becomes a SparseCoder: arch picks the switches, act the module."""
     act = instantiate(cfg.act)
-    arch = cfg.arch.name
-    return SparseCoder(d_in, d_out, cfg.arch.n_latents, len(cfg.arch.layers), act,
-                       cross_layer=arch == "clt", skip=arch == "skip_transcoder",
-                       dec_init_norm=cfg.arch.dec_init_norm, tied_init=arch == "sae",
-                       matryoshka=tuple(cfg.arch.get("matryoshka", ())))  # older checkpoints lack the key
+    arch = cfg.arch
+    get = arch.get  # checkpoints older than a key lack it: its default
+    return SparseCoder(d_in, d_out, arch.n_latents, len(arch.layers), act,
+                       cross_layer=arch.name == "clt", skip=get("skip", arch.name == "skip_transcoder"),
+                       dec_init_norm=arch.dec_init_norm, tied_init=arch.name == "sae",
+                       matryoshka=tuple(get("matryoshka", ())), decoder_tying=get("decoder_tying", "none"),
+                       per_target_scale=get("per_target_scale", False), feature_offset=get("feature_offset", False),
+                       feature_scale=get("feature_scale", False))
 
 
 def siblings(out: Path) -> tuple[Path, Path]:

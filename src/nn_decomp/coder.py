@@ -5,7 +5,16 @@ The architecture decides only which hooks feed x and y (config.py) and these two
 - cross_layer: latents at source layer i write to every target layer j ≥ i, each through its own
   decoder vector. W_dec[i] is [F, L−i, D_out] (circuit-tracer's layout), so a latent can never
   write to an earlier layer: there is no weight for it.
-- skip: a learned linear map x → y added to the reconstruction (skip transcoder), zero at init.
+- skip: a learned linear map x → y per layer added to the reconstruction (skip transcoder, and a
+  CLT if asked), zero at init.
+- decoder_tying (CLT; crosslayer-coding's options): "none" is the layout above; "per_source" stores
+  one vector per latent, W_dec[i] [F, 1, D], written to every target j ≥ i times a per-target scale
+  W_dec_scale[i, f, j] (learned with per_target_scale, else fixed at 1 until activation scales fold
+  in); "per_target" stores one matrix per target, W_dec[j] [F, 1, D], shared by the latents of every
+  source i ≤ j (the same index f), so a latent's write to j is W_dec[j][f] whatever its source.
+  `decoders()` expands any tying into the untied layout exactly.
+- feature_offset / feature_scale: per-latent [L, F] parameters applied to every active latent,
+  a → (a + offset)·scale, before decoding (crosslayer-coding's enable_feature_offset / _scale).
 Any architecture can be Matryoshka (`matryoshka`: nested prefix sizes): in training, the forward
 also reconstructs from each prefix of the latents alone, for the loss to average.
 """
@@ -15,8 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nn_decomp.activations import Activation, Latents
 from nn_decomp import kernels
+from nn_decomp.activations import Activation, Latents
+from nn_decomp.config import TYING
 
 
 class CoderOutput(NamedTuple):
@@ -35,17 +45,30 @@ class CoderOutput(NamedTuple):
 class SparseCoder(nn.Module):
     def __init__(self, d_in: int, d_out: int, n_latents: int, n_layers: int, activation: Activation,
                  cross_layer: bool = False, skip: bool = False, dec_init_norm: float = 0.1,
-                 tied_init: bool = False, sparse_backward: bool = True, matryoshka: tuple[int, ...] = ()):
+                 tied_init: bool = False, sparse_backward: bool = True, matryoshka: tuple[int, ...] = (),
+                 decoder_tying: str = "none", per_target_scale: bool = False, feature_offset: bool = False,
+                 feature_scale: bool = False):
         super().__init__()
         # sparse_backward=False keeps the dense reference path (tests compare the two).
         self.sparse_backward = sparse_backward and (activation.sparse_output or activation.elementwise)
         assert cross_layer or n_layers == 1, "only a cross-layer transcoder spans several layers"
-        assert not (cross_layer and skip), "skip connections are for single-layer transcoders"
+        assert decoder_tying in TYING and (cross_layer or decoder_tying == "none"), decoder_tying
         self.d_in, self.d_out, self.n_latents, self.n_layers = d_in, d_out, n_latents, n_layers
         self.cross_layer, self.activation, self.matryoshka = cross_layer, activation, matryoshka
+        self.decoder_tying = decoder_tying
         L, Fl = n_layers, n_latents
+        width = (lambda i: L - i) if decoder_tying == "none" else (lambda i: 1)
         self.W_dec = nn.ParameterList(
-            [nn.Parameter(torch.randn(Fl, L - i, d_out)) for i in range(L)])
+            [nn.Parameter(torch.randn(Fl, width(i), d_out)) for i in range(L)])
+        # per_source: the scale of source i's write to target j (j < i unused); a buffer when not
+        # learned, still there for fold_scales to divide by each target's activation scale.
+        scale = torch.ones(L, Fl, L) if decoder_tying == "per_source" else None
+        if per_target_scale:
+            self.W_dec_scale = nn.Parameter(scale)
+        else:
+            self.register_buffer("W_dec_scale", scale)
+        self.feature_offset = nn.Parameter(torch.zeros(L, Fl)) if feature_offset else None
+        self.feature_scale = nn.Parameter(torch.ones(L, Fl)) if feature_scale else None
         # Unit-norm activations renormalise after every step: start there, not at dec_init_norm.
         dec_init_norm = 1.0 if activation.unit_norm_decoder else dec_init_norm
         self.set_decoder_norm(dec_init_norm)
@@ -67,8 +90,35 @@ class SparseCoder(nn.Module):
     # --- decoder geometry -------------------------------------------------------------------
 
     def decoder_norm(self) -> Tensor:
-        """[L, F]: norm of each latent's decoder, concatenated over the layers it writes to."""
-        return torch.stack([w.flatten(1).norm(dim=1) for w in self.W_dec])
+        """[L, F]: norm of each latent's decoder, concatenated over the layers it writes to (tied
+        decoders: of its expanded decoder, computed without expanding)."""
+        if self.decoder_tying == "none":
+            return torch.stack([w.flatten(1).norm(dim=1) for w in self.W_dec])
+        sq_LF = torch.stack([w.flatten(1).pow(2).sum(1) for w in self.W_dec])
+        if self.decoder_tying == "per_source":  # Σ_{j ≥ i} scale² · ‖w_i‖²
+            later_LL = torch.ones(self.n_layers, self.n_layers, device=sq_LF.device).triu()
+            return (sq_LF * torch.einsum("ifj,ij->if", self.W_dec_scale.pow(2), later_LL)).sqrt()
+        return sq_LF.flip(0).cumsum(0).flip(0).sqrt()  # per_target: Σ_{j ≥ i} ‖w_j‖²
+
+    def decoder_params_per_latent(self) -> list[int]:
+        """Per source layer i: the decoder parameters one active latent of i uses. Untied and
+        per_target: (L−i)·D (per_target's rows are shared with other sources' latents of the same
+        index, counted for each); per_source: its one vector, plus its L−i scales when learned."""
+        L, D = self.n_layers, self.d_out
+        if self.decoder_tying == "per_source":
+            learned = isinstance(self.W_dec_scale, nn.Parameter)
+            return [D + (L - i) * learned for i in range(L)]
+        return [(L - i) * D if self.cross_layer else D for i in range(L)]
+
+    def decoders(self) -> list[Tensor]:
+        """Per source layer i, [F, L−i, D]: what each latent writes to each target j ≥ i (tying
+        expanded; feature_scale not folded in). The untied layout circuit-tracer stores."""
+        if self.decoder_tying == "none":
+            return list(self.W_dec)
+        L = self.n_layers
+        if self.decoder_tying == "per_source":
+            return [self.W_dec[i] * self.W_dec_scale[i, :, i:, None] for i in range(L)]
+        return [torch.cat([self.W_dec[j] for j in range(i, L)], 1) for i in range(L)]
 
     @torch.no_grad()
     def set_decoder_norm(self, norm: float = 1.0) -> None:
@@ -130,25 +180,49 @@ class SparseCoder(nn.Module):
         """Latents of raw inputs."""
         return self.encode_with_pre(self.normalized(x_BLD))[0]
 
+    def feature_values(self, latents: Latents, layers: slice = slice(None)) -> Latents:
+        """The values the decoder multiplies: (a + offset)·scale where a ≠ 0 (latents of `layers`)."""
+        if self.feature_offset is None and self.feature_scale is None:
+            return latents
+        values, active = latents.values, latents.values != 0
+        for param, combine in ((self.feature_offset, torch.add), (self.feature_scale, torch.mul)):
+            if param is not None:
+                p_1LF = param[layers][None]
+                per_value = p_1LF if latents.indices is None else p_1LF.expand(
+                    values.shape[0], -1, -1).gather(-1, latents.indices)
+                values = combine(values, per_value)
+        return latents._replace(values=values * active)
+
     def decode(self, latents: Latents, x_BLD: Tensor | None = None, bias: bool = True) -> Tensor:
         """[B, L, D_out] reconstruction. Sparse latents decode as an embedding_bag over the selected
         rows, so the cost scales with k, not F."""
-        B = latents.values.shape[0]
-        out_BLD = latents.values.new_zeros(B, self.n_layers, self.d_out)
-        for i, w_FTD in enumerate(self.W_dec):
-            out_BLD[:, i:] += self.decode_source(latents, i, w_FTD).view(B, -1, self.d_out)
+        latents = self.feature_values(latents)
+        B, L, D = latents.values.shape[0], self.n_layers, self.d_out
+        out_BLD = latents.values.new_zeros(B, L, D)
+        for i, w in enumerate(self.W_dec):
+            if self.decoder_tying == "none":
+                out_BLD[:, i:] += self.decode_source(latents, i, w.flatten(1)).view(B, -1, D)
+                continue
+            for j in range(i, L):  # tied: one bag per (source, target), as many rows as untied
+                if self.decoder_tying == "per_source":
+                    out_BLD[:, j] += self.decode_source(latents, i, w[:, 0], self.W_dec_scale[i, :, j])
+                else:  # per_target: source i's latents through target j's shared matrix
+                    out_BLD[:, j] += self.decode_source(latents, i, self.W_dec[j][:, 0])
         if bias:
             out_BLD = out_BLD + self.b_dec
         if self.W_skip is not None and x_BLD is not None:
             out_BLD = out_BLD + torch.einsum("bld,lde->ble", x_BLD, self.W_skip)
         return out_BLD
 
-    def decode_source(self, latents: Latents, i: int, w_FTD: Tensor) -> Tensor:
-        w_FX = w_FTD.flatten(1)
+    def decode_source(self, latents: Latents, i: int, w_FX: Tensor, weight_F: Tensor | None = None) -> Tensor:
+        """[B, X] source layer i's latents (values times `weight_F` of their latent) through w_FX."""
+        values = latents.values[:, i]
+        if weight_F is not None:
+            values = values * (weight_F if latents.indices is None else weight_F[latents.indices[:, i]])
         if latents.indices is None:
-            return latents.values[:, i] @ w_FX
+            return values @ w_FX
         grad_mask = None if latents.grad_mask is None else latents.grad_mask[:, i]
-        return kernels.decode_source(latents.indices[:, i], latents.values[:, i], w_FX, grad_mask)
+        return kernels.decode_source(latents.indices[:, i], values, w_FX, grad_mask)
 
     def forward(self, x_BLD: Tensor) -> CoderOutput:
         """Reconstruction of raw x. With token_norm, Trainer passes tokens already at norm √d_in
@@ -173,8 +247,13 @@ class SparseCoder(nn.Module):
         scale cancels out: it must be 1 (train.init_coder)."""
         assert not self.activation.token_norm or bool((scale_in_L == 1).all()), "token_norm: no input scale"
         self.W_enc.mul_(scale_in_L[:, None, None])
+        if self.decoder_tying == "per_source":
+            self.W_dec_scale.div_(scale_out_L)
         for i, w_FTD in enumerate(self.W_dec):
-            w_FTD.div_(scale_out_L[i:][None, :, None])
+            if self.decoder_tying == "none":
+                w_FTD.div_(scale_out_L[i:][None, :, None])
+            elif self.decoder_tying == "per_target":
+                w_FTD.div_(scale_out_L[i])
         self.b_dec.div_(scale_out_L[:, None])
         if self.W_skip is not None:
             self.W_skip.mul_((scale_in_L / scale_out_L)[:, None, None])

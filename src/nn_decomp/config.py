@@ -11,6 +11,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 ARCHS = ("sae", "transcoder", "skip_transcoder", "clt")
+TYING = ("none", "per_source", "per_target")  # coder.TYING (config.py imports no torch)
 
 
 class UsageError(Exception):
@@ -37,6 +38,18 @@ class ArchConfig:
     """Latents per layer."""
     dec_init_norm: float = 0.1
     """Initial norm of each decoder vector (concatenated over target layers for a CLT)."""
+    skip: bool = False
+    """A learned linear map x → y per layer added to the reconstruction (arch=skip_transcoder sets it;
+    a CLT may have one too)."""
+    decoder_tying: str = "none"
+    """CLT decoders: none (one vector per latent and target layer) | per_source (one vector per latent,
+    shared by its target layers) | per_target (one matrix per target layer, shared by every source)."""
+    per_target_scale: bool = False
+    """per_source: learn a scale per latent and target layer."""
+    feature_offset: bool = False
+    """Learn a per-latent offset added to active latents before decoding."""
+    feature_scale: bool = False
+    """Learn a per-latent scale applied to active latents before decoding."""
     matryoshka: list[int] = field(default_factory=list)
     """Nested prefix sizes, e.g. [128, 512] (Matryoshka; Bussmann et al. 2025): the loss averages the
     reconstruction error of the first m latents (of the same selection) over every m and of all
@@ -45,6 +58,14 @@ class ArchConfig:
     def __post_init__(self):
         require(self.name in ARCHS, f"arch.name={self.name!r}: choose one of {ARCHS}")
         require(self.n_latents > 0, f"arch.n_latents={self.n_latents}: must be positive")
+        require(self.decoder_tying in TYING, f"arch.decoder_tying={self.decoder_tying!r}: choose one of {TYING}")
+        require(self.decoder_tying == "none" or self.name == "clt",
+                f"arch.decoder_tying={self.decoder_tying} ties a CLT's decoders across layers: use arch=clt")
+        require(not self.per_target_scale or self.decoder_tying == "per_source",
+                "arch.per_target_scale scales the shared vectors of arch.decoder_tying=per_source: set that too")
+        require(self.skip == (self.name == "skip_transcoder") or self.name == "clt",
+                f"arch.skip={self.skip} with arch={self.name}: a skip connection comes with arch=skip_transcoder "
+                "(or arch=clt arch.skip=true)")
         m = list(self.matryoshka)
         require(m == sorted(set(m)) and all(0 < n < self.n_latents for n in m),
                 f"arch.matryoshka={m}: give increasing prefix sizes between 0 and arch.n_latents={self.n_latents} "

@@ -329,6 +329,12 @@ def summarise(dictionaries: list[HookedDictionary], recon: list[ReconstructionSt
         "dead_fraction": float((fires == 0).double().mean()),
         "dense_fraction": float((fires.double() / recon[0].n > dense_threshold).double().mean()),
         "dense_threshold": dense_threshold, "n_latents_total": sum(n_latents),
+        "parameters": sum(p.numel() for d in dictionaries for p in d.coder.parameters()),
+        "decoder_parameters": sum(p.numel() for d in dictionaries for p in (*d.coder.W_dec, d.coder.W_dec_scale)
+                                  if isinstance(p, torch.nn.Parameter)),
+        "active_decoder_parameters": sum(l0 * n for d, stats in zip(dictionaries, recon)
+                                         for l0, n in zip(stats.metrics(dense_threshold)["l0"],
+                                                          d.coder.decoder_params_per_latent())),
     }
     result |= {f"{k}_per_layer": v for k, v in per_layer.items()}
     if down is not None:

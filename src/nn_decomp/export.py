@@ -97,6 +97,16 @@ def write_hf_dir(out: Path, first_n_layers: int | None) -> Path:
     return out
 
 
+def export_decoders(d: HookedDictionary, fmt: str) -> list[Tensor]:
+    """Per source layer, [F, L−i, D]: tying expanded, feature_scale folded into the rows (exact);
+    a feature offset has no equivalent in the other formats."""
+    coder = d.coder
+    if coder.feature_offset is not None:
+        raise UsageError(f"{fmt} has no per-feature offset: retrain without arch.feature_offset to export {d.path}")
+    scale_LF = coder.feature_scale
+    return [w if scale_LF is None else w * scale_LF[i][:, None, None] for i, w in enumerate(coder.decoders())]
+
+
 def convert_hint(d: HookedDictionary) -> str:
     return (f"convert it first: python -m nn_decomp.convert checkpoint={d.path} to=jumprelu, "
             "then export the converted checkpoint")
@@ -115,7 +125,8 @@ def saelens_files(d: HookedDictionary, meta: dict, ckpt_cfg: DictConfig) -> dict
     if coder.activation.token_norm and arch != "sae":
         raise UsageError(f"SAELens applies constant_norm_rescale to an SAE's output only: export a {arch} "
                          "trained with act.token_norm=false")
-    tensors = {"W_enc": coder.W_enc[0].T, "b_enc": coder.b_enc[0], "W_dec": coder.W_dec[0][:, 0], "b_dec": coder.b_dec[0]}
+    tensors = {"W_enc": coder.W_enc[0].T, "b_enc": coder.b_enc[0], "W_dec": export_decoders(d, "SAELens")[0][:, 0],
+               "b_dec": coder.b_dec[0]}
     if coder.W_skip is not None:
         tensors["W_skip"] = coder.W_skip[0].T  # ours: x @ W_skip; SAELens: x @ W_skip.T
     theta = thresholds(d)
@@ -231,6 +242,8 @@ def circuit_tracer_files(dictionaries: list[HookedDictionary], metas: list[dict]
                 for h_in, h_out, layer in zip(d.hooks_in, d.hooks_out, d.layers)}
     if len(suffixes) > 1:
         raise UsageError(f"circuit-tracer needs the same hooks at every layer, got {sorted(suffixes)}")
+    if dictionaries[0].coder.cross_layer and dictionaries[0].coder.W_skip is not None:
+        raise UsageError("circuit-tracer 0.5's load_clt reads no skip weights: export a CLT trained without arch.skip")
     if len({d.coder.W_skip is None for d in dictionaries}) > 1:
         raise UsageError("mix of skip and plain transcoders: circuit-tracer takes one kind per set")
     (hook_in, hook_out), = suffixes
@@ -277,21 +290,21 @@ def mlp_input_norm(folder: Path, n_layers: int, hook_in: str) -> Tensor:
 
 
 def clt_tensors(d: HookedDictionary, norm_LD: Tensor) -> dict:
-    coder, theta = d.coder, thresholds(d)
+    coder, theta, decoders = d.coder, thresholds(d), export_decoders(d, "circuit-tracer")
     files = {}
     for i in range(coder.n_layers):
         enc = {f"W_enc_{i}": coder.W_enc[i] / norm_LD[i], f"b_enc_{i}": coder.b_enc[i], f"b_dec_{i}": coder.b_dec[i]}
         if theta is not None:
             enc[f"threshold_{i}"] = theta[i]
         files[f"W_enc_{i}.safetensors"] = enc
-        files[f"W_dec_{i}.safetensors"] = {f"W_dec_{i}": coder.W_dec[i]}
+        files[f"W_dec_{i}.safetensors"] = {f"W_dec_{i}": decoders[i]}
     return files
 
 
 def transcoder_tensors(d: HookedDictionary, norm_D: Tensor) -> dict:
     coder, theta = d.coder, thresholds(d)
-    tensors = {"W_enc": coder.W_enc[0] / norm_D, "W_dec": coder.W_dec[0][:, 0], "b_enc": coder.b_enc[0],
-               "b_dec": coder.b_dec[0]}
+    tensors = {"W_enc": coder.W_enc[0] / norm_D, "W_dec": export_decoders(d, "circuit-tracer")[0][:, 0],
+               "b_enc": coder.b_enc[0], "b_dec": coder.b_dec[0]}
     if theta is not None:
         tensors["activation_function.threshold"] = theta[0]
     if coder.W_skip is not None:

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from nn_decomp.activations import Latents
 from nn_decomp.config import InterpConfig
 from nn_decomp.patching import HookedDictionary
 from nn_decomp.store import hook_layer
@@ -273,9 +274,13 @@ def ablation_kl(model: HookedTransformer, d: HookedDictionary, tokens_BT: Tensor
     """Ablate one feature: subtract its decoder write a·W_dec from every output hook it writes to
     (all j ≥ i for a CLT) in an otherwise clean forward pass. Returns, per position t < T−1,
     KL(clean ‖ ablated) of the next-token distribution and the change in log p(actual next token)."""
-    targets = range(i, d.coder.n_layers) if d.coder.cross_layer else [i]
-    hooks = [(d.hooks_out[j], partial(_subtract_write, a_BT=a_BT, w_D=d.coder.W_dec[i][latent, j - i]))
-             for j in targets]
+    coder = d.coder
+    targets = range(i, coder.n_layers) if coder.cross_layer else [i]
+    # what the decoder multiplies: the activation after the latent's feature offset / scale, if any
+    one_latent = Latents(a_BT.reshape(-1, 1, 1), torch.full((a_BT.numel(), 1, 1), latent), coder.n_latents)
+    a_BT = coder.feature_values(one_latent, slice(i, i + 1)).values.view_as(a_BT)
+    decoder = coder.decoders()[i]
+    hooks = [(d.hooks_out[j], partial(_subtract_write, a_BT=a_BT, w_D=decoder[latent, j - i])) for j in targets]
     logp_clean = model(tokens_BT).log_softmax(-1)[:, :-1]
     with model.hooks(fwd_hooks=hooks):
         logp_ablated = model(tokens_BT).log_softmax(-1)[:, :-1]
@@ -298,7 +303,7 @@ def ablation_effect(model: HookedTransformer, d: HookedDictionary, tokens_BT: Te
 def top_logit_tokens(model: HookedTransformer, d: HookedDictionary, i: int, latent: int, n: int = 5) -> list[str]:
     """Tokens whose logits the feature's (last) decoder vector raises most through the unembedding
     alone (direct path; later layers and the final norm ignored)."""
-    w_D = d.coder.W_dec[i][latent, -1].to(model.W_U)
+    w_D = d.coder.decoders()[i][latent, -1].to(model.W_U)
     return token_strings(model.tokenizer, (w_D @ model.W_U).topk(n).indices.tolist())
 
 

@@ -72,7 +72,7 @@ def layer_latents(coder: SparseCoder, x_ND: Tensor, i: int) -> Latents:
 
 
 def decode_source(latents: Latents, w_FD: Tensor) -> Tensor:
-    """[N, D] write of one source layer's latents through one decoder slice W_dec[i][:, j−i]."""
+    """[N, D] write of one source layer's latents through one decoder slice decoders()[i][:, j−i]."""
     values_NK = latents.values[:, 0]
     if latents.indices is None:
         return values_NK @ w_FD
@@ -88,7 +88,7 @@ def target_sources(d: HookedDictionary, j: int) -> list[int]:
 
 def _read_input(act_BTD: Tensor, hook, *, cache: dict, key: tuple, coder: SparseCoder, i: int) -> None:
     x_ND = act_BTD.reshape(-1, act_BTD.shape[-1]).to(coder.W_enc.dtype)
-    cache[key] = (x_ND, layer_latents(coder, x_ND, i))
+    cache[key] = (x_ND, coder.feature_values(layer_latents(coder, x_ND, i), slice(i, i + 1)))
 
 
 def _write_output(act_BTD: Tensor, hook, *, cache: dict, d_idx: int, coder: SparseCoder, j: int,
@@ -141,8 +141,9 @@ def splice_hooks(dictionaries: Sequence[HookedDictionary], layers: Sequence[int]
             ranked.append((rank, d.hooks_in[i], partial(_read_input, cache=cache, key=(d_idx, i),
                                                         coder=d.coder, i=i)))
         for j in targets:
-            # Contiguous copies of the decoder slices this target reads, made once per context.
-            decoders = {i: d.coder.W_dec[i][:, j - i].detach().contiguous() for i in target_sources(d, j)}
+            # Contiguous copies of the decoder slices this target reads (tying expanded), made once per context.
+            expanded = d.coder.decoders()
+            decoders = {i: expanded[i][:, j - i].detach().contiguous() for i in target_sources(d, j)}
             ranked.append((1, d.hooks_out[j], partial(
                 _write_output, cache=cache, d_idx=d_idx, coder=d.coder, j=j, decoders=decoders,
                 positions_BT=positions_BT, clear=j == targets[-1])))
