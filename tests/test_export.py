@@ -87,7 +87,9 @@ def test_saelens_export_has_the_documented_layout(tmp_path, arch, act):
 def test_saelens_loads_the_export_and_computes_what_we_do(tmp_path, arch, act):
     from sae_lens import SAE
 
-    ckpt, coder = random_checkpoint(tmp_path / "ckpt", arch, act)
+    # a Matryoshka dictionary (training-only prefixes) and a feature scale export like any other
+    extra = ["arch.matryoshka=[8,32]", "arch.feature_scale=true"] if (arch, act) == ("transcoder", "batchtopk") else []
+    ckpt, coder = random_checkpoint(tmp_path / "ckpt", arch, act, *extra)
     out = export(export_cfg(f"checkpoint={ckpt}", "format=saelens", f"out={tmp_path / 'sl'}"))
     sae = SAE.load_from_disk(out)
     x_ND = torch.randn(50, 12)

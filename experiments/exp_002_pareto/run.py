@@ -23,7 +23,8 @@ GRIDS = {
     # the findings scale: whole-sotu cache, 2M tokens per dictionary (README: which of these have run)
     "cpu_2m": [["arch=transcoder,skip_transcoder,sae_mlp_out", "act=topk", "act.k=8,16,32,64"],
                ["arch=transcoder,skip_transcoder,sae_mlp_out", "act=batchtopk", "act.k=32"],
-               ["arch=transcoder,skip_transcoder,sae_mlp_out", "act=jumprelu", "act.target_l0=32"]],
+               ["arch=transcoder,skip_transcoder,sae_mlp_out", "act=jumprelu", "act.target_l0=32"],
+               ["arch=transcoder", "act=batchtopk", "act.k=32", "arch.matryoshka=[128,512]"]],
     "gpu": [["arch=transcoder,skip_transcoder,clt", "act=topk,batchtopk", "act.k=16,32,64,128"],
             ["arch=transcoder,skip_transcoder,clt", "act=jumprelu", "act.target_l0=16,32,64,128"]],
 }

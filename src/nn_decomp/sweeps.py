@@ -218,10 +218,15 @@ def act_name(row: dict) -> str:
 
 
 def family(row: dict) -> str:
-    """arch/act label of a job; an SAE reading hook_mlp_out is `sae_mlp_out`."""
+    """arch/act label of a job; an SAE reading hook_mlp_out is `sae_mlp_out`; a tied CLT or a
+    Matryoshka dictionary says so."""
     arch = str(row.get("arch.name") or row.get("arch") or "?")
     if arch == "sae" and "mlp_out" in str(row.get("arch.hook_in", "")):
         arch = "sae_mlp_out"
+    if row.get("arch.decoder_tying") not in (None, "none"):
+        arch += f" {row['arch.decoder_tying']}"
+    if row.get("arch.matryoshka"):
+        arch += " matryoshka"
     return f"{arch}/{act_name(row)}"
 
 
