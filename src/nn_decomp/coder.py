@@ -49,8 +49,11 @@ class SparseCoder(nn.Module):
                  decoder_tying: str = "none", per_target_scale: bool = False, feature_offset: bool = False,
                  feature_scale: bool = False):
         super().__init__()
-        # sparse_backward=False keeps the dense reference path (tests compare the two).
+        # sparse_backward=False keeps the dense reference path (tests compare the two); with
+        # sparse_decoder=True it decodes the selected latents by embedding_bag all the same (a dense
+        # encoder backward, sparse decoder: the baseline benchmarks/train_step.py also compares).
         self.sparse_backward = sparse_backward and (activation.sparse_output or activation.elementwise)
+        self.sparse_decoder = False
         assert cross_layer or n_layers == 1, "only a cross-layer transcoder spans several layers"
         assert decoder_tying in TYING and (cross_layer or decoder_tying == "none"), decoder_tying
         self.d_in, self.d_out, self.n_latents, self.n_layers = d_in, d_out, n_latents, n_layers
@@ -232,7 +235,8 @@ class SparseCoder(nn.Module):
             x_BLD = x_BLD * s
         latents, pre_BLF = self.encode_with_pre(x_BLD)
         # The dense reference decodes with dense GEMMs as well: the baseline the kernels must beat.
-        decoded = latents if self.sparse_backward else Latents(latents.dense(), None, self.n_latents)
+        sparse = self.sparse_backward or self.sparse_decoder
+        decoded = latents if sparse else Latents(latents.dense(), None, self.n_latents)
         recons = [self.decode(decoded, x_BLD)]
         if self.training:
             recons += [self.decode(prefix(decoded, n), x_BLD) for n in self.matryoshka]
