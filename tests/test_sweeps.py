@@ -300,9 +300,14 @@ def test_exp_003_smoke(root, one_thread):
     assert_png(out / "all_layers_patching.png")
     values = numbers(out / "all_layers_patching.csv", ["mean_l0_per_module", "active_latents_per_mlp",
                                                         "active_decoder_params", "replacement_ce", "replacement_kl"])
-    (clt, transcoders) = values  # one k at smoke: the CLT and the transcoder set
+    with open(out / "all_layers_patching.csv") as f:
+        families = [r["family"] for r in csv.DictReader(f)]
+    by_family = dict(zip(families, values))  # one k at smoke: the CLT, the tied CLT, the transcoder set
+    clt, tied, transcoders = by_family["clt"], by_family["clt per_source"], by_family["transcoders"]
     assert clt[1] == pytest.approx(1.5 * clt[0])  # 2 layers: layer 1's MLP gets layer 0's writes too
     assert transcoders[1] == transcoders[0]
+    # a tied latent writes one vector (+ its learned per-target scales): fewer parameters per latent
+    assert tied[2] / tied[0] < clt[2] / clt[0]
 
 
 @pytest.mark.slow
