@@ -144,6 +144,14 @@ def test_clt_with_cross_layer_writes_is_scored_per_layer_and_as_a_whole(lm, tmp_
     assert result["nmse_per_layer"][0] < 1e-8 < result["nmse_per_layer"][2]  # layer 0 has no earlier source
     assert result["kl_spliced_per_layer"][0] < 1e-6 < result["replacement_kl"]
     assert result["replacement_top1_agreement"] < 1
+    # cost: every parameter; the decoder's; what the active latents' writes use per token (a latent of
+    # source i writes L − i vectors of d_out)
+    coder = mlp_clt(lm, cross_scale=0.02).coder
+    L, d_out = coder.n_layers, coder.d_out
+    assert result["parameters"] == sum(p.numel() for p in coder.parameters())
+    assert result["decoder_parameters"] == sum(w.numel() for w in coder.W_dec)
+    assert result["active_decoder_parameters"] == pytest.approx(
+        sum(l0 * (L - i) * d_out for i, l0 in enumerate(result["l0_per_layer"])))
 
 
 # --- outputs and bad input -----------------------------------------------------------------------
