@@ -12,7 +12,7 @@ The architecture decides only which hooks feed x and y (config.py) and these swi
   W_dec_scale[i, f, j] (learned with per_target_scale, else fixed at 1 until activation scales fold
   in); "per_target" stores one matrix per target, W_dec[j] [F, 1, D], shared by the latents of every
   source i ≤ j (the same index f), so a latent's write to j is W_dec[j][f] whatever its source.
-  `decoders()` expands any tying into the untied layout exactly.
+  `decoder(i)` / `decoders()` expand any tying into the untied layout exactly.
 - feature_offset / feature_scale: per-latent [L, F] parameters applied to every active latent,
   a → (a + offset)·scale, before decoding (crosslayer-coding's enable_feature_offset / _scale).
 Any architecture can be Matryoshka (`matryoshka`: nested prefix sizes): in training, the forward
@@ -113,15 +113,18 @@ class SparseCoder(nn.Module):
             return [D + (L - i) * learned for i in range(L)]
         return [(L - i) * D if self.cross_layer else D for i in range(L)]
 
-    def decoders(self) -> list[Tensor]:
-        """Per source layer i, [F, L−i, D]: what each latent writes to each target j ≥ i (tying
+    def decoder(self, i: int) -> Tensor:
+        """[F, L−i, D]: what each latent of source layer i writes to each target j ≥ i (tying
         expanded; feature_scale not folded in). The untied layout circuit-tracer stores."""
         if self.decoder_tying == "none":
-            return list(self.W_dec)
-        L = self.n_layers
+            return self.W_dec[i]
         if self.decoder_tying == "per_source":
-            return [self.W_dec[i] * self.W_dec_scale[i, :, i:, None] for i in range(L)]
-        return [torch.cat([self.W_dec[j] for j in range(i, L)], 1) for i in range(L)]
+            return self.W_dec[i] * self.W_dec_scale[i, :, i:, None]
+        return torch.cat([self.W_dec[j] for j in range(i, self.n_layers)], 1)
+
+    def decoders(self) -> list[Tensor]:
+        """`decoder(i)` for every source layer i."""
+        return [self.decoder(i) for i in range(self.n_layers)]
 
     @torch.no_grad()
     def set_decoder_norm(self, norm: float = 1.0) -> None:

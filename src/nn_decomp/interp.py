@@ -279,7 +279,7 @@ def ablation_kl(model: HookedTransformer, d: HookedDictionary, tokens_BT: Tensor
     # what the decoder multiplies: the activation after the latent's feature offset / scale, if any
     one_latent = Latents(a_BT.reshape(-1, 1, 1), torch.full((a_BT.numel(), 1, 1), latent), coder.n_latents)
     a_BT = coder.feature_values(one_latent, slice(i, i + 1)).values.view_as(a_BT)
-    decoder = coder.decoders()[i]
+    decoder = coder.decoder(i)
     hooks = [(d.hooks_out[j], partial(_subtract_write, a_BT=a_BT, w_D=decoder[latent, j - i])) for j in targets]
     logp_clean = model(tokens_BT).log_softmax(-1)[:, :-1]
     with model.hooks(fwd_hooks=hooks):
@@ -303,7 +303,7 @@ def ablation_effect(model: HookedTransformer, d: HookedDictionary, tokens_BT: Te
 def top_logit_tokens(model: HookedTransformer, d: HookedDictionary, i: int, latent: int, n: int = 5) -> list[str]:
     """Tokens whose logits the feature's (last) decoder vector raises most through the unembedding
     alone (direct path; later layers and the final norm ignored)."""
-    w_D = d.coder.decoders()[i][latent, -1].to(model.W_U)
+    w_D = d.coder.decoder(i)[latent, -1].to(model.W_U)
     return token_strings(model.tokenizer, (w_D @ model.W_U).topk(n).indices.tolist())
 
 

@@ -72,7 +72,7 @@ def layer_latents(coder: SparseCoder, x_ND: Tensor, i: int) -> Latents:
 
 
 def decode_source(latents: Latents, w_FD: Tensor) -> Tensor:
-    """[N, D] write of one source layer's latents through one decoder slice decoders()[i][:, j−i]."""
+    """[N, D] write of one source layer's latents through one decoder slice decoder(i)[:, j−i]."""
     values_NK = latents.values[:, 0]
     if latents.indices is None:
         return values_NK @ w_FD
@@ -140,10 +140,10 @@ def splice_hooks(dictionaries: Sequence[HookedDictionary], layers: Sequence[int]
             rank = 0 if d.hooks_in[i] in written else 2
             ranked.append((rank, d.hooks_in[i], partial(_read_input, cache=cache, key=(d_idx, i),
                                                         coder=d.coder, i=i)))
+        expanded = {i: d.coder.decoder(i).detach() for i in needed}  # tying expanded once per dictionary
         for j in targets:
-            # Contiguous copies of the decoder slices this target reads (tying expanded), made once per context.
-            expanded = d.coder.decoders()
-            decoders = {i: expanded[i][:, j - i].detach().contiguous() for i in target_sources(d, j)}
+            # Contiguous copies of the decoder slices this target reads, made once per context.
+            decoders = {i: expanded[i][:, j - i].contiguous() for i in target_sources(d, j)}
             ranked.append((1, d.hooks_out[j], partial(
                 _write_output, cache=cache, d_idx=d_idx, coder=d.coder, j=j, decoders=decoders,
                 positions_BT=positions_BT, clear=j == targets[-1])))
