@@ -11,7 +11,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 ARCHS = ("sae", "transcoder", "skip_transcoder", "clt")
-TYING = ("none", "per_source", "per_target")  # coder.TYING (config.py imports no torch)
+TYING = ("none", "per_source", "per_target")  # arch.decoder_tying (coder.py reads it from here)
 
 
 class UsageError(Exception):

@@ -332,9 +332,9 @@ def summarise(dictionaries: list[HookedDictionary], recon: list[ReconstructionSt
         "parameters": sum(p.numel() for d in dictionaries for p in d.coder.parameters()),
         "decoder_parameters": sum(p.numel() for d in dictionaries for p in (*d.coder.W_dec, d.coder.W_dec_scale)
                                   if isinstance(p, torch.nn.Parameter)),
-        "active_decoder_parameters": sum(l0 * n for d, stats in zip(dictionaries, recon)
-                                         for l0, n in zip(stats.metrics(dense_threshold)["l0"],
-                                                          d.coder.decoder_params_per_latent())),
+        # per_layer["l0"] runs over the dictionaries' layers in order, as these counts do
+        "active_decoder_parameters": sum(l0 * n for l0, n in zip(
+            per_layer["l0"], [n for d in dictionaries for n in d.coder.decoder_params_per_latent()], strict=True)),
     }
     result |= {f"{k}_per_layer": v for k, v in per_layer.items()}
     if down is not None:
