@@ -203,13 +203,11 @@ def aux_topk_latents(pre_BLF: Tensor, dead_LF: Tensor, k_aux: int, x_BLD: Tensor
         values, indices = [], []
         for l, dead_F in enumerate(dead_LF):
             dead_ids = dead_F.nonzero().squeeze(1)
-            pre_BN = F.pad(pre_BLF[:, l].index_select(-1, dead_ids), (0, max(k_aux - len(dead_ids), 0)),
-                           value=-torch.inf)
-            v, i = pre_BN.topk(k_aux, dim=-1, sorted=False)
+            pad = (0, max(k_aux - len(dead_ids), 0))
+            v, i = F.pad(pre_BLF[:, l].index_select(-1, dead_ids), pad, value=-torch.inf).topk(k_aux, dim=-1,
+                                                                                               sorted=False)
             values.append(v)
-            # padding picks (−inf) point at latent 0 with value 0: no write, no gradient
-            indices.append(torch.where(i < len(dead_ids), dead_ids[i.clamp(max=max(len(dead_ids) - 1, 0))], 0)
-                           if len(dead_ids) else torch.zeros_like(i))
+            indices.append(F.pad(dead_ids, pad)[i])  # padding picks (−inf): latent 0, value 0, no gradient
         values, indices = torch.stack(values, 1).relu_(), torch.stack(indices, 1)
     latents = Latents(values, indices, pre_BLF.shape[-1], values != 0)
     return attach_encoder_grad(latents, x_BLD, W_enc_LFD, b_enc_LF)
