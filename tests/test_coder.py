@@ -131,22 +131,28 @@ def test_relu_decoder_norms_are_free(arch):
     assert not torch.allclose(norms, torch.full_like(norms, 0.1)) and (norms < 0.5).all()
 
 
-@pytest.mark.parametrize("act", ACTS)
-def test_clt_input_at_layer_i_changes_only_layers_from_i_on(act):
-    coder = make_coder("clt", act, d_in=D_IN, d_out=D_OUT, n_latents=F, n_layers=L_CLT)
+def assert_input_at_layer_i_changes_only_layers_from_i_on(coder, bitwise: bool) -> None:
+    """Perturb the input of each layer i: targets < i stay as they were (bitwise, or up to float
+    rounding), every target ≥ i moves."""
     x, _ = batch("clt", n=16)
     base = coder(x).recon
     for i in range(L_CLT):
         x2 = x.clone()
         x2[:, i] += 3 * torch.randn_like(x2[:, i])
         diff = coder(x2).recon - base
-        if act != "topk":
-            # same latents, but the padded width K follows the busiest row of any layer (all but
-            # TopK), so the embedding_bag sums in another order: equal up to float rounding
-            torch.testing.assert_close(diff[:, :i], torch.zeros_like(diff[:, :i]), atol=1e-5, rtol=0)
-        else:
+        if bitwise:
             assert (diff[:, :i] == 0).all(), f"input at layer {i} changed an earlier layer"
+        else:
+            torch.testing.assert_close(diff[:, :i], torch.zeros_like(diff[:, :i]), atol=1e-5, rtol=0)
         assert (diff[:, i:].abs().amax((0, 2)) > 1e-3).all(), f"input at layer {i} changed nothing downstream"
+
+
+@pytest.mark.parametrize("act", ACTS)
+def test_clt_input_at_layer_i_changes_only_layers_from_i_on(act):
+    coder = make_coder("clt", act, d_in=D_IN, d_out=D_OUT, n_latents=F, n_layers=L_CLT)
+    # all but TopK: same latents, but the padded width K follows the busiest row of any layer, so
+    # the embedding_bag sums in another order: equal up to float rounding
+    assert_input_at_layer_i_changes_only_layers_from_i_on(coder, bitwise=act == "topk")
 
 
 def test_clt_latents_at_layer_i_write_only_to_layers_from_i_on():
@@ -278,15 +284,7 @@ def test_clt_variant_decodes_as_its_expanded_untied_decoders(variant):
 
 @pytest.mark.parametrize("variant", CLT_VARIANTS)
 def test_clt_variant_input_at_layer_i_changes_only_layers_from_i_on(variant):
-    coder = clt_variant(variant)
-    x, _ = batch("clt", n=16)
-    base = coder(x).recon
-    for i in range(L_CLT):
-        x2 = x.clone()
-        x2[:, i] += 3 * torch.randn_like(x2[:, i])
-        diff = coder(x2).recon - base
-        torch.testing.assert_close(diff[:, :i], torch.zeros_like(diff[:, :i]), atol=1e-5, rtol=0)
-        assert (diff[:, i:].abs().amax((0, 2)) > 1e-3).all()
+    assert_input_at_layer_i_changes_only_layers_from_i_on(clt_variant(variant), bitwise=False)
 
 
 @pytest.mark.parametrize("variant", CLT_VARIANTS)
