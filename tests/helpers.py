@@ -13,7 +13,8 @@ from nn_decomp.checkpoint import build_coder
 from nn_decomp.coder import SparseCoder
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-ARCHS = ("sae", "transcoder", "skip_transcoder", "clt")
+ARCHS = ("sae", "transcoder", "skip_transcoder", "clt", "crosscoder", "molt")
+MULTI_LAYER = ("clt", "crosscoder")
 ACTS = ("relu", "topk", "batchtopk", "jumprelu")
 
 
@@ -34,10 +35,13 @@ def compose_cfg(*overrides: str) -> DictConfig:
 
 def arch_act_cfg(arch: str, act: str, *overrides: str, n_latents: int = 64, k: int = 4,
                  n_layers: int = 3) -> DictConfig:
-    """A small config for `arch` × `act`: k set for the TopK family, `n_layers` layers for a CLT."""
+    """A small config for `arch` × `act`: k set for the TopK family, `n_layers` layers for a CLT or
+    a crosscoder, small ranks for a MOLT."""
     extra = [f"act.k={k}"] if act in ("topk", "batchtopk") else []
-    if arch == "clt":
+    if arch in MULTI_LAYER:
         extra.append(f"arch.layers=[{','.join(str(i) for i in range(n_layers))}]")
+    if arch == "molt":
+        extra.append("arch.molt_ranks=[4,2]")
     return compose_cfg(f"arch={arch}", f"act={act}", f"arch.n_latents={n_latents}", *extra, *overrides)
 
 

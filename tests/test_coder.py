@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from helpers import ACTS, ARCHS, arch_act_cfg, make_coder, one_thread  # noqa: F401
+from helpers import ACTS, ARCHS, MULTI_LAYER, arch_act_cfg, make_coder, one_thread  # noqa: F401
 from nn_decomp.activations import Latents
 from nn_decomp.checkpoint import build_coder
 from nn_decomp.losses import coder_loss
@@ -18,7 +18,16 @@ D_IN, D_OUT, F, L_CLT = 12, 10, 64, 3
 
 def dims(arch: str) -> tuple[int, int, int]:
     """(d_in, d_out, n_layers): an SAE reconstructs its input; transcoders map 12 → 10 dims."""
-    return D_IN, D_IN if arch == "sae" else D_OUT, L_CLT if arch == "clt" else 1
+    return D_IN, D_IN if arch in ("sae", "crosscoder") else D_OUT, L_CLT if arch in MULTI_LAYER else 1
+
+
+def n_sources(arch: str) -> int:
+    """Latent groups: one per layer, a crosscoder's one shared by its layers."""
+    return 1 if arch == "crosscoder" else dims(arch)[2]
+
+
+def decoder_names(arch: str) -> set[str]:
+    return {"transforms.U", "transforms.V"} if arch == "molt" else {f"W_dec.{i}" for i in range(n_sources(arch))}
 
 
 def batch(arch: str, n: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -26,7 +35,7 @@ def batch(arch: str, n: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Te
     d_in, d_out, L = dims(arch)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, L, d_in, generator=g)
-    if arch == "sae":
+    if arch in ("sae", "crosscoder"):
         return x, x
     A = torch.randn(L, d_in, d_out, generator=g) / d_in ** 0.5
     return x, torch.einsum("bld,lde->ble", x, A)
@@ -48,11 +57,13 @@ def test_forward_shapes(arch, act):
     coder = make_coder(arch, act, d_in=d_in, d_out=d_out, n_latents=F, n_layers=L_CLT)
     x, _ = batch(arch, n=8)
     out = coder(x)
-    assert out.pre_acts.shape == (8, L, F)
+    S = n_sources(arch)
+    assert out.pre_acts.shape == (8, S, F)
     assert out.recon.shape == (8, L, d_out)
-    assert out.latents.dense().shape == (8, L, F)
+    assert out.latents.dense().shape == (8, S, F)
     assert out.latents.n_latents == F
-    assert [tuple(w.shape) for w in coder.W_dec] == [(F, L - i, d_out) for i in range(L)]
+    # a latent of source i writes targets i..L−1 (a crosscoder's one source: every layer); a MOLT has none
+    assert [tuple(w.shape) for w in coder.W_dec] == [(F, L - i, d_out) for i in range(S)] * (arch != "molt")
     assert out.latents.indices is not None  # every activation's default path is the sparse one
 
 
@@ -63,15 +74,14 @@ def test_loss_is_finite_and_every_parameter_gets_a_gradient(arch, act):
     if arch == "skip_transcoder":
         assert (coder.W_skip == 0).all()  # zero at init ...
     x, y = batch(arch)
-    _, _, L = dims(arch)
-    all_dead = torch.ones(L, F, dtype=torch.bool)  # exercise AuxK too
+    all_dead = torch.ones(n_sources(arch), F, dtype=torch.bool)  # exercise AuxK too
     losses = coder_loss(coder, coder(x), y, all_dead)
     for term in losses[:4]:
         assert torch.isfinite(term)
     assert (losses.aux > 0) == (act in ("topk", "batchtopk"))
     losses.loss.backward()
     names = dict(coder.named_parameters())
-    expected = {"W_enc", "b_enc", "b_dec"} | {f"W_dec.{i}" for i in range(L)}
+    expected = {"W_enc", "b_enc", "b_dec"} | decoder_names(arch)
     expected |= {"W_skip"} if arch == "skip_transcoder" else set()  # ... but it learns
     expected |= {"activation.log_threshold"} if act == "jumprelu" else set()
     assert set(names) == expected
@@ -97,8 +107,9 @@ def test_trainer_steps_decrease_the_loss_on_a_fixed_batch(arch, act):
         trainer.train_step(x, y)
     assert trainer.step == 60 and trainer.tokens_seen == 60 * 64
     assert loss_now() < 0.8 * before
-    if coder.activation.unit_norm_decoder:
-        torch.testing.assert_close(coder.decoder_norm(), torch.ones(L, F))
+    if coder.activation.unit_norm_decoder and arch != "molt":  # a MOLT's maps have no norm to fix
+        concatenated = torch.stack([w.flatten(1).norm(dim=1) for w in coder.W_dec])
+        torch.testing.assert_close(concatenated.detach(), torch.ones(n_sources(arch), F))
 
 
 def test_parallel_decoder_gradient_is_projected_out():
@@ -122,7 +133,11 @@ def test_parallel_decoder_gradient_is_projected_out():
 def test_relu_decoder_norms_are_free(arch):
     cfg, coder = fresh_coder(arch, "relu", "train.warmup_steps=1")
     _, _, L = dims(arch)
-    torch.testing.assert_close(coder.decoder_norm(), torch.full((L, F), 0.1))  # arch.dec_init_norm
+    norms = coder.decoder_norm()
+    if arch == "crosscoder":  # concatenated norm 0.1; decoder_norm=sum adds the 3 layers' (≈ 0.1/√3 each)
+        torch.testing.assert_close(norms, torch.full((1, F), 0.1 * 3 ** 0.5), rtol=0.2, atol=0)
+    else:  # arch.dec_init_norm (a MOLT's: ‖U_t V_tᵀ‖_F)
+        torch.testing.assert_close(norms, torch.full((n_sources(arch), F), 0.1))
     x, y = batch(arch)
     trainer = Trainer(cfg, coder, total_steps=10, scale_in_L=torch.ones(L), scale_out_L=torch.ones(L))
     for _ in range(10):
@@ -191,7 +206,7 @@ def test_sparse_decode_equals_dense_decode_values_and_gradients(arch, masked):
     """Same output and weight gradients. The gradient of the values too, except outside the latents'
     grad_mask (here: the non-zero values, as TopK sets it), where it is 0."""
     d_in, d_out, L = dims(arch)
-    sparse = random_sparse(6, L, K=7)
+    sparse = random_sparse(6, n_sources(arch), K=7)
     if masked:
         sparse = sparse._replace(grad_mask=sparse.values.detach() != 0)
     x, _ = batch(arch, n=6)
@@ -211,7 +226,7 @@ def test_sparse_decode_equals_dense_decode_values_and_gradients(arch, masked):
     assert zero.any() and (g_dense[zero] != 0).all()
     torch.testing.assert_close(g_sparse, torch.where(zero, 0.0, g_dense) if masked else g_dense)
     assert (g_sparse != 0).any()
-    assert set(p_sparse) == set(p_dense) and {f"W_dec.{i}" for i in range(L)} <= set(p_sparse)
+    assert set(p_sparse) == set(p_dense) and decoder_names(arch) <= set(p_sparse)
     for name in p_sparse:
         torch.testing.assert_close(p_sparse[name], p_dense[name], msg=name)
 
@@ -304,7 +319,8 @@ def test_clt_variant_parameters_and_active_decoder_cost(variant):
     names = {n for n, _ in coder.named_parameters()}
     assert ("W_dec_scale" in names) == ("arch.per_target_scale=true" in CLT_VARIANTS[variant])
     assert ("feature_offset" in names) == ("offset" in variant) and ("W_skip" in names) == ("skip" in variant)
-    per_latent = coder.decoder_params_per_latent()
+    per_latent = coder.decoder_params()[:, 0].tolist()
+    assert (coder.decoder_params() == coder.decoder_params()[:, :1]).all()
     if coder.decoder_tying == "per_source":
         assert per_latent == [D_OUT + (L_CLT - i) * ("scale" in variant) for i in range(L_CLT)]
     else:

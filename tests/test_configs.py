@@ -63,7 +63,7 @@ def test_typo_and_wrong_type_fail_at_composition():
 
 @pytest.mark.parametrize("overrides, message", [
     (["act=topk", "act.k=64", "arch.n_latents=64"], "act.k=64 must be < arch.n_latents"),
-    (["arch=clt", "arch.layers=[3]"], "a CLT needs >= 2 layers"),
+    (["arch=clt", "arch.layers=[3]"], "arch=clt needs >= 2 layers"),
     (["arch=transcoder", "arch.layers=[1,2]"], "use arch=clt"),
     (["act=jumprelu", "act.penalty=l1"], "act.penalty"),
     (["train.decay=step"], "train.decay"),

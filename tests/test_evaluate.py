@@ -57,7 +57,7 @@ def save(d: HookedDictionary, path: Path) -> Path:
 # --- metrics on hand-computed values ---------------------------------------------------------
 
 def test_reconstruction_metrics_on_hand_computed_values():
-    stats = ReconstructionStats(n_layers=1, n_latents=3, d_out=2, device="cpu")
+    stats = ReconstructionStats(n_layers=1, n_sources=1, n_latents=3, d_out=2, device="cpu")
     y = torch.tensor([[[2.0, 0.0]], [[0.0, 2.0]]])
     recon = torch.tensor([[[1.0, 1.0]], [[0.0, 1.0]]])
     latents = Latents(torch.tensor([[[1.0, 0.0, 0.0]], [[3.0, 2.0, 0.0]]]), None, 3)

@@ -401,6 +401,8 @@ def test_circuit_tracer_builds_an_attribution_graph_on_smollm2_with_our_folded_c
     ("transcoder", "relu", "circuit_tracer", r"layers 0\.\.2 \(these cover \[2\]\)"),
     ("clt", "batchtopk", "circuit_tracer", "retrain with act.token_norm=false"),
     ("transcoder", "batchtopk", "saelens", "trained with act.token_norm=false"),
+    ("crosscoder", "relu", "saelens", "saelens has no crosscoder: its format is our checkpoint"),
+    ("molt", "jumprelu", "circuit_tracer", "circuit_tracer has no molt: its format is our checkpoint"),
 ])
 def test_unrepresentable_export_fails_naming_the_fix(tmp_path, arch, act, fmt, message):
     ckpt, _ = random_checkpoint(tmp_path / "ckpt", arch, act, *["act.token_norm=true"] * (act == "batchtopk"))

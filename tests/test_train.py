@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from helpers import ACTS, ARCHS, arch_act_cfg
+from helpers import ACTS, ARCHS, MULTI_LAYER, arch_act_cfg
 from nn_decomp import train as train_module
 from nn_decomp.checkpoint import (TRAINER_STATE, WEIGHTS, build_coder, load_dictionary, read_config, recover_dir,
                                   save_checkpoint, siblings)
@@ -22,7 +22,7 @@ TINY = ["train.n_tokens=2048", "train.batch_size=128", "train.warmup_steps=2", "
 
 
 def tiny_cfg(arch: str, act: str, *overrides: str):
-    layers = [] if arch == "clt" else ["arch.layers=[1]"]
+    layers = [] if arch in MULTI_LAYER else ["arch.layers=[1]"]
     # 16 steps are too few for θ to fall from the sparse default (3.0): start it low.
     threshold = ["act.init_threshold=0.1"] if act == "jumprelu" else []
     return arch_act_cfg(arch, act, *TINY, *layers, *threshold, *overrides, n_latents=64, k=4)
@@ -43,7 +43,7 @@ def test_every_arch_and_act_trains(arch, act, tiny_lm, tmp_path):
     assert json.loads((tmp_path / "metrics.json").read_text())["nmse"] == metrics["nmse"]
     meta = json.loads((tmp_path / "checkpoint" / "metadata.json").read_text())
     assert meta["arch"] == arch and meta["act"] == act and meta["tokens_seen"] == 2048
-    assert load_dictionary(tmp_path / "checkpoint").n_layers == (3 if arch == "clt" else 1)
+    assert load_dictionary(tmp_path / "checkpoint").n_layers == (3 if arch in MULTI_LAYER else 1)
 
 
 # CLT variants (decoder tying, feature offset / scale, skip) and Matryoshka, trained for real

@@ -58,7 +58,7 @@ def replacements(rows: list[dict], block: list[int], ks: list[int]) -> list[tupl
 def sparsity_costs(ev: dict, cross_layer: bool, params_per_latent: list[int]) -> dict:
     """From the per-source-layer L0s: active latents that write each MLP's reconstruction (a CLT
     latent of layer i writes every layer j >= i) and the decoder parameters those writes use
-    (`SparseCoder.decoder_params_per_latent`: a tied CLT's latent uses fewer)."""
+    (`SparseCoder.decoder_params`, the same for every latent of a source layer: a tied CLT's latent uses fewer)."""
     l0 = ev["l0_per_layer"]
     n = len(l0)
     writes_into = [sum(l0[: j + 1]) if cross_layer else l0[j] for j in range(n)]
@@ -68,7 +68,7 @@ def sparsity_costs(ev: dict, cross_layer: bool, params_per_latent: list[int]) ->
 
 def point(family: str, k: int, eval_json: Path) -> dict:
     ev = json.loads(eval_json.read_text())
-    per_latent = [n for path in ev["checkpoints"] for n in load_dictionary(path).decoder_params_per_latent()]
+    per_latent = [n for path in ev["checkpoints"] for n in load_dictionary(path).decoder_params()[:, 0].tolist()]
     return {"family": family, "k": k, "layers": ev["layers"], **sparsity_costs(ev, family.startswith("clt"), per_latent),
             **{key: number(ev.get(key)) for key in COLUMNS[6:11]}, "n_tokens": ev["n_tokens"],
             "eval_json": str(eval_json)}

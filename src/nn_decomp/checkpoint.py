@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 
 from nn_decomp.coder import SparseCoder
+from nn_decomp.config import molt_groups
 
 WEIGHTS, CONFIG, METADATA, TRAINER_STATE = "dictionary.safetensors", "config.yaml", "metadata.json", "trainer_state.pt"
 
@@ -26,7 +27,9 @@ def build_coder(cfg: DictConfig, d_in: int, d_out: int) -> SparseCoder:
     arch = cfg.arch
     get = arch.get  # checkpoints older than a key lack it: its default
     return SparseCoder(d_in, d_out, arch.n_latents, len(arch.layers), act,
-                       cross_layer=arch.name == "clt", skip=get("skip", arch.name == "skip_transcoder"),
+                       cross_layer=arch.name == "clt", crosscoder=arch.name == "crosscoder",
+                       transforms=tuple(molt_groups(arch.n_latents, list(arch.molt_ranks))) if arch.name == "molt" else (),
+                       decoder_norm=get("decoder_norm", "concat"), skip=get("skip", arch.name == "skip_transcoder"),
                        dec_init_norm=arch.dec_init_norm, tied_init=arch.name == "sae",
                        matryoshka=tuple(get("matryoshka", ())), decoder_tying=get("decoder_tying", "none"),
                        per_target_scale=get("per_target_scale", False), feature_offset=get("feature_offset", False),

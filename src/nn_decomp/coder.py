@@ -15,6 +15,15 @@ The architecture decides only which hooks feed x and y (config.py) and these swi
   `decoder(i)` / `decoders()` expand any tying into the untied layout exactly.
 - feature_offset / feature_scale: per-latent [L, F] parameters applied to every active latent,
   a → (a + offset)·scale, before decoding (crosslayer-coding's enable_feature_offset / _scale).
+- crosscoder (Anthropic, "Sparse crosscoders", 2024): acausal; one set of latents reads every
+  covered layer and writes every covered layer. The L inputs are stacked into one encoder input
+  ([B, 1, L·D_in]: W_enc [1, F, L·D_in], the sum over layers of W_enc[l]·x_l), and the one source's
+  decoder is W_dec[0] [F, L, D], the CLT layout of a latent at layer 0. n_sources = 1, n_layers = L.
+- transforms (MOLT, molt.py): each latent gates its own low-rank map of the input instead of a
+  decoder vector; W_dec is empty.
+- decoder_norm: how a latent's decoder vectors over several target layers combine into the norm
+  its sparsity penalty weighs: "concat" (‖concatenation‖) or "sum" (Σ per-layer norms, the crosscoder
+  paper's choice, which favours latents that write few layers).
 Any architecture can be Matryoshka (`matryoshka`: nested prefix sizes): in training, the forward
 also reconstructs from each prefix of the latents alone, for the loss to average.
 """
@@ -27,12 +36,14 @@ from torch import Tensor, nn
 from nn_decomp import kernels
 from nn_decomp.activations import Activation, Latents
 from nn_decomp.config import TYING
+from nn_decomp.molt import LowRankTransforms
 
 
 class CoderOutput(NamedTuple):
-    """Result of a forward pass. pre_acts: [B, L, F], detached when the sparse backward ran (and
-    then, in training mode, a workspace that the next forward overwrites);
-    latents: sparse or dense; recon: [B, L, D_out]; x: the input (AuxK's sparse backward needs it);
+    """Result of a forward pass. pre_acts: [B, S, F] (S = n_sources), detached when the sparse
+    backward ran (and then, in training mode, a workspace that the next forward overwrites);
+    latents: sparse or dense, [B, S, ·]; recon: [B, L, D_out]; x: the encoder's input [B, S, ·]
+    (AuxK's sparse backward needs it);
     prefix_recons: in training, the reconstruction from each Matryoshka prefix alone."""
 
     pre_acts: Tensor
@@ -47,22 +58,28 @@ class SparseCoder(nn.Module):
                  cross_layer: bool = False, skip: bool = False, dec_init_norm: float = 0.1,
                  tied_init: bool = False, sparse_backward: bool = True, matryoshka: tuple[int, ...] = (),
                  decoder_tying: str = "none", per_target_scale: bool = False, feature_offset: bool = False,
-                 feature_scale: bool = False):
+                 feature_scale: bool = False, crosscoder: bool = False,
+                 transforms: tuple[tuple[int, int], ...] = (), decoder_norm: str = "concat"):
         super().__init__()
         # sparse_backward=False keeps the dense reference path (tests compare the two); with
         # sparse_decoder=True it decodes the selected latents by embedding_bag all the same (a dense
         # encoder backward, sparse decoder: the baseline benchmarks/train_step.py also compares).
         self.sparse_backward = sparse_backward and (activation.sparse_output or activation.elementwise)
         self.sparse_decoder = False
-        assert cross_layer or n_layers == 1, "only a cross-layer transcoder spans several layers"
+        assert cross_layer or crosscoder or n_layers == 1, "only a CLT or a crosscoder spans several layers"
         assert decoder_tying in TYING and (cross_layer or decoder_tying == "none"), decoder_tying
+        assert not transforms or (n_layers == 1 and not skip), "a MOLT replaces one layer's transcoder"
         self.d_in, self.d_out, self.n_latents, self.n_layers = d_in, d_out, n_latents, n_layers
         self.cross_layer, self.activation, self.matryoshka = cross_layer, activation, matryoshka
-        self.decoder_tying = decoder_tying
+        self.decoder_tying, self.crosscoder, self.decoder_norm_kind = decoder_tying, crosscoder, decoder_norm
         L, Fl = n_layers, n_latents
+        self.n_sources = S = 1 if crosscoder else L
+        d_enc = L * d_in if crosscoder else d_in
         width = (lambda i: L - i) if decoder_tying == "none" else (lambda i: 1)
         self.W_dec = nn.ParameterList(
-            [nn.Parameter(torch.randn(Fl, width(i), d_out)) for i in range(L)])
+            [] if transforms else [nn.Parameter(torch.randn(Fl, width(i), d_out)) for i in range(S)])
+        self.transforms = LowRankTransforms(transforms, d_in, d_out, dec_init_norm) if transforms else None
+        assert self.transforms is None or self.transforms.n_transforms == n_latents, "one latent per transform"
         # per_source: the scale of source i's write to target j (j < i unused); a buffer when not
         # learned, still there for fold_scales to divide by each target's activation scale.
         scale = torch.ones(L, Fl, L) if decoder_tying == "per_source" else None
@@ -70,31 +87,36 @@ class SparseCoder(nn.Module):
             self.W_dec_scale = nn.Parameter(scale)
         else:
             self.register_buffer("W_dec_scale", scale)
-        self.feature_offset = nn.Parameter(torch.zeros(L, Fl)) if feature_offset else None
-        self.feature_scale = nn.Parameter(torch.ones(L, Fl)) if feature_scale else None
+        self.feature_offset = nn.Parameter(torch.zeros(S, Fl)) if feature_offset else None
+        self.feature_scale = nn.Parameter(torch.ones(S, Fl)) if feature_scale else None
         # Unit-norm activations renormalise after every step: start there, not at dec_init_norm.
         dec_init_norm = 1.0 if activation.unit_norm_decoder else dec_init_norm
         self.set_decoder_norm(dec_init_norm)
         # Tied init for autoencoders (encoder = decoder transpose, unit columns): latents start
         # reading the direction they write, which speeds up early training (Conerly et al. 2024).
         # W_enc is [L, F, D_in], a latent's encoder row contiguous (kernels.py: why).
-        W_enc = torch.randn(L, Fl, d_in) / d_in ** 0.5
+        W_enc = torch.randn(S, Fl, d_enc) / d_enc ** 0.5
         if tied_init:
-            assert d_in == d_out, "tied init needs d_in == d_out"
-            W_enc = torch.stack([w[:, 0, :].detach() / dec_init_norm for w in self.W_dec])
+            assert d_in == d_out and not cross_layer, "tied init needs d_in == d_out, one source per target"
+            W_enc = torch.stack([w.flatten(1).detach() / dec_init_norm for w in self.W_dec])
         self.W_enc = nn.Parameter(W_enc.contiguous())
-        self.b_enc = nn.Parameter(torch.zeros(L, Fl))
+        self.b_enc = nn.Parameter(torch.zeros(S, Fl))
         self.b_dec = nn.Parameter(torch.zeros(L, d_out))
         self.W_skip = nn.Parameter(torch.zeros(L, d_in, d_out)) if skip else None
         if hasattr(activation, "init_threshold"):
-            activation.init_threshold(L, Fl)
+            activation.init_threshold(S, Fl)
         self._pre_workspace: Tensor | None = None
 
     # --- decoder geometry -------------------------------------------------------------------
 
     def decoder_norm(self) -> Tensor:
-        """[L, F]: norm of each latent's decoder, concatenated over the layers it writes to (tied
-        decoders: of its expanded decoder, computed without expanding)."""
+        """[S, F]: norm of each latent's decoder, concatenated over the layers it writes to (tied
+        decoders: of its expanded decoder, computed without expanding), or summed over them
+        (decoder_norm="sum"); a MOLT's: ‖U_t V_tᵀ‖_F of each transform."""
+        if self.transforms is not None:
+            return self.transforms.norms()[None]
+        if self.decoder_norm_kind == "sum":
+            return torch.stack([w.norm(dim=-1).sum(-1) for w in self.W_dec])
         if self.decoder_tying == "none":
             return torch.stack([w.flatten(1).norm(dim=1) for w in self.W_dec])
         sq_LF = torch.stack([w.flatten(1).pow(2).sum(1) for w in self.W_dec])
@@ -103,15 +125,20 @@ class SparseCoder(nn.Module):
             return (sq_LF * torch.einsum("ifj,ij->if", self.W_dec_scale.pow(2), later_LL)).sqrt()
         return sq_LF.flip(0).cumsum(0).flip(0).sqrt()  # per_target: Σ_{j ≥ i} ‖w_j‖²
 
-    def decoder_params_per_latent(self) -> list[int]:
-        """Per source layer i: the decoder parameters one active latent of i uses. Untied and
-        per_target: (L−i)·D (per_target's rows are shared with other sources' latents of the same
-        index, counted for each); per_source: its one vector, plus its L−i scales when learned."""
-        L, D = self.n_layers, self.d_out
+    def decoder_params(self) -> Tensor:
+        """[S, F]: the decoder parameters each latent uses when active. Untied and per_target:
+        (L−i)·D for source i (per_target's rows are shared with other sources' latents of the same
+        index, counted for each); per_source: its one vector, plus its L−i scales when learned; a
+        crosscoder's: L·D; a MOLT transform's: rank·(D_in + D_out)."""
+        S, L, D = self.n_sources, self.n_layers, self.d_out
+        if self.transforms is not None:
+            return self.transforms.params_per_transform(self.d_in, self.d_out)[None]
         if self.decoder_tying == "per_source":
             learned = isinstance(self.W_dec_scale, nn.Parameter)
-            return [D + (L - i) * learned for i in range(L)]
-        return [(L - i) * D if self.cross_layer else D for i in range(L)]
+            per_source = [D + (L - i) * learned for i in range(S)]
+        else:
+            per_source = [(L - i) * D if self.cross_layer or self.crosscoder else D for i in range(S)]
+        return torch.tensor(per_source)[:, None].expand(S, self.n_latents)
 
     def decoder(self, i: int) -> Tensor:
         """[F, L−i, D]: what each latent of source layer i writes to each target j ≥ i (tying
@@ -124,7 +151,7 @@ class SparseCoder(nn.Module):
 
     def decoders(self) -> list[Tensor]:
         """`decoder(i)` for every source layer i."""
-        return [self.decoder(i) for i in range(self.n_layers)]
+        return [self.decoder(i) for i in range(self.n_sources)]
 
     @torch.no_grad()
     def set_decoder_norm(self, norm: float = 1.0) -> None:
@@ -146,10 +173,16 @@ class SparseCoder(nn.Module):
 
     def token_scale(self, x_BLD: Tensor) -> Tensor | None:
         """[B, L, 1] √d_in / ‖x‖ per token and layer when the activation normalises tokens (x·s is
-        encoded, the reconstruction is divided by s), else None."""
+        encoded, the reconstruction is divided by s), else None. A crosscoder scales its stacked
+        input as one: [B, 1, 1]."""
         if not self.activation.token_norm:
             return None
-        return self.d_in ** 0.5 / x_BLD.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+        x = self.stacked(x_BLD)
+        return x.shape[-1] ** 0.5 / x.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+
+    def stacked(self, x_BLD: Tensor) -> Tensor:
+        """The encoder's input [B, S, ·]: x itself, or a crosscoder's layers side by side [B, 1, L·D_in]."""
+        return x_BLD.flatten(1)[:, None] if self.crosscoder else x_BLD
 
     def normalized(self, x_BLD: Tensor) -> Tensor:
         s = self.token_scale(x_BLD)
@@ -160,7 +193,8 @@ class SparseCoder(nn.Module):
         return kernels.encode_pre(x_BLD, self.W_enc, self.b_enc)
 
     def layer_pre(self, x_ND: Tensor, i: int) -> Tensor:
-        """[N, F] pre-activations of source layer i alone, from raw inputs."""
+        """[N, F] pre-activations of source layer i alone, from raw inputs (a crosscoder's: x_ND
+        is its stacked input [N, L·D_in])."""
         return F.linear(self.normalized(x_ND), self.W_enc[i], self.b_enc[i])
 
     def encode_with_pre(self, x_BLD: Tensor) -> tuple[Latents, Tensor]:
@@ -176,7 +210,7 @@ class SparseCoder(nn.Module):
         """[L, B, F] buffer for training's detached pre-activations, reused from step to step: on CPU
         a fresh [B, F] tensor each step costs its page faults on first touch (≈35 ms of a 550 ms
         step at B=4096, F=9216); CUDA's caching allocator reuses memory anyway."""
-        shape = (self.n_layers, x_BLD.shape[0], self.n_latents)
+        shape = (self.n_sources, x_BLD.shape[0], self.n_latents)
         ws = self._pre_workspace
         if ws is None or ws.shape != shape or ws.dtype != x_BLD.dtype or ws.device != x_BLD.device:
             self._pre_workspace = ws = x_BLD.new_empty(shape)
@@ -184,7 +218,7 @@ class SparseCoder(nn.Module):
 
     def encode(self, x_BLD: Tensor) -> Latents:
         """Latents of raw inputs."""
-        return self.encode_with_pre(self.normalized(x_BLD))[0]
+        return self.encode_with_pre(self.stacked(self.normalized(x_BLD)))[0]
 
     def feature_values(self, latents: Latents, layers: slice = slice(None)) -> Latents:
         """The values the decoder multiplies: (a + offset)·scale where a ≠ 0 (latents of `layers`)."""
@@ -201,10 +235,13 @@ class SparseCoder(nn.Module):
 
     def decode(self, latents: Latents, x_BLD: Tensor | None = None, bias: bool = True) -> Tensor:
         """[B, L, D_out] reconstruction. Sparse latents decode as an embedding_bag over the selected
-        rows, so the cost scales with k, not F."""
+        rows, so the cost scales with k, not F. A MOLT needs `x_BLD` (its maps apply to it).
+        bias=False: the latents' part alone (no b_dec, no skip: AuxK's reconstruction of a residual)."""
         latents = self.feature_values(latents)
         B, L, D = latents.values.shape[0], self.n_layers, self.d_out
         out_BLD = latents.values.new_zeros(B, L, D)
+        if self.transforms is not None:
+            out_BLD[:, 0] = self.transforms(latents, x_BLD[:, 0], latents.indices is not None)
         for i, w in enumerate(self.W_dec):
             if self.decoder_tying == "none":
                 out_BLD[:, i:] += self.decode_source(latents, i, w.flatten(1)).view(B, -1, D)
@@ -214,8 +251,9 @@ class SparseCoder(nn.Module):
                     out_BLD[:, j] += self.decode_source(latents, i, w[:, 0], self.W_dec_scale[i, :, j])
                 else:  # per_target: source i's latents through target j's shared matrix
                     out_BLD[:, j] += self.decode_source(latents, i, self.W_dec[j][:, 0])
-        if bias:
-            out_BLD = out_BLD + self.b_dec
+        if not bias:
+            return out_BLD
+        out_BLD = out_BLD + self.b_dec
         if self.W_skip is not None and x_BLD is not None:
             out_BLD = out_BLD + torch.einsum("bld,lde->ble", x_BLD, self.W_skip)
         return out_BLD
@@ -236,7 +274,8 @@ class SparseCoder(nn.Module):
         s = self.token_scale(x_BLD)
         if s is not None:
             x_BLD = x_BLD * s
-        latents, pre_BLF = self.encode_with_pre(x_BLD)
+        x_enc = self.stacked(x_BLD)
+        latents, pre_BLF = self.encode_with_pre(x_enc)
         # The dense reference decodes with dense GEMMs as well: the baseline the kernels must beat.
         sparse = self.sparse_backward or self.sparse_decoder
         decoded = latents if sparse else Latents(latents.dense(), None, self.n_latents)
@@ -245,7 +284,7 @@ class SparseCoder(nn.Module):
             recons += [self.decode(prefix(decoded, n), x_BLD) for n in self.matryoshka]
         if s is not None:
             recons = [r / s for r in recons]
-        return CoderOutput(pre_BLF, latents, recons[0], x_BLD, tuple(recons[1:]))
+        return CoderOutput(pre_BLF, latents, recons[0], x_enc, tuple(recons[1:]))
 
     @torch.no_grad()
     def fold_scales(self, scale_in_L: Tensor, scale_out_L: Tensor) -> None:
@@ -253,7 +292,11 @@ class SparseCoder(nn.Module):
         afterwards it maps raw x to raw y with the same latents. A token-normalising coder's input
         scale cancels out: it must be 1 (train.init_coder)."""
         assert not self.activation.token_norm or bool((scale_in_L == 1).all()), "token_norm: no input scale"
-        self.W_enc.mul_(scale_in_L[:, None, None])
+        # a crosscoder's encoder row is [L·D_in]: layer l's block scales by scale_in[l]
+        self.W_enc.mul_(scale_in_L.repeat_interleave(self.d_in) if self.crosscoder else scale_in_L[:, None, None])
+        if self.transforms is not None:
+            self.transforms.V.mul_(scale_in_L[0])
+            self.transforms.U.div_(scale_out_L[0])
         if self.decoder_tying == "per_source":
             self.W_dec_scale.div_(scale_out_L)
         for i, w_FTD in enumerate(self.W_dec):

@@ -10,7 +10,9 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-ARCHS = ("sae", "transcoder", "skip_transcoder", "clt")
+ARCHS = ("sae", "transcoder", "skip_transcoder", "clt", "crosscoder", "molt")
+MULTI_LAYER = ("clt", "crosscoder")  # the archs that cover several layers
+DECODER_NORMS = ("concat", "sum")
 TYING = ("none", "per_source", "per_target")  # arch.decoder_tying (coder.py reads it from here)
 
 
@@ -27,15 +29,15 @@ def require(ok: Any, message: str) -> None:
 @dataclass
 class ArchConfig:
     name: str = MISSING
-    """sae | transcoder | skip_transcoder | clt."""
+    """sae | transcoder | skip_transcoder | clt | crosscoder | molt."""
     layers: list[int] = field(default_factory=lambda: [2])
-    """Layer(s) the dictionary covers; a CLT needs at least two."""
+    """Layer(s) the dictionary covers; a CLT or a crosscoder needs at least two."""
     hook_in: str = "blocks.{layer}.hook_resid_post"
     """TransformerLens hook feeding the encoder, `{layer}` filled per layer."""
     hook_out: str | None = None
     """Hook to reconstruct; null means the input hook (an autoencoder)."""
     n_latents: int = 2048
-    """Latents per layer."""
+    """Latents per layer (a crosscoder's are shared by its layers; a MOLT's are its transforms)."""
     dec_init_norm: float = 0.1
     """Initial norm of each decoder vector (concatenated over target layers for a CLT)."""
     skip: bool = False
@@ -50,6 +52,14 @@ class ArchConfig:
     """Learn a per-latent offset added to active latents before decoding."""
     feature_scale: bool = False
     """Learn a per-latent scale applied to active latents before decoding."""
+    decoder_norm: str = "concat"
+    """CLT / crosscoder: the norm of a latent's decoder vectors over its target layers that weighs its
+    sparsity penalty (ReLU, JumpReLU tanh): concat (‖concatenation‖) | sum (Σ per-layer norms, the
+    crosscoder paper's, which favours latents that write few layers)."""
+    molt_ranks: list[int] = field(default_factory=list)
+    """arch=molt: the ranks of its low-rank transforms, e.g. [64, 32, 16, 8]. The n_latents transforms
+    (one gate each) are split so that every rank holds the same number of parameters, count ∝ 1/rank
+    (the MOLT paper's N of rank 512, 2N of 256, …): `molt_groups`."""
     matryoshka: list[int] = field(default_factory=list)
     """Nested prefix sizes, e.g. [128, 512] (Matryoshka; Bussmann et al. 2025): the loss averages the
     reconstruction error of the first m latents (of the same selection) over every m and of all
@@ -70,14 +80,36 @@ class ArchConfig:
         require(m == sorted(set(m)) and all(0 < n < self.n_latents for n in m),
                 f"arch.matryoshka={m}: give increasing prefix sizes between 0 and arch.n_latents={self.n_latents} "
                 "(the full dictionary is always the last prefix)")
-        if self.name == "clt":
-            require(len(self.layers) >= 2,
-                    f"arch.layers={self.layers}: a CLT needs >= 2 layers; use arch=transcoder for one")
+        if self.name in MULTI_LAYER:
+            require(len(self.layers) >= 2, f"arch.layers={self.layers}: arch={self.name} needs >= 2 layers; "
+                                           "use arch=transcoder (or sae) for one")
         else:
-            require(len(self.layers) == 1,
-                    f"arch.layers={self.layers}: arch={self.name} covers one layer; use arch=clt for several")
+            require(len(self.layers) == 1, f"arch.layers={self.layers}: arch={self.name} covers one layer; "
+                                           "use arch=clt or arch=crosscoder for several")
+        require(self.decoder_norm in DECODER_NORMS, f"arch.decoder_norm={self.decoder_norm!r}: choose one of {DECODER_NORMS}")
+        require(self.decoder_norm == "concat" or (self.name in MULTI_LAYER and self.decoder_tying == "none"),
+                f"arch.decoder_norm={self.decoder_norm} sums per-layer norms of an untied CLT or a crosscoder: "
+                "drop it (or use arch=crosscoder, or arch=clt with arch.decoder_tying=none)")
+        ranks = list(self.molt_ranks)
+        if self.name == "molt":
+            require(ranks and ranks == sorted(set(ranks), reverse=True) and ranks[-1] > 0,
+                    f"arch.molt_ranks={ranks}: give distinct positive ranks, largest first, e.g. [64,32,16,8]")
+            require(min(c for c, _ in molt_groups(self.n_latents, ranks)) > 0,
+                    f"arch.n_latents={self.n_latents} leaves rank {ranks[0]} of arch.molt_ranks={ranks} no transform: "
+                    "raise arch.n_latents or drop the largest ranks")
+        else:
+            require(not ranks, f"arch.molt_ranks is arch=molt's: use arch=molt or drop it")
         require(sorted(set(self.layers)) == list(self.layers),
                 f"arch.layers={self.layers}: give distinct increasing layers")
+
+
+def molt_groups(n_transforms: int, ranks: list[int]) -> list[tuple[int, int]]:
+    """[(count, rank)]: n_transforms split over `ranks` with count ∝ 1/rank (the same parameters per
+    rank), rounded down, the remainder going to the smallest rank."""
+    share = [1 / r for r in ranks]
+    counts = [int(n_transforms * s / sum(share)) for s in share]
+    counts[-1] += n_transforms - sum(counts)
+    return list(zip(counts, ranks))
 
 
 def arch_hooks(arch) -> tuple[list[str], list[str]]:

@@ -82,8 +82,9 @@ def calibrate_scale(pre_NF: Tensor, theta_F: Tensor, target_l0: float, n_iter: i
 def fit_thresholds(coder: SparseCoder, x_NLD: Tensor, estimator: str, calibrate: bool) -> tuple[Tensor, dict]:
     """[L, F] thresholds and per-layer fit statistics (source L0, JumpReLU L0, calibration scale)."""
     thresholds, stats = [], {"source_l0": [], "jumprelu_l0": [], "scale": []}
-    for i in range(coder.n_layers):
-        x_ND = x_NLD[:, i]
+    x_NSD = coder.stacked(x_NLD)  # a crosscoder's one source reads its layers side by side
+    for i in range(coder.n_sources):
+        x_ND = x_NSD[:, i]
         pre_NF = coder.layer_pre(x_ND, i)
         active_NF = layer_latents(coder, x_ND, i).dense()[:, 0] != 0
         target = active_NF.sum().item() / len(x_ND)

@@ -12,7 +12,8 @@ out and left unpatched):
 - downstream, which needs the full LM: clean CE; per covered layer, CE with that layer's output
   spliced, zero-ablated and mean-ablated, CE loss recovered against each ablation and
   KL(clean ‖ spliced); and the all-layers replacement model (every covered output replaced at once,
-  each layer encoded from the patched stream): CE, KL, top-1 agreement with the clean model.
+  each layer encoded from the patched stream; a crosscoder's from the clean one, patching.py): CE,
+  KL, top-1 agreement with the clean model.
 
 `evaluate(cfg)` is the plain function tests call; `main` only adds Hydra.
 """
@@ -74,8 +75,8 @@ def load_dictionaries(paths: list[Path], device: str | torch.device = "cpu") -> 
     models = {d.model_name for d in dictionaries}
     if len(models) > 1:
         raise UsageError(f"checkpoints come from different models {sorted(models)}; pass checkpoints of one model")
-    if len(dictionaries) > 1 and any(d.coder.cross_layer for d in dictionaries):
-        raise UsageError("a CLT already covers several layers: pass it alone as checkpoint=PATH")
+    if len(dictionaries) > 1 and any(d.coder.n_layers > 1 for d in dictionaries):
+        raise UsageError("a CLT or crosscoder already covers several layers: pass it alone as checkpoint=PATH")
     try:
         check_disjoint_outputs(dictionaries)
     except ValueError as e:
@@ -168,13 +169,14 @@ def heldout_contexts(ckpt_cfg: DictConfig, tokenizer, n_tokens: int, context_siz
 class ReconstructionStats:
     """Running sums over tokens for one dictionary (float64), turned into per-layer metrics."""
 
-    def __init__(self, n_layers: int, n_latents: int, d_out: int, device):
+    def __init__(self, n_layers: int, n_sources: int, n_latents: int, d_out: int, device):
+        """Reconstruction per target layer (n_layers), sparsity per source (n_sources: 1 for a crosscoder)."""
         f64 = dict(dtype=torch.float64, device=device)
         self.n = 0
         self.sse_L, self.sum_y2_L, self.sum_r2_L = (torch.zeros(n_layers, **f64) for _ in range(3))
         self.sum_y_LD, self.sum_r_LD = torch.zeros(n_layers, d_out, **f64), torch.zeros(n_layers, d_out, **f64)
-        self.cos_L, self.l0_L = torch.zeros(n_layers, **f64), torch.zeros(n_layers, **f64)
-        self.fires_LF = torch.zeros(n_layers, n_latents, dtype=torch.long, device=device)
+        self.cos_L, self.l0_L = torch.zeros(n_layers, **f64), torch.zeros(n_sources, **f64)
+        self.fires_LF = torch.zeros(n_sources, n_latents, dtype=torch.long, device=device)
 
     def update(self, y_NLD: Tensor, recon_NLD: Tensor, latents: Latents) -> None:
         y, r = y_NLD.double(), (y_NLD - recon_NLD).double()
@@ -276,7 +278,8 @@ def evaluate_dictionaries(model: HookedTransformer, dictionaries: list[HookedDic
         d.coder.eval()
     hooks = sorted({h for d in dictionaries for h in d.hooks_in + d.hooks_out})
     outs = [h for d in dictionaries for h in d.hooks_out]
-    recon = [ReconstructionStats(d.coder.n_layers, d.coder.n_latents, d.coder.d_out, device) for d in dictionaries]
+    recon = [ReconstructionStats(d.coder.n_layers, d.coder.n_sources, d.coder.n_latents, d.coder.d_out, device)
+             for d in dictionaries]
     down = DownstreamStats()
     means = mean_activations(model, contexts_CT, outs, exclude_ids, batch_contexts) if downstream else None
     targets = covered_layers(dictionaries)
@@ -306,7 +309,7 @@ def evaluate_dictionaries(model: HookedTransformer, dictionaries: list[HookedDic
         if len(targets) > 1:
             settings += [(f"{mode}/all", dictionaries, mode, None) for mode in ("splice", "zero", "mean")]
         for name, ds, mode, layers in settings:
-            with patched(model, ds, mode, layers=layers, means=means, positions_BT=keep_BT):
+            with patched(model, ds, mode, layers=layers, means=means, positions_BT=keep_BT, clean=cache):
                 down.add(name, logp_clean, logp(model(tokens_BT)), targets_N)
     metrics = summarise(dictionaries, recon, down if downstream else None, dense_threshold)
     return Evaluation(metrics, [s.fires_LF for s in recon])
@@ -319,7 +322,7 @@ def summarise(dictionaries: list[HookedDictionary], recon: list[ReconstructionSt
         for key, values in stats.metrics(dense_threshold).items():
             per_layer.setdefault(key, []).extend(values)
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    n_latents = [d.coder.n_latents * d.coder.n_layers for d in dictionaries]
+    n_latents = [d.coder.n_latents * d.coder.n_sources for d in dictionaries]
     fires = torch.cat([s.fires_LF.flatten() for s in recon])
     result = {
         "n_tokens": recon[0].n, "nmse_definition": NMSE_DEFINITION, "positions": POSITIONS,
@@ -332,9 +335,9 @@ def summarise(dictionaries: list[HookedDictionary], recon: list[ReconstructionSt
         "parameters": sum(p.numel() for d in dictionaries for p in d.coder.parameters()),
         "decoder_parameters": sum(p.numel() for d in dictionaries for p in (*d.coder.W_dec, d.coder.W_dec_scale)
                                   if isinstance(p, torch.nn.Parameter)),
-        # per_layer["l0"] runs over the dictionaries' layers in order, as these counts do
-        "active_decoder_parameters": sum(l0 * n for l0, n in zip(
-            per_layer["l0"], [n for d in dictionaries for n in d.coder.decoder_params_per_latent()], strict=True)),
+        # Σ over latents of (fraction of tokens it fired on) × (decoder parameters it uses)
+        "active_decoder_parameters": sum(float((s.fires_LF.double() / s.n * d.coder.decoder_params().to(s.fires_LF.device)).sum())
+                                         for d, s in zip(dictionaries, recon)),
     }
     result |= {f"{k}_per_layer": v for k, v in per_layer.items()}
     if down is not None:

@@ -334,6 +334,10 @@ def export(cfg: DictConfig) -> Path:
         return write_hf_dir(Path(cfg.out), cfg.first_n_layers)
     dictionaries = load_dictionaries(checkpoint_list(cfg))
     metas = [read_config(d.path)[1] for d in dictionaries]
+    for meta, d in zip(metas, dictionaries):
+        if meta["arch"] in ("crosscoder", "molt"):
+            raise UsageError(f"{cfg.format} has no {meta['arch']}: its format is our checkpoint ({d.path}: "
+                             "config.yaml + safetensors, read by nn_decomp.checkpoint.load_dictionary)")
     with torch.no_grad():
         if cfg.format == "saelens":
             if len(dictionaries) > 1:

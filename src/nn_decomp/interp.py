@@ -64,7 +64,7 @@ def scan(model: HookedTransformer, d: HookedDictionary, contexts_CT: Tensor, exc
     """One pass over the contexts: firing counts and the n_examples contexts where each feature
     reaches its highest activation (BOS/EOS/pad positions left out)."""
     d.coder.eval()
-    X = d.coder.n_layers * d.coder.n_latents
+    X = d.coder.n_sources * d.coder.n_latents
     fires, n_tokens = torch.zeros(X, dtype=torch.long), 0
     top_values = torch.full((n_examples, X), -math.inf)
     top_contexts = torch.full((n_examples, X), -1, dtype=torch.long)
@@ -275,7 +275,7 @@ def ablation_kl(model: HookedTransformer, d: HookedDictionary, tokens_BT: Tensor
     (all j ≥ i for a CLT) in an otherwise clean forward pass. Returns, per position t < T−1,
     KL(clean ‖ ablated) of the next-token distribution and the change in log p(actual next token)."""
     coder = d.coder
-    targets = range(i, coder.n_layers) if coder.cross_layer else [i]
+    targets = range(i, coder.n_layers) if coder.cross_layer or coder.crosscoder else [i]
     # what the decoder multiplies: the activation after the latent's feature offset / scale, if any
     one_latent = Latents(a_BT.reshape(-1, 1, 1), torch.full((a_BT.numel(), 1, 1), latent), coder.n_latents)
     a_BT = coder.feature_values(one_latent, slice(i, i + 1)).values.view_as(a_BT)
@@ -330,11 +330,15 @@ def analyse(model: HookedTransformer, d: HookedDictionary, contexts_CT: Tensor, 
     pool = selected_acts(model, d, contexts_CT, pool_ids, chosen, exclude_ids, cfg.batch_contexts)
     tokens_of = lambda c: token_strings(model.tokenizer, contexts_CT[c])  # noqa: E731
     F = d.coder.n_latents
+    # a MOLT latent's write depends on the input (its transform): no fixed vector to read or subtract
+    fixed_writes = d.coder.transforms is None
     for col, f in enumerate(features):
         f.explanation = judge.explain(f.examples)
         trial = intruder_trial(f, pool, col, tokens_of, cfg, generator)
         if trial is not None:
             f.intruder_correct = judge.pick_intruder(trial[0]) == trial[1]
+        if not fixed_writes:
+            continue
         f.top_logit_tokens = top_logit_tokens(model, d, f.id // F, f.latent)
         ctx = [e.context for e in f.examples[:cfg.faithfulness_contexts]]
         if faithfulness and ctx:

@@ -12,7 +12,7 @@ from nn_decomp.kernels import aux_topk_latents
 class LossOutput(NamedTuple):
     """loss: the scalar optimised. recon: Σ_d (y−ŷ)² per token, averaged over tokens and target
     layers (and over the Matryoshka prefixes). sparsity: the activation's penalty. aux: AuxK dead-latent loss (unweighted).
-    fvu_L, l0_L: per-layer metrics, detached."""
+    fvu_L: per target layer, l0_L: per source (a crosscoder has one), detached."""
 
     loss: Tensor
     recon: Tensor
@@ -43,8 +43,9 @@ def aux_k_loss(coder: SparseCoder, pre_BLF: Tensor, residual_BLD: Tensor, dead_L
     """AuxK (Gao et al. 2024, App. B.1): the top k_aux dead latents reconstruct the residual
     error of the live ones, which gives dead latents a gradient. Same scale as the
     reconstruction loss, scaled down when fewer than k_aux latents are dead (as in sparsify).
-    Detached pre-activations (the coder's sparse backward) need the input `x_BLD`: the gradient
-    then reaches the encoder through the selected dead latents only."""
+    `x_BLD` is the encoder's input (CoderOutput.x): with detached pre-activations (the coder's
+    sparse backward) the gradient reaches the encoder through the selected dead latents only, and a
+    MOLT's dead transforms apply to it."""
     n_dead = int(dead_LF.sum())
     if n_dead == 0:
         return pre_BLF.new_zeros(())
@@ -54,8 +55,8 @@ def aux_k_loss(coder: SparseCoder, pre_BLF: Tensor, residual_BLD: Tensor, dead_L
         aux_latents = Latents(torch.relu(values), indices, pre_BLF.shape[-1])
     else:
         aux_latents = aux_topk_latents(pre_BLF, dead_LF, k, x_BLD, coder.W_enc, coder.b_enc)
-    residual_hat = coder.decode(aux_latents, bias=False)
-    scale = min(n_dead / (k_aux * coder.n_layers), 1.0)
+    residual_hat = coder.decode(aux_latents, x_BLD, bias=False)
+    scale = min(n_dead / (k_aux * coder.n_sources), 1.0)
     return scale * squared_error(residual_hat, residual_BLD.detach())
 
 

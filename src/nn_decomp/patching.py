@@ -8,6 +8,10 @@
   the earlier replacements left it (not teacher-forced from a clean run), and a CLT sums the writes
   of every source layer i ≤ j through its cross-layer decoders. `layers=` splices only some targets
   (a CLT's output at j still reads its features at every i ≤ j).
+  A crosscoder reads every covered layer, later ones too, so no single pass can encode it as it
+  runs: its splice writes the reconstruction encoded from a clean pass's activations (`clean=`,
+  e.g. run_with_cache's cache of the same tokens), the usual way to evaluate one.
+  A MOLT's write applies its active transforms to the same pass's hook_in activation.
 - "zero" / "mean": hook_out is replaced by zeros / by a fixed mean vector (the ablation baselines).
 
 Hook functions come from `functools.partial` over module-level functions, so each binds its own
@@ -101,6 +105,9 @@ def _write_output(act_BTD: Tensor, hook, *, cache: dict, d_idx: int, coder: Spar
     for i, w_FD in decoders.items():
         recon_ND += decode_source(cache[(d_idx, i)][1], w_FD)
     x_ND = cache[(d_idx, j)][0]  # target j's own input: its token scale maps the write back
+    if coder.transforms is not None:
+        latents = cache[(d_idx, j)][1]
+        recon_ND += coder.transforms(latents, coder.normalized(x_ND), latents.indices is not None)
     if coder.W_skip is not None:
         recon_ND += coder.normalized(x_ND) @ coder.W_skip[j]
     if (s_N1 := coder.token_scale(x_ND)) is not None:
@@ -112,8 +119,9 @@ def _write_output(act_BTD: Tensor, hook, *, cache: dict, d_idx: int, coder: Spar
     return _where(positions_BT, recon_BTD, act_BTD)
 
 
-def _ablate(act_BTD: Tensor, hook, *, value_D: Tensor, positions_BT: Tensor | None) -> Tensor:
-    return _where(positions_BT, value_D.to(act_BTD).expand_as(act_BTD), act_BTD)
+def _replace(act_BTD: Tensor, hook, *, value: Tensor, positions_BT: Tensor | None) -> Tensor:
+    """act replaced by `value` ([D] or [B, T, D]) at the patched positions."""
+    return _where(positions_BT, value.to(act_BTD).expand_as(act_BTD), act_BTD)
 
 
 def _where(positions_BT: Tensor | None, patched_BTD: Tensor, clean_BTD: Tensor) -> Tensor:
@@ -124,14 +132,29 @@ def _where(positions_BT: Tensor | None, patched_BTD: Tensor, clean_BTD: Tensor) 
 
 # --- the context manager ---------------------------------------------------------------------
 
+def crosscoder_hooks(d: HookedDictionary, targets: list[int], clean: dict[str, Tensor] | None,
+                     positions_BT: Tensor | None) -> list[tuple[str, object]]:
+    """A crosscoder's writes to `targets`: its reconstruction of the `clean` activations."""
+    if clean is None:
+        raise ValueError("a crosscoder reads every covered layer, later ones too: its splice encodes a clean "
+                         "pass's activations; pass clean={hook: activation} (run_with_cache's cache of the tokens)")
+    x_BTLD = torch.stack([clean[h] for h in d.hooks_in], 2).to(d.coder.W_enc.dtype)
+    recon_BTLD = d.coder(x_BTLD.flatten(0, 1)).recon.view(*x_BTLD.shape[:3], -1)
+    return [(d.hooks_out[j], partial(_replace, value=recon_BTLD[:, :, j], positions_BT=positions_BT)) for j in targets]
+
+
 def splice_hooks(dictionaries: Sequence[HookedDictionary], layers: Sequence[int] | None = None,
-                 positions_BT: Tensor | None = None) -> list[tuple[str, object]]:
+                 positions_BT: Tensor | None = None, clean: dict[str, Tensor] | None = None) -> list[tuple[str, object]]:
     """fwd_hooks that replace each covered hook_out (model layers in `layers`, default all) by its
-    reconstruction, encoded from the hook_in activations of the same forward pass."""
+    reconstruction, encoded from the hook_in activations of the same forward pass (a crosscoder's:
+    of `clean`)."""
     cache: dict = {}
     ranked = []  # (rank, hook name, fn): on one hook point, own reads < writes < other reads
     for d_idx, d in enumerate(dictionaries):
         targets = [j for j, layer in enumerate(d.layers) if layers is None or layer in layers]
+        if d.coder.crosscoder:
+            ranked += [(1, name, fn) for name, fn in crosscoder_hooks(d, targets, clean, positions_BT)]
+            continue
         needed = sorted({i for j in targets for i in target_sources(d, j)})
         written = {d.hooks_out[j] for j in targets}
         for i in needed:
@@ -140,10 +163,11 @@ def splice_hooks(dictionaries: Sequence[HookedDictionary], layers: Sequence[int]
             rank = 0 if d.hooks_in[i] in written else 2
             ranked.append((rank, d.hooks_in[i], partial(_read_input, cache=cache, key=(d_idx, i),
                                                         coder=d.coder, i=i)))
-        expanded = {i: d.coder.decoder(i).detach() for i in needed}  # tying expanded once per dictionary
+        # tying expanded once per dictionary (a MOLT has no decoder vectors: _write_output applies its maps)
+        expanded = {i: d.coder.decoder(i).detach() for i in needed} if d.coder.transforms is None else {}
         for j in targets:
             # Contiguous copies of the decoder slices this target reads, made once per context.
-            decoders = {i: expanded[i][:, j - i].contiguous() for i in target_sources(d, j)}
+            decoders = {i: w[:, j - i].contiguous() for i, w in expanded.items() if i in target_sources(d, j)}
             ranked.append((1, d.hooks_out[j], partial(
                 _write_output, cache=cache, d_idx=d_idx, coder=d.coder, j=j, decoders=decoders,
                 positions_BT=positions_BT, clear=j == targets[-1])))
@@ -161,27 +185,29 @@ def ablation_hooks(hooks_out: Sequence[str], mode: str, means: dict[str, Tensor]
             value_D = means[name]
         else:
             value_D = torch.zeros(())
-        hooks.append((name, partial(_ablate, value_D=value_D, positions_BT=positions_BT)))
+        hooks.append((name, partial(_replace, value=value_D, positions_BT=positions_BT)))
     return hooks
 
 
 @contextmanager
 def patched(model: HookedTransformer, dictionaries: HookedDictionary | Sequence[HookedDictionary],
             mode: str = "splice", layers: Sequence[int] | None = None,
-            means: dict[str, Tensor] | None = None, positions_BT: Tensor | None = None):
+            means: dict[str, Tensor] | None = None, positions_BT: Tensor | None = None,
+            clean: dict[str, Tensor] | None = None):
     """Within the block, every forward of `model` runs with the dictionaries patched in.
 
     mode: "splice" (reconstructions), "zero" or "mean" (ablate the same hook_out points; "mean" needs
     `means`, {hook name: [D] mean activation}). layers: model layers whose output is patched
     (default every covered layer). positions_BT: bool [batch, pos] mask of the positions to patch
-    (the others keep the clean activation), e.g. to leave BOS alone; None patches all.
+    (the others keep the clean activation), e.g. to leave BOS alone; None patches all. clean: {hook:
+    activation} of a clean pass of the same tokens, which a crosscoder's splice encodes.
     """
     assert mode in MODES, f"mode={mode!r}: choose one of {MODES}"
     if isinstance(dictionaries, HookedDictionary):
         dictionaries = [dictionaries]
     check_disjoint_outputs(dictionaries)
     if mode == "splice":
-        hooks = splice_hooks(dictionaries, layers, positions_BT)
+        hooks = splice_hooks(dictionaries, layers, positions_BT, clean)
     else:
         outs = [h for d in dictionaries for h, layer in zip(d.hooks_out, d.layers)
                 if layers is None or layer in layers]

@@ -14,7 +14,10 @@ The task sets what is to be reconstructed (arch): `sae` y = x; `transcoder` y = 
 feature writing its own unit direction e_f in d_out dims (a planted sparse map), plus
 `skip_scale`·M x for a planted dense map M (what a skip transcoder's W_skip is for); `clt` one such
 transcoder per layer, but a feature of layer l writes to every layer j ≥ l, `cross_layer_scale`
-times weaker for j > l. Batches are a function of (seed, step): every trainer sees identical rows.
+times weaker for j > l; `crosscoder` y = x over L layers whose features are shared: each is one unit
+direction in the L·d_in stacked dims, present in a random subset of the layers (each with
+probability 1/2, at least one), and fires in all of them at once.
+Batches are a function of (seed, step): every trainer sees identical rows.
 """
 from typing import NamedTuple
 
@@ -47,11 +50,18 @@ def unit(t: Tensor) -> Tensor:
 
 
 def plant(cfg: SyntheticDataConfig, task: str, n_layers: int) -> Truth:
-    """The ground truth of `task` (sae | transcoder | clt) over n_layers layers."""
+    """The ground truth of `task` (sae | transcoder | clt | crosscoder) over n_layers layers (a
+    crosscoder's: one layer of n_layers·d_in stacked dims)."""
     g = torch.Generator().manual_seed(TRUTH_SEED + cfg.truth_seed)
     N, L, D, E = cfg.n_features, n_layers, cfg.d_in, cfg.d_out
-    enc = unit(torch.randn(L, N, D, generator=g))
-    if task == "sae":
+    if task == "crosscoder":
+        present = torch.rand(N, L, generator=g) < 0.5
+        present[torch.arange(N), torch.randint(L, (N,), generator=g)] = True
+        enc = unit((torch.randn(N, L, D, generator=g) * present[..., None]).flatten(1))[None]
+        L = 1
+    else:
+        enc = unit(torch.randn(L, N, D, generator=g))
+    if task in ("sae", "crosscoder"):
         dec = enc.clone()
     else:
         # write of the feature of layer l to layer j: zero for j < l (no weight), 1 or cross_layer_scale
@@ -82,8 +92,8 @@ def plant(cfg: SyntheticDataConfig, task: str, n_layers: int) -> Truth:
 
 
 def task_of(arch_name: str) -> str:
-    """The synthetic task an architecture learns: a skip transcoder's is the transcoder's."""
-    return {"skip_transcoder": "transcoder"}.get(arch_name, arch_name)
+    """The synthetic task an architecture learns: a skip transcoder's and a MOLT's are the transcoder's."""
+    return {"skip_transcoder": "transcoder", "molt": "transcoder"}.get(arch_name, arch_name)
 
 
 class Draw(NamedTuple):
@@ -127,8 +137,9 @@ class SyntheticData:
     of (truth_seed, seed, i) alone: peers fed from another instance see identical rows."""
 
     def __init__(self, cfg: SyntheticDataConfig, task: str, n_layers: int, batch_size: int, seed: int, device):
-        assert task in ("sae", "transcoder", "clt"), task
+        assert task in ("sae", "transcoder", "clt", "crosscoder"), task
         self.cfg, self.task, self.batch_size, self.device = cfg, task, batch_size, device
+        self.n_layers = n_layers
         self.truth = plant(cfg, task, n_layers)
         self.generator = torch.Generator().manual_seed(STREAM_SEED + seed)
         x, draw = sample(self.truth, cfg, 8192, torch.Generator().manual_seed(EVAL_SEED + 1 + cfg.truth_seed))
@@ -138,7 +149,7 @@ class SyntheticData:
 
     def target(self, x_BLD: Tensor, draw: Draw) -> Tensor:
         """[B, L, d_out]: what the dictionary reconstructs at each layer (unscaled)."""
-        if self.task == "sae":
+        if self.task in ("sae", "crosscoder"):
             return x_BLD
         B, L, _ = x_BLD.shape
         # the feature of layer l writes dec[l, n, j·E:(j+1)·E] to layer j
@@ -147,10 +158,12 @@ class SyntheticData:
         return y.view(B, L, -1)
 
     def rows(self, n_rows: int, g: torch.Generator) -> tuple[Tensor, Tensor, Draw]:
-        """(x, y, active features) of n_rows tokens, x and y scaled and on the device."""
+        """(x, y, active features) of n_rows tokens, x and y scaled and on the device (a crosscoder's
+        stacked dims split back into its layers, after one scale for all)."""
         x, draw = sample(self.truth, self.cfg, n_rows, g)
         y = self.target(x, draw)
-        return (x * self.scale_x_L1).to(self.device), (y * self.scale_y_L1).to(self.device), draw
+        x, y = (x * self.scale_x_L1).view(n_rows, self.n_layers, -1), (y * self.scale_y_L1).view(n_rows, self.n_layers, -1)
+        return x.to(self.device), y.to(self.device), draw
 
     @classmethod
     def for_run(cls, cfg, device, batch_size: int, rank: int = 0) -> "SyntheticData":

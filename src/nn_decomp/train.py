@@ -101,6 +101,7 @@ def evaluate_coder(coder: SparseCoder, x_NLD, y_NLD, batch_size: int) -> dict:
                "dead_fraction_eval": 1 - fired_LF.float().mean().item()}
     if coder.n_layers > 1:
         metrics |= {f"nmse/layer{i}": v.item() for i, v in enumerate(fvu_L)}
+    if coder.n_sources > 1:
         metrics |= {f"l0/layer{i}": v.item() for i, v in enumerate(l0_L)}
     return metrics
 
@@ -130,7 +131,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_lambda(s, tc.warmup_steps, total_steps, tc.decay_fraction, tc.decay))
         self.step, self.tokens_seen = 0, 0
-        self.tokens_since_fired_LF = torch.zeros(coder.n_layers, coder.n_latents, dtype=torch.long,
+        self.tokens_since_fired_LF = torch.zeros(coder.n_sources, coder.n_latents, dtype=torch.long,
                                                  device=scale_in_L.device)
 
     def dead_LF(self) -> torch.Tensor:
