@@ -247,3 +247,41 @@ def test_matryoshka_loss_averages_the_error_of_each_prefix_of_one_selection(arch
     torch.testing.assert_close(loss.recon, torch.stack(errors).mean())
     assert len({round(e.item(), 3) for e in errors}) == 3  # each prefix decodes something different
     assert coder.eval()(x).prefix_recons == ()  # evaluation decodes the whole dictionary only
+
+
+def test_crosscoder_encodes_the_sum_over_layers_and_writes_every_layer():
+    """One latent reading 2 layers: pre = W_enc[l=0]·x_0 + W_enc[l=1]·x_1 + b; ŷ_l = f·W_dec[:, l] + b_dec_l."""
+    coder = SparseCoder(2, 2, 1, 2, ReLU(l1_coef=0.5), crosscoder=True, decoder_norm="sum")
+    # encoder row over the stacked [x_0, x_1]: (1, 0 | 0, 2); decoder (3, 0) to layer 0, (0, 4) to layer 1
+    set_weights(coder, W_enc=[[[1.0, 0.0, 0.0, 2.0]]], b_enc=[[-1.0]], W_dec=[[[[3.0, 0.0], [0.0, 4.0]]]],
+                b_dec=[[0.0, 1.0], [1.0, 0.0]])
+    x = torch.tensor([[[2.0, 7.0], [5.0, 1.0]]])  # pre = 2 + 2·1 − 1 = 3
+    out = coder(x)
+    assert out.latents.dense().tolist() == [[[3.0]]]
+    torch.testing.assert_close(out.recon, torch.tensor([[[9.0, 1.0], [1.0, 12.0]]]))
+    # decoder_norm=sum: 3 + 4 = 7 (concatenated it would be 5); penalty 0.5 · 3 · 7
+    assert coder_loss(coder, out, x, None).sparsity.item() == pytest.approx(10.5)
+    coder.decoder_norm_kind = "concat"
+    assert coder_loss(coder, out, x, None).sparsity.item() == pytest.approx(7.5)
+
+
+def test_molt_output_is_the_sum_of_the_gated_low_rank_maps():
+    """ŷ = b + Σ_t g_t U_t V_tᵀ x over the active transforms; ReLU's penalty weighs g_t by ‖U_t V_tᵀ‖_F."""
+    coder = SparseCoder(2, 2, 2, 1, ReLU(l1_coef=1.0), transforms=((1, 2), (1, 1)))
+    with torch.no_grad():
+        coder.W_enc.copy_(torch.tensor([[[1.0, 0.0], [0.0, 1.0]]]))
+        coder.b_enc.copy_(torch.tensor([[0.0, -5.0]]))  # transform 1 stays off for x below
+        # transform 0 (rank 2): V rows (1, 0), (0, 1), U rows (0, 2), (3, 0): U_0 V_0ᵀ x = (3·x_1, 2·x_0)
+        # transform 1 (rank 1): V (1, 1), U (1, 1)
+        coder.transforms.V.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+        coder.transforms.U.copy_(torch.tensor([[0.0, 2.0], [3.0, 0.0], [1.0, 1.0]]))
+        coder.b_dec.copy_(torch.tensor([[1.0, 1.0]]))
+    # ‖U_0 V_0ᵀ‖_F = ‖[[0, 3], [2, 0]]‖ = √13, ‖U_1 V_1ᵀ‖_F = ‖[[1, 1], [1, 1]]‖ = 2
+    torch.testing.assert_close(coder.decoder_norm(), torch.tensor([[13 ** 0.5, 2.0]]))
+    x = torch.tensor([[[2.0, 1.0]]])  # gates (2, 1 − 5 → 0): ŷ = (1, 1) + 2·(3·1, 2·2) = (7, 9)
+    for sparse in (True, False):
+        coder.sparse_backward = sparse
+        out = coder(x)
+        torch.testing.assert_close(out.recon, torch.tensor([[[7.0, 9.0]]]))
+        assert coder_loss(coder, out, x, None).sparsity.item() == pytest.approx(2 * 13 ** 0.5)
+    assert coder.decoder_params().tolist() == [[2 * 4, 1 * 4]]  # rank·(d_in + d_out)

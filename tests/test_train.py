@@ -25,7 +25,10 @@ def tiny_cfg(arch: str, act: str, *overrides: str):
     layers = [] if arch in MULTI_LAYER else ["arch.layers=[1]"]
     # 16 steps are too few for θ to fall from the sparse default (3.0): start it low.
     threshold = ["act.init_threshold=0.1"] if act == "jumprelu" else []
-    return arch_act_cfg(arch, act, *TINY, *layers, *threshold, *overrides, n_latents=64, k=4)
+    # A crosscoder's L1 weighs the sum of 3 layers' decoder norms: 3x the penalty at init, which
+    # holds reconstruction flat for 16 steps at the default coefficient.
+    l1 = ["act.l1_coef=0.3"] if (arch, act) == ("crosscoder", "relu") else []
+    return arch_act_cfg(arch, act, *TINY, *layers, *threshold, *l1, *overrides, n_latents=64, k=4)
 
 
 def read_jsonl(path):
