@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 
 from helpers import CONF, arch_act_cfg
 from nn_decomp.activations import Latents
-from nn_decomp.checkpoint import save_checkpoint
+from nn_decomp.checkpoint import build_coder, save_checkpoint
 from nn_decomp.evaluate import (EVAL_JSON, DENSITY_PNG, DownstreamStats, ReconstructionStats, UsageError,
                                 ce_recovered, evaluate, excluded_token_ids, heldout_contexts, mean_activations)
 from nn_decomp.patching import HookedDictionary
@@ -43,11 +43,12 @@ def lm():
     return model
 
 
-def save(d: HookedDictionary, path: Path) -> Path:
+def save(d: HookedDictionary, path: Path, *overrides: str) -> Path:
     """A hand-built dictionary as a checkpoint (data.context_size fits the tiny model's n_ctx)."""
-    arch = "clt" if d.coder.cross_layer else "transcoder"
-    layers = [] if arch == "clt" else [f"arch.layers=[{d.layers[0]}]"]
-    cfg = arch_act_cfg(arch, "relu", *layers, "data.context_size=32", n_latents=d.coder.n_latents)
+    arch = "crosscoder" if d.coder.crosscoder else "clt" if d.coder.cross_layer else \
+        "molt" if d.coder.transforms is not None else "transcoder"
+    layers = f"arch.layers=[{','.join(map(str, d.layers))}]"
+    cfg = arch_act_cfg(arch, "relu", layers, "data.context_size=32", *overrides, n_latents=d.coder.n_latents)
     meta = {"model": "relu_lm", "arch": arch, "act": "relu", "layers": d.layers, "hooks_in": d.hooks_in,
             "hooks_out": d.hooks_out, "d_in": d.coder.d_in, "d_out": d.coder.d_out, "n_latents": d.coder.n_latents}
     save_checkpoint(path, d.coder, cfg, meta)
@@ -152,6 +153,44 @@ def test_clt_with_cross_layer_writes_is_scored_per_layer_and_as_a_whole(lm, tmp_
     assert result["decoder_parameters"] == sum(w.numel() for w in coder.W_dec)
     assert result["active_decoder_parameters"] == pytest.approx(
         sum(l0 * (L - i) * d_out for i, l0 in enumerate(result["l0_per_layer"])))
+
+
+def test_exact_crosscoder_is_scored_per_layer_and_replaces_the_stream_exactly(lm, tmp_path):
+    # latents ±x over the 3 stacked residual streams: ReLU(x) − ReLU(−x) = x at every layer
+    L, D = 3, 32
+    cfg = arch_act_cfg("crosscoder", "relu", n_latents=2 * L * D, n_layers=L)
+    coder = build_coder(cfg, D, D).eval()
+    eye = torch.eye(L * D)
+    with torch.no_grad():
+        coder.W_enc.copy_(torch.cat([eye, -eye])[None])
+        coder.b_enc.zero_()
+        coder.b_dec.zero_()
+        coder.W_dec[0].copy_(torch.cat([eye, -eye]).view(-1, L, D))
+    hooks = [f"blocks.{i}.hook_resid_post" for i in range(L)]
+    path = save(HookedDictionary(coder, hooks, hooks, list(range(L)), "relu_lm"), tmp_path / "cc")
+    r = evaluate(eval_cfg(f"checkpoint={path}"), model=lm)
+    assert r["nmse_per_layer"] == pytest.approx([0, 0, 0], abs=1e-10) and len(r["l0_per_layer"]) == 1
+    assert r["replacement_ce"] == pytest.approx(r["ce_clean"], abs=1e-5)
+    assert r["ce_recovered_zero_per_layer"] == pytest.approx([1, 1, 1], abs=1e-4)
+    # each token's L0 is its 96 non-zero coordinates; every active latent writes 3 vectors of 32
+    assert r["l0"] == pytest.approx(L * D, abs=0.5)
+    assert r["active_decoder_parameters"] == pytest.approx(r["l0"] * L * D)
+
+
+def test_molt_costs_count_only_the_active_transforms(lm, tmp_path):
+    # Gates that do not depend on x (W_enc = 0): the rank-4 transforms always on, the rank-2 ones off.
+    cfg = arch_act_cfg("molt", "relu", "arch.layers=[1]", n_latents=6)
+    coder = build_coder(cfg, 32, 32).eval()
+    ranks = coder.transforms.rank
+    assert ranks.tolist() == [4, 4, 2, 2, 2, 2]
+    with torch.no_grad():
+        coder.W_enc.zero_()
+        coder.b_enc.copy_(torch.where(ranks == 4, 1.0, -1.0)[None])
+    d = HookedDictionary(coder, ["blocks.1.ln2.hook_normalized"], ["blocks.1.hook_mlp_out"], [1], "relu_lm")
+    r = evaluate(eval_cfg(f"checkpoint={save(d, tmp_path / 'molt', 'arch.molt_ranks=[4,2]')}"), model=lm)
+    assert r["l0"] == 2 and r["dead_fraction"] == pytest.approx(4 / 6)
+    assert r["active_decoder_parameters"] == 2 * 4 * (32 + 32)
+    assert r["decoder_parameters"] == coder.transforms.V.numel() + coder.transforms.U.numel()
 
 
 # --- outputs and bad input -----------------------------------------------------------------------

@@ -175,10 +175,11 @@ def test_clt_replacement_encodes_each_layer_from_the_patched_stream(model, token
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("arch", ["clt", "skip_transcoder"])
+@pytest.mark.parametrize("arch", ["clt", "skip_transcoder", "molt"])
 def test_token_normalising_dictionary_writes_what_its_forward_gives(model, tokens, arch):
     """BatchTopK with act.token_norm encodes x·√d/‖x‖ and divides its write by the same factor of its
-    target layer's input (skip term included): the patched pass writes exactly coder(x).recon."""
+    target layer's input (skip term, MOLT's maps of x included): the patched pass writes exactly
+    coder(x).recon."""
     L = 3 if arch == "clt" else 1
     coder = make_coder(arch, "batchtopk", d_in=32, d_out=32, n_latents=64, n_layers=3).eval()
     assert coder.activation.token_norm
@@ -205,6 +206,31 @@ def test_clt_splice_of_one_layer_sums_every_earlier_source(model, tokens):
         _, seen = record(model, tokens, [out])
     teacher = clt.coder(torch.stack([clean[h] for h in ins], 2).reshape(-1, 3, 32)).recon[:, 2]
     torch.testing.assert_close(seen[out].reshape(-1, 32), teacher, atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("act", ACTS)
+def test_crosscoder_splice_writes_its_reconstruction_of_the_clean_pass(model, tokens, act):
+    """Acausal: each layer's write depends on later layers too, so the splice encodes a clean pass's
+    activations, and every covered layer (or those in `layers`) gets that reconstruction."""
+    coder = make_coder("crosscoder", act, d_in=32, d_out=32, n_latents=64, n_layers=3).eval()
+    if act == "batchtopk":
+        coder.activation.threshold.uniform_(0, 0.3)
+    names = [f"blocks.{i}.hook_resid_post" for i in range(3)]
+    d = HookedDictionary(coder, names, names, [0, 1, 2], "relu_lm")
+    _, clean = record(model, tokens, names)
+    recon_BTLD = coder(torch.stack([clean[h] for h in names], 2).reshape(-1, 3, 32)).recon.view(3, 12, 3, 32)
+    with patched(model, d, clean=clean):
+        _, seen = record(model, tokens, names)
+    for j in range(3):
+        torch.testing.assert_close(seen[names[j]], recon_BTLD[:, :, j], atol=1e-4, rtol=1e-4)
+    with patched(model, d, layers=[1], clean=clean):
+        _, seen = record(model, tokens, names)
+    torch.testing.assert_close(seen[names[0]], clean[names[0]])
+    torch.testing.assert_close(seen[names[1]], recon_BTLD[:, :, 1], atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="pass clean="):
+        with patched(model, d):
+            pass
 
 
 @pytest.mark.parametrize("mode", ["zero", "mean"])

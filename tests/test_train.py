@@ -56,7 +56,8 @@ VARIANTS = [("clt", "topk", ("arch.decoder_tying=per_source", "arch.per_target_s
 
 
 @pytest.mark.parametrize("arch, act, extra", [("skip_transcoder", "batchtopk", ()), ("clt", "jumprelu", ()),
-                                              ("sae", "relu", ()), *VARIANTS])
+                                              ("sae", "relu", ()), ("crosscoder", "batchtopk", ()),
+                                              ("molt", "jumprelu", ()), *VARIANTS])
 def test_reloaded_checkpoint_reproduces_eval_metrics_on_raw_activations(arch, act, extra, tiny_lm, tmp_path):
     metrics = train(tiny_cfg(arch, act, *extra), tmp_path, model=tiny_lm)
     cfg, _ = read_config(tmp_path / "checkpoint")
@@ -67,7 +68,8 @@ def test_reloaded_checkpoint_reproduces_eval_metrics_on_raw_activations(arch, ac
         assert reloaded[key] == pytest.approx(metrics[key], rel=1e-4, abs=1e-5), key
 
 
-@pytest.mark.parametrize("arch, act, extra", [("clt", "batchtopk", ()), ("skip_transcoder", "jumprelu", ()), *VARIANTS])
+@pytest.mark.parametrize("arch, act, extra", [("clt", "batchtopk", ()), ("skip_transcoder", "jumprelu", ()),
+                                              ("crosscoder", "jumprelu", ()), ("molt", "topk", ()), *VARIANTS])
 def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(arch, act, extra, tiny_lm, tmp_path):
     train(tiny_cfg(arch, act, *extra), tmp_path / "full", model=tiny_lm)
     train(tiny_cfg(arch, act, *extra, "train.max_steps=6"), tmp_path / "split", model=tiny_lm)

@@ -125,6 +125,12 @@ class SparseCoder(nn.Module):
             return (sq_LF * torch.einsum("ifj,ij->if", self.W_dec_scale.pow(2), later_LL)).sqrt()
         return sq_LF.flip(0).cumsum(0).flip(0).sqrt()  # per_target: Σ_{j ≥ i} ‖w_j‖²
 
+    def decoder_weights(self) -> list[nn.Parameter]:
+        """The parameters latents write through: decoder vectors and learned scales, or a MOLT's maps (U and V)."""
+        if self.transforms is not None:
+            return list(self.transforms.parameters())
+        return [*self.W_dec, *([self.W_dec_scale] if isinstance(self.W_dec_scale, nn.Parameter) else [])]
+
     def decoder_params(self) -> Tensor:
         """[S, F]: the decoder parameters each latent uses when active. Untied and per_target:
         (L−i)·D for source i (per_target's rows are shared with other sources' latents of the same

@@ -333,8 +333,7 @@ def summarise(dictionaries: list[HookedDictionary], recon: list[ReconstructionSt
         "dense_fraction": float((fires.double() / recon[0].n > dense_threshold).double().mean()),
         "dense_threshold": dense_threshold, "n_latents_total": sum(n_latents),
         "parameters": sum(p.numel() for d in dictionaries for p in d.coder.parameters()),
-        "decoder_parameters": sum(p.numel() for d in dictionaries for p in (*d.coder.W_dec, d.coder.W_dec_scale)
-                                  if isinstance(p, torch.nn.Parameter)),
+        "decoder_parameters": sum(p.numel() for d in dictionaries for p in d.coder.decoder_weights()),
         # Σ over latents of (fraction of tokens it fired on) × (decoder parameters it uses)
         "active_decoder_parameters": sum(float((s.fires_LF.double() / s.n * d.coder.decoder_params().to(s.fires_LF.device)).sum())
                                          for d, s in zip(dictionaries, recon)),
@@ -410,7 +409,8 @@ def table(result: dict) -> str:
             ("dense", "dense_fraction_per_layer", "{:.3f}"), ("ce_splice", "ce_spliced_per_layer", "{:.4f}"),
             ("rec_zero", "ce_recovered_zero_per_layer", "{:.4f}"), ("rec_mean", "ce_recovered_mean_per_layer", "{:.4f}"),
             ("kl", "kl_spliced_per_layer", "{:.4f}")]
-    cols = [c for c in cols if c[1] in result]
+    # a crosscoder's sparsity columns have one source, not one per layer: its totals line shows them
+    cols = [c for c in cols if len(result.get(c[1], ())) == len(result["layers"])]
     rows = [[fmt.format(v) for v in result[key]] for _, key, fmt in cols]
     widths = [max(len(name), *(len(v) for v in col)) for (name, _, _), col in zip(cols, rows)]
     lines = ["  ".join(name.rjust(w) for (name, _, _), w in zip(cols, widths))]
