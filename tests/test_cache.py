@@ -206,6 +206,14 @@ def test_autoencoder_cache_yields_one_tensor_for_x_and_y(tiny_lm, tmp_path):
 
 # --- training from a cache --------------------------------------------------------------------
 
+def test_molt_and_crosscoder_train_from_a_cache(caches, tiny_lm, tmp_path):
+    # a MOLT reads a transcoder's cache; a crosscoder's holds its three residual streams
+    assert train(cached_train_cfg(caches["float16"], arch="molt"), tmp_path / "molt")["steps"] == 16
+    layers = "arch.layers=[0,1,2]"
+    build_cache(cache_cfg(tmp_path / "cc.h5", layers, arch="crosscoder"), tiny_lm)
+    metrics = train(cached_train_cfg(tmp_path / "cc.h5", layers, arch="crosscoder"), tmp_path / "cc")
+    assert metrics["steps"] == 16 and all(f"nmse/layer{i}" in metrics for i in range(3))
+
 def test_k_sweep_over_a_cache_never_loads_or_runs_the_lm(caches, tmp_path, monkeypatch):
     from transformer_lens import HookedTransformer
 
