@@ -2,7 +2,8 @@
 
     pip install -e .[bench]                               # sae-lens, eai-sparsify
     python benchmarks/train_step.py                       # SAE + transcoder rows, d 576, F 9216, B 4096, k 32
-    python benchmarks/train_step.py --clt                 # our CLT over 4 and 8 layers: sparse vs dense, tied
+    python benchmarks/train_step.py --clt                 # our CLT over 4 and 8 layers: sparse vs dense, tied;
+                                                          # a crosscoder over 4 layers
     python benchmarks/train_step.py --quick               # small shapes, a smoke run
     python benchmarks/train_step.py --cache outputs/caches/smollm2_L0-3_205k.h5   # data from a cache
     python benchmarks/train_step.py --profile "ours CLT8"  # where a row's step spends its time
@@ -163,7 +164,7 @@ class Variant:
     name: str
     impl: str  # "ours" | "ours dense" | "ours dense-encoder" | "saelens" | "sparsify"
     act: str  # topk | batchtopk | jumprelu | relu
-    arch: str  # sae | transcoder | clt
+    arch: str  # sae | transcoder | molt | clt | crosscoder
     layers: int = 1
     matryoshka: bool = False  # nested prefixes F/16, F/4 (arch.matryoshka)
     tying: str = "none"  # CLT arch.decoder_tying (per_source with learned per-target scales)
@@ -172,13 +173,14 @@ class Variant:
 ACTS = ["topk", "batchtopk", "jumprelu", "relu"]
 ACT_NAMES = {"topk": "TopK", "batchtopk": "BatchTopK", "jumprelu": "JumpReLU", "relu": "ReLU"}
 SAELENS_ACTS, SPARSIFY_ACTS = set(ACTS), {"topk"}
-ARCH_NAMES = {"sae": "SAE", "transcoder": "TC", "clt": "CLT"}
+ARCH_NAMES = {"sae": "SAE", "transcoder": "TC", "molt": "MOLT", "clt": "CLT", "crosscoder": "XC"}
+MULTI_LAYER = ("clt", "crosscoder")  # the --clt table's
 
 
 def row_name(impl: str, act: str, arch: str, layers: int = 1, matryoshka: bool = False, tying: str = "none") -> str:
-    arch_name = (f"CLT{layers}" + f" {tying}" * (tying != "none")) if arch == "clt" else ARCH_NAMES[arch]
-    act_name = "Matryoshka " * matryoshka + ACT_NAMES[act]
-    return f"{impl} {arch_name} {act_name}" if arch != "clt" else f"{impl} {arch_name}"
+    if arch in MULTI_LAYER:
+        return f"{impl} {ARCH_NAMES[arch]}{layers}" + f" {tying}" * (tying != "none")
+    return f"{impl} {ARCH_NAMES[arch]} {'Matryoshka ' * matryoshka}{ACT_NAMES[act]}"
 
 
 def step_variants() -> list[Variant]:
@@ -190,14 +192,16 @@ def step_variants() -> list[Variant]:
             rows += [Variant(row_name(impl, act, arch), impl, act, arch) for impl in impls]
         rows += [Variant(row_name(impl, "batchtopk", arch, matryoshka=True), impl, "batchtopk", arch, matryoshka=True)
                  for impl in ("ours", "ours dense")]
-    return rows
+    return rows + [Variant(row_name(impl, "topk", "molt"), impl, "topk", "molt") for impl in ("ours", "ours dense")]
 
 
 def clt_variants() -> list[Variant]:
     untied = [Variant(row_name(impl, "topk", "clt", L), impl, "topk", "clt", L)
               for L in (4, 8) for impl in ("ours", "ours dense-encoder", "ours dense")]
-    return untied + [Variant(row_name("ours", "topk", "clt", 4, tying=t), "ours", "topk", "clt", 4, tying=t)
-                     for t in ("per_source", "per_target")]
+    tied = [Variant(row_name("ours", "topk", "clt", 4, tying=t), "ours", "topk", "clt", 4, tying=t)
+            for t in ("per_source", "per_target")]
+    return untied + tied + [Variant(row_name(impl, "topk", "crosscoder", 4), impl, "topk", "crosscoder", 4)
+                            for impl in ("ours", "ours dense")]
 
 
 VARIANTS = {v.name: v for v in step_variants() + clt_variants()}
@@ -208,9 +212,13 @@ VARIANTS = {v.name: v for v in step_variants() + clt_variants()}
 
 def compose_cfg(v: Variant, shapes: Shapes, setting: Setting):
     from hydra import compose, initialize_config_dir
-    overrides = [f"arch={v.arch}", f"act={v.act}", f"arch.n_latents={shapes.n_latents}",
-                 f"arch.layers=[{','.join(map(str, range(v.layers) if v.arch == 'clt' else [LAYER]))}]"]
-    overrides += [f"act.k={shapes.k}"] * (v.act in ("topk", "batchtopk"))
+    # A MOLT: as many V and U rows as the transcoder has latents (the default ranks 64/32/16/8 in
+    # counts 1:2:4:8, so 15·F/256 transforms: the same parameters), k/4 of them active (a transform
+    # averages rank 17: ~4× the transcoder's active decoder rows).
+    n_latents, k = (shapes.n_latents * 15 // 256, shapes.k // 4) if v.arch == "molt" else (shapes.n_latents, shapes.k)
+    overrides = [f"arch={v.arch}", f"act={v.act}", f"arch.n_latents={n_latents}",
+                 f"arch.layers=[{','.join(map(str, range(v.layers) if v.arch in MULTI_LAYER else [LAYER]))}]"]
+    overrides += [f"act.k={k}"] * (v.act in ("topk", "batchtopk"))
     # a penalty SAELens also has (it has no target-L0 one), with its θ learning rate
     overrides += ["act.penalty=tanh", "act.sparsity_coef=0.1",
                   "act.threshold_lr_scale=1"] * (v.act == "jumprelu")
@@ -250,7 +258,7 @@ def ours(v: Variant, shapes: Shapes, batch: Batch, setting: Setting) -> tuple[Ru
     cfg = compose_cfg(v, shapes, setting)
     batch = Batch(batch.x[:, :v.layers], batch.y[:, :v.layers])  # a CLT4 reads the first 4 of 8 layers
     coder = build_coder(cfg, shapes.d_in, shapes.d_in)
-    set_sparsity(coder, batch.x[:shapes.batch], shapes.k)
+    set_sparsity(coder, batch.x[:shapes.batch], shapes.k)  # JumpReLU and ReLU: SAE and transcoder rows only
     if v.impl == "ours dense":
         coder.sparse_backward = False
     if v.impl == "ours dense-encoder":
@@ -258,13 +266,13 @@ def ours(v: Variant, shapes: Shapes, batch: Batch, setting: Setting) -> tuple[Ru
     coder.to(setting.device)
     ones = torch.ones(v.layers, device=setting.device)
     trainer = Trainer(cfg, coder, 10**6, ones, ones.clone())
-    dead_LF = dead_mask(v.layers, shapes.n_latents, setting.dead_fraction, setting.device)
+    dead_LF = dead_mask(coder.n_sources, coder.n_latents, setting.dead_fraction, setting.device)
     next_batch = rotation(batch, shapes.batch, setting.device)
 
     def step() -> float:
         x, y = next_batch()
         trainer.tokens_since_fired_LF[dead_LF] = DEAD_TOKENS
-        return trainer.train_step(x, x if v.arch == "sae" else y).l0_L.sum().item()
+        return trainer.train_step(x, x if v.arch in ("sae", "crosscoder") else y).l0_L.sum().item()
 
     return Runner(step, trainer.optimizer), coder
 
@@ -484,6 +492,12 @@ def targets(names: set[str]) -> list[Target]:
             out.append(Target(f"{o} / ours dense reference", o, row_name("ours dense", act, arch), 0.0))
         m = row_name("ours", "batchtopk", arch, matryoshka=True)
         out.append(Target(f"{m} step ≤ 1.5× plain BatchTopK", m, row_name("ours", "batchtopk", arch), 1 / 1.5))
+    molt, tc = row_name("ours", "topk", "molt"), row_name("ours", "topk", "transcoder")
+    out.append(Target(f"{molt} / ours dense reference", molt, row_name("ours dense", "topk", "molt"), 0.0))
+    out.append(Target(f"{molt} step / {tc} step (same parameters)", molt, tc, 0.0))
+    xc, clt = row_name("ours", "topk", "crosscoder", 4), row_name("ours", "topk", "clt", 4)
+    out.append(Target(f"{xc} / ours dense reference", xc, row_name("ours dense", "topk", "crosscoder", 4), 0.0))
+    out.append(Target(f"{xc} step / {clt} step", xc, clt, 0.0))
     for L in (4, 8):
         o = row_name("ours", "topk", "clt", L)
         out.append(Target(f"{o} / ours dense reference", o, row_name("ours dense", "topk", "clt", L), 3.0 if L == 8 else 0.0))
@@ -565,9 +579,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     setting = Setting(fused=args.adam == "fused", dead_fraction=args.dead_fraction)
     if args.profile:
-        args.clt = VARIANTS[args.profile].arch == "clt"
+        args.clt = VARIANTS[args.profile].arch in MULTI_LAYER
     shapes = (CLT_QUICK if args.quick else CLT_FULL) if args.clt else (QUICK if args.quick else FULL)
-    variants = [v for v in VARIANTS.values() if (v.arch == "clt") == args.clt and (not args.rows or v.name in args.rows)]
+    variants = [v for v in VARIANTS.values() if (v.arch in MULTI_LAYER) == args.clt and (not args.rows or v.name in args.rows)]
     batch = load_batch(args, shapes, list(range(max(v.layers for v in variants))) if args.clt else [LAYER])
     if args.memory:
         print(json.dumps(measure_memory(args.memory, shapes, batch, setting)))

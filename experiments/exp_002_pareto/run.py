@@ -24,18 +24,26 @@ GRIDS = {
     "cpu_2m": [["arch=transcoder,skip_transcoder,sae_mlp_out", "act=topk", "act.k=8,16,32,64"],
                ["arch=transcoder,skip_transcoder,sae_mlp_out", "act=batchtopk", "act.k=32"],
                ["arch=transcoder,skip_transcoder,sae_mlp_out", "act=jumprelu", "act.target_l0=32"],
-               ["arch=transcoder", "act=batchtopk", "act.k=32", "arch.matryoshka=[128,512]"]],
+               ["arch=transcoder", "act=batchtopk", "act.k=32", "arch.matryoshka=[128,512]"],
+               # MOLT: 120 transforms of ranks 64/32/16/8 (counts 8/16/32/64), the parameters of a 2048-latent transcoder
+               ["arch=molt", "act=topk", "act.k=4,8,16", "arch.n_latents=120"]],
     "gpu": [["arch=transcoder,skip_transcoder,clt", "act=topk,batchtopk", "act.k=16,32,64,128"],
-            ["arch=transcoder,skip_transcoder,clt", "act=jumprelu", "act.target_l0=16,32,64,128"]],
+            ["arch=transcoder,skip_transcoder,clt", "act=jumprelu", "act.target_l0=16,32,64,128"],
+            ["arch=molt", "act=topk", "act.k=4,8,16,32", "arch.n_latents=960"]],  # a 16384-latent transcoder's parameters
 }
 SCALES = list(GRIDS)  # the scales this experiment has sizes for
 # Peer parity: each peer on the identical cache rows, token budget, latents, k and lr schedule as our job.
 PEERS = {"transcoder": ["sparsify_topk"], "sae_mlp_out": ["saelens_topk", "sparsify_topk"]}
 PEER_K = 32
 COLUMNS = ["job", "status", "family", "knob", "knob_value", "l0_per_layer", "nmse", "ce_recovered_zero",
-           "ce_recovered_mean", "kl_spliced", "ce_clean", "ce_spliced", "replacement_ce_recovered_zero", "n_eval_tokens"]
-PANELS = [("nmse", "NMSE (held-out, mean over layers)", True),
-          ("ce_recovered_zero", "CE loss recovered (vs zero ablation)", False)]
+           "ce_recovered_mean", "kl_spliced", "ce_clean", "ce_spliced", "replacement_ce_recovered_zero",
+           "active_decoder_parameters", "n_eval_tokens"]
+# (x, y, y label, lower y is better). Active decoder parameters per token put a MOLT (a latent applies
+# a rank-r map: r·(d_in + d_out) parameters) on one axis with transcoders (a latent writes d_out).
+PANELS = [("l0_per_layer", "nmse", "NMSE (held-out, mean over layers)", True),
+          ("l0_per_layer", "ce_recovered_zero", "CE loss recovered (vs zero ablation)", False),
+          ("active_decoder_parameters", "nmse", "NMSE (held-out, mean over layers)", True)]
+X_LABELS = {"l0_per_layer": "L0 per layer", "active_decoder_parameters": "active decoder parameters per token"}
 
 
 def points(rows: list[dict]) -> list[dict]:
@@ -57,16 +65,16 @@ def points(rows: list[dict]) -> list[dict]:
 def plot(rows: list[dict], out_dir: Path) -> list[Path]:
     pts = [p for p in points(rows) if p["status"] == "completed"]
     plt = pyplot()
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(11, 4.2))
-    for ax, (key, label, lower_is_better) in zip(axes, PANELS):
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(16, 4.2))
+    for ax, (x_key, key, label, lower_is_better) in zip(axes, PANELS):
         for i, fam in enumerate(sorted({p["family"] for p in pts})):
-            xy = [(p["l0_per_layer"], p[key]) for p in pts if p["family"] == fam and p[key] == p[key]]
+            xy = [(p[x_key], p[key]) for p in pts if p["family"] == fam and p[key] == p[key] and p[x_key] == p[x_key]]
             if not xy:
                 continue
             color = f"C{i}"
             ax.scatter(*zip(*xy), color=color, alpha=0.4, s=18)
             ax.plot(*zip(*pareto_front(xy, lower_is_better)), "o-", color=color, label=fam)
-        ax.set(xscale="log", xlabel="L0 per layer", ylabel=label, title=f"Pareto front: {key}")
+        ax.set(xscale="log", xlabel=X_LABELS[x_key], ylabel=label, title=f"Pareto front: {key}")
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
