@@ -49,9 +49,9 @@ def representative_jobs(grid: list[str]) -> list[list[str]]:
 
 # --- configs ---------------------------------------------------------------------------------------
 
-def test_experiments_are_the_five_numbered_ones():
+def test_experiments_are_the_six_numbered_ones():
     assert EXPERIMENTS == ["exp_001_l0_sweep", "exp_002_pareto", "exp_003_all_layers_patching", "exp_004_interp",
-                           "exp_005_ground_truth"]
+                           "exp_005_ground_truth", "exp_006_crosscoder"]
     for name in EXPERIMENTS:
         assert (REPO / "conf" / "experiment" / f"{name}.yaml").read_text().startswith("# @package _global_")
 
@@ -76,7 +76,7 @@ def test_every_experiment_job_composes_and_validates(name, scale):
     assert cfg.data.source == source
 
 
-@pytest.mark.parametrize("name", [*EXPERIMENTS[:3], "exp_005_ground_truth"])
+@pytest.mark.parametrize("name", [*EXPERIMENTS[:3], "exp_005_ground_truth", "exp_006_crosscoder"])
 def test_readme_shows_the_exact_gpu_commands(name):
     module = script(name)
     exp = Experiment(name, "gpu")
@@ -327,6 +327,20 @@ def test_exp_004_smoke_dashboard_renders_in_chromium(exp_001, root, one_thread):
     pixels = screenshot(out / "dashboard.html", root / "dashboard.png")[..., :3]
     ink = (pixels.std(-1) > 0.02) | (pixels.mean(-1) < 0.9)  # coloured or dark: text, token highlights
     assert ink.mean() > 0.01, "the dashboard renders blank"
+
+
+@pytest.mark.slow
+def test_exp_006_smoke(root, one_thread):
+    """Two crosscoders (k = 4, 8) over layers 0-1 and one SAE per layer, each evaluated per layer."""
+    script("exp_006_crosscoder")["main"](["scale=smoke", f"paths.root_dir={root}"])
+    out = root / "outputs" / "exp_006_crosscoder" / "smoke"
+    assert_png(out / "crosscoder.png")
+    with open(out / "crosscoder.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted((r["family"], r["k"], r["layer"]) for r in rows) == [
+        ("SAE per layer", "4", "0"), ("SAE per layer", "4", "1"), ("crosscoder", "4", "0"), ("crosscoder", "4", "1"),
+        ("crosscoder", "8", "0"), ("crosscoder", "8", "1")]
+    numbers(out / "crosscoder.csv", ["l0", "nmse", "ce_recovered_zero", "kl_spliced", "replacement_ce"])
 
 
 @pytest.mark.slow
