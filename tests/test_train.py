@@ -3,6 +3,7 @@ arch × act trains, checkpoints reload, resume equals an uninterrupted run, bad 
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from nn_decomp import train as train_module
 from nn_decomp.checkpoint import (TRAINER_STATE, WEIGHTS, build_coder, load_dictionary, read_config, recover_dir,
                                   save_checkpoint, siblings)
 from nn_decomp.config import UsageError
-from nn_decomp.train import evaluate_coder, setup, train
+from nn_decomp.train import evaluate_coder, run_summary, setup, train
 
 TINY = ["train.n_tokens=2048", "train.batch_size=128", "train.warmup_steps=2", "train.log_every=1",
         "train.eval_every=8", "train.eval_tokens=256", "train.checkpoint_every=4", "train.device=cpu",
@@ -221,3 +222,11 @@ def test_threshold_lr_scale_multiplies_only_the_jumprelu_threshold_step():
     for name in moved[1.0]:
         if name != "activation.log_threshold":
             torch.testing.assert_close(moved[10.0][name], moved[1.0][name], msg=name)
+
+
+def test_run_summary_offers_export_only_for_archs_a_format_holds():
+    final = {"nmse": 0.1, "explained_variance": 0.9, "l0": 8.0, "dead_fraction_eval": 0.0, "tokens_seen": 1}
+    assert "nn_decomp.export checkpoint=run/checkpoint" in run_summary(Path("run"), final, "clt")
+    for arch in ("crosscoder", "molt"):
+        summary = run_summary(Path("run"), final, arch)
+        assert "nn_decomp.evaluate checkpoint=run/checkpoint" in summary and "nn_decomp.export" not in summary

@@ -346,25 +346,27 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, model: HookedTrans
     return final
 
 
-def run_summary(run_dir: Path, final: dict) -> str:
-    """What a finished run printed last: where it is, how good it is, and what to run next."""
+def run_summary(run_dir: Path, final: dict, arch: str) -> str:
+    """What a finished run printed last: where it is, how good it is, and what to run next (export:
+    not for a crosscoder or MOLT, which no other format holds)."""
     ckpt = run_dir / "checkpoint"
     minutes, seconds = divmod(round(final.get("wall_time_s", 0)), 60)
+    export = [] if arch in ("crosscoder", "molt") else [
+        f"export      python -m nn_decomp.export checkpoint={ckpt} format=saelens|circuit_tracer out=DIR"]
     return "\n".join([
         f"run dir     {run_dir}",
         f"checkpoint  {ckpt}",
         f"held-out    FVU {final.get('nmse', float('nan')):.4f}  EV {final.get('explained_variance', float('nan')):.4f}  "
         f"L0 {final.get('l0', float('nan')):.1f}  dead {final.get('dead_fraction_eval', float('nan')):.1%}  "
         f"({final.get('tokens_seen', 0):,} tokens, {minutes}m{seconds:02d}s)",
-        f"evaluate    python -m nn_decomp.evaluate checkpoint={ckpt}",
-        f"export      python -m nn_decomp.export checkpoint={ckpt} format=saelens|circuit_tracer out=DIR"])
+        f"evaluate    python -m nn_decomp.evaluate checkpoint={ckpt}", *export])
 
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     final = exit_on_usage_error(train, cfg)
     if is_first_rank():
-        print(run_summary(Path(cfg.paths.output_dir), final), flush=True)
+        print(run_summary(Path(cfg.paths.output_dir), final, cfg.arch.name), flush=True)
 
 
 if __name__ == "__main__":
