@@ -51,6 +51,8 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from nn_decomp.config import MULTI_LAYER
+
 ROOT = Path(__file__).resolve().parents[1]
 LAYER = 2
 
@@ -174,7 +176,6 @@ ACTS = ["topk", "batchtopk", "jumprelu", "relu"]
 ACT_NAMES = {"topk": "TopK", "batchtopk": "BatchTopK", "jumprelu": "JumpReLU", "relu": "ReLU"}
 SAELENS_ACTS, SPARSIFY_ACTS = set(ACTS), {"topk"}
 ARCH_NAMES = {"sae": "SAE", "transcoder": "TC", "molt": "MOLT", "clt": "CLT", "crosscoder": "XC"}
-MULTI_LAYER = ("clt", "crosscoder")  # the --clt table's
 
 
 def row_name(impl: str, act: str, arch: str, layers: int = 1, matryoshka: bool = False, tying: str = "none") -> str:

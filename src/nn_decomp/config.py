@@ -12,6 +12,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 ARCHS = ("sae", "transcoder", "skip_transcoder", "clt", "crosscoder", "molt")
 MULTI_LAYER = ("clt", "crosscoder")  # the archs that cover several layers
+CHECKPOINT_ONLY = ("crosscoder", "molt")  # archs no export format holds: our checkpoint is theirs
 DECODER_NORMS = ("concat", "sum")
 TYING = ("none", "per_source", "per_target")  # arch.decoder_tying (coder.py reads it from here)
 

@@ -44,7 +44,7 @@ from torch import Tensor
 
 import nn_decomp.config  # noqa: F401  (registers base_export)
 from nn_decomp.checkpoint import build_coder, fresh_tmp, publish_dir, read_config, save_checkpoint
-from nn_decomp.config import UsageError
+from nn_decomp.config import CHECKPOINT_ONLY, UsageError
 from nn_decomp.evaluate import checkpoint_list, load_dictionaries, refuse_existing
 from nn_decomp.jobs import exit_on_usage_error
 from nn_decomp.patching import HookedDictionary
@@ -335,7 +335,7 @@ def export(cfg: DictConfig) -> Path:
     dictionaries = load_dictionaries(checkpoint_list(cfg))
     metas = [read_config(d.path)[1] for d in dictionaries]
     for meta, d in zip(metas, dictionaries):
-        if meta["arch"] in ("crosscoder", "molt"):
+        if meta["arch"] in CHECKPOINT_ONLY:
             raise UsageError(f"{cfg.format} has no {meta['arch']}: its format is our checkpoint ({d.path}: "
                              "config.yaml + safetensors, read by nn_decomp.checkpoint.load_dictionary)")
     with torch.no_grad():

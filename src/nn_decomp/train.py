@@ -23,7 +23,7 @@ from tqdm import tqdm
 from nn_decomp import distributed
 from nn_decomp.cache import open_cache
 from nn_decomp.checkpoint import TRAINER_STATE, build_coder, recover_dir, save_checkpoint
-from nn_decomp.config import arch_hooks, require, validate
+from nn_decomp.config import CHECKPOINT_ONLY, arch_hooks, require, validate
 from nn_decomp.coder import SparseCoder
 from nn_decomp.distributed import SINGLE, DistInfo
 from nn_decomp.jobs import exit_on_usage_error, finished_run, is_first_rank, resolve_resume
@@ -351,7 +351,7 @@ def run_summary(run_dir: Path, final: dict, arch: str) -> str:
     not for a crosscoder or MOLT, which no other format holds)."""
     ckpt = run_dir / "checkpoint"
     minutes, seconds = divmod(round(final.get("wall_time_s", 0)), 60)
-    export = [] if arch in ("crosscoder", "molt") else [
+    export = [] if arch in CHECKPOINT_ONLY else [
         f"export      python -m nn_decomp.export checkpoint={ckpt} format=saelens|circuit_tracer out=DIR"]
     return "\n".join([
         f"run dir     {run_dir}",
