@@ -79,11 +79,13 @@ class Batch(NamedTuple):
 class Setting(NamedTuple):
     """What every library gets alike. fused: Adam's fused implementation (else the plain one);
     dead_fraction: latents marked dead at every step (a fixed random set, the same for every library),
-    so AuxK runs as it does in real runs; device: cpu or cuda."""
+    so AuxK runs as it does in real runs; device: cpu or cuda; dtype: the step's compute type (ours:
+    `train.dtype`; the peers: their step under the same `torch.autocast`; fp32 weights for all)."""
 
     fused: bool = True
     dead_fraction: float = 0.25
     device: str = "cpu"
+    dtype: str = "float32"
 
 
 def rotation(batch: Batch, size: int, device: str) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
@@ -228,7 +230,7 @@ def compose_cfg(v: Variant, shapes: Shapes, setting: Setting):
     overrides += ["arch.per_target_scale=true"] * (v.tying == "per_source")
     # dead latents: the fixed mask, set before every step (ours), passed to every step (peers)
     overrides += [f"train.dead_tokens={DEAD_TOKENS}", f"train.optimizer.fused={setting.fused}"]
-    overrides += [f"model.device={setting.device}"]
+    overrides += [f"model.device={setting.device}", f"train.dtype={setting.dtype}"]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return compose("config", overrides=overrides)
 
@@ -368,8 +370,17 @@ def sparsify(v: Variant, shapes: Shapes, batch: Batch, coder, setting: Setting) 
 def build(v: Variant, shapes: Shapes, batch: Batch, setting: Setting) -> Runner:
     """Our coder first: the peers copy its weights, so all start from the same point."""
     runner, coder = ours(v if v.impl.startswith("ours") else Variant("", "ours", v.act, v.arch), shapes, batch, setting)
-    return runner if v.impl.startswith("ours") else {"saelens": saelens, "sparsify": sparsify}[v.impl](
-        v, shapes, batch, coder, setting)
+    if v.impl.startswith("ours"):
+        return runner
+    peer = {"saelens": saelens, "sparsify": sparsify}[v.impl](v, shapes, batch, coder, setting)
+    if setting.dtype == "float32":
+        return peer
+
+    def step() -> float:
+        with torch.autocast(setting.device, getattr(torch, setting.dtype)):
+            return peer.step()
+
+    return Runner(step, peer.optimizer)
 
 
 # --- timing and memory ----------------------------------------------------------------------
@@ -428,7 +439,7 @@ def measure_memory(name: str, shapes: Shapes, batch: Batch, setting: Setting, st
 
 def memory_in_subprocess(name: str, data_path: str, args) -> dict | None:
     cmd = [sys.executable, __file__, "--memory", name, "--data", data_path, "--threads", str(args.threads),
-           "--adam", args.adam, "--dead-fraction", str(args.dead_fraction)]
+           "--adam", args.adam, "--dead-fraction", str(args.dead_fraction), "--dtype", args.dtype]
     cmd += ["--quick"] * args.quick + ["--clt"] * args.clt
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
@@ -574,11 +585,13 @@ def main() -> None:
                         help="the Adam implementation every library uses (default: fused)")
     parser.add_argument("--dead-fraction", type=float, default=Setting().dead_fraction,
                         help="latents every library treats as dead at every step, so AuxK runs (0: none)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                        help="compute type of every library's step (ours: train.dtype; peers: torch.autocast)")
     parser.add_argument("--memory", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    setting = Setting(fused=args.adam == "fused", dead_fraction=args.dead_fraction)
+    setting = Setting(fused=args.adam == "fused", dead_fraction=args.dead_fraction, dtype=args.dtype)
     if args.profile:
         args.clt = VARIANTS[args.profile].arch in MULTI_LAYER
     shapes = (CLT_QUICK if args.quick else CLT_FULL) if args.clt else (QUICK if args.quick else FULL)
@@ -594,7 +607,7 @@ def main() -> None:
     import sparsify
     print(f"torch {torch.__version__}, sae-lens {sae_lens.__version__}, eai-sparsify "
           f"{getattr(sparsify, '__version__', '?')}, {args.threads} threads; d_in={shapes.d_in} "
-          f"F={shapes.n_latents}{' per layer' if args.clt else ''} B={shapes.batch} k={shapes.k} fp32, "
+          f"F={shapes.n_latents}{' per layer' if args.clt else ''} B={shapes.batch} k={shapes.k} {args.dtype}, "
           f"{args.adam} Adam for all, {args.dead_fraction:.0%} of latents dead (AuxK on), a new batch each round; "
           f"data: SmolLM2 {'cache ' + args.cache if args.cache and not args.clt else 'sotu'}", flush=True)
     runners = {v.name: build(v, shapes, batch, setting) for v in variants}

@@ -63,6 +63,7 @@ CASES = [  # (module, args, a fragment the one line must name)
     (TRAIN, ["train.optimizer.lr=-1"], "train.optimizer.lr=-1"),
     (TRAIN, ["train.decay=exponential"], "train.decay='exponential'"),
     (TRAIN, ["train.resume=maybe"], "train.resume='maybe'"),
+    (TRAIN, ["train.dtype=float64"], "train.dtype='float64': use one of"),
     (TRAIN, ["train.resume=true"], "train without resume first"),
     (TRAIN, ["act=relu", "act.l1_coef=-1"], "act.l1_coef=-1"),
     (TRAIN, ["act=topk", "act.aux_coef=-1"], "act.aux_coef=-1"),

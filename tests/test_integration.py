@@ -6,10 +6,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from helpers import compose_cfg
 from nn_decomp.checkpoint import load_dictionary, read_config
-from nn_decomp.models import load_model
-from nn_decomp.train import evaluate_coder, setup
+from nn_decomp.models import SMOLLM2, load_model
+from nn_decomp.train import evaluate_coder, setup, train
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -47,3 +49,20 @@ def test_multirun_sweep_writes_one_checkpoint_per_job(tmp_path):
     assert ks == [8, 16]
     for job in jobs:
         assert json.loads((job / "metrics.json").read_text())["steps"] == 10
+
+
+def test_bfloat16_loss_curve_tracks_float32_on_smollm2(tmp_path):
+    """train.dtype=bfloat16 on real activations (SmolLM2 layer 1, 100 steps of TopK from the same
+    init and batches): every 10-step mean of the reconstruction loss within 3 % of float32's, the
+    held-out FVU within 2 %. (Measured: 1.1 % / 0.6 % at 200 steps; float16 0.6 % / 0.1 %.)"""
+    model = load_model(SMOLLM2, "cpu", "float32", 2)
+    curves, final = {}, {}
+    for dtype in ("float32", "bfloat16"):
+        cfg = compose_cfg(*SMALL, "train.n_tokens=12800", "train.log_every=1", "train.device=cpu",
+                          "model.device=cpu", f"train.dtype={dtype}")
+        final[dtype] = train(cfg, tmp_path / dtype, model=model)["nmse"]
+        rows = [json.loads(line) for line in (tmp_path / dtype / "metrics.jsonl").read_text().splitlines()]
+        curves[dtype] = torch.tensor([r["recon"] for r in rows if r["split"] == "train"]).view(10, 10).mean(1)
+    assert not torch.equal(curves["bfloat16"], curves["float32"])
+    assert ((curves["bfloat16"] - curves["float32"]).abs() / curves["float32"]).max() < 0.03
+    assert final["bfloat16"] == pytest.approx(final["float32"], rel=0.02)

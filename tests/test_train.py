@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from helpers import ACTS, ARCHS, MULTI_LAYER, arch_act_cfg
+from nn_decomp import kernels
 from nn_decomp import train as train_module
 from nn_decomp.checkpoint import (TRAINER_STATE, WEIGHTS, build_coder, load_dictionary, read_config, recover_dir,
                                   save_checkpoint, siblings)
@@ -70,7 +71,9 @@ def test_reloaded_checkpoint_reproduces_eval_metrics_on_raw_activations(arch, ac
 
 
 @pytest.mark.parametrize("arch, act, extra", [("clt", "batchtopk", ()), ("skip_transcoder", "jumprelu", ()),
-                                              ("crosscoder", "jumprelu", ()), ("molt", "topk", ()), *VARIANTS])
+                                              ("crosscoder", "jumprelu", ()), ("molt", "topk", ()), *VARIANTS,
+                                              ("clt", "topk", ("train.dtype=bfloat16",)),
+                                              ("transcoder", "relu", ("train.dtype=float16",))])
 def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(arch, act, extra, tiny_lm, tmp_path):
     train(tiny_cfg(arch, act, *extra), tmp_path / "full", model=tiny_lm)
     train(tiny_cfg(arch, act, *extra, "train.max_steps=6"), tmp_path / "split", model=tiny_lm)
@@ -83,6 +86,32 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(arch, act, extr
     for name, tensor in full["coder"].items():  # the same float operations in the same order: bitwise
         assert torch.equal(resumed["coder"][name], tensor), name
     assert not torch.equal(interrupted["coder"]["W_enc"], full["coder"]["W_enc"])
+
+
+@pytest.mark.parametrize("arch, act", [("transcoder", "topk"), ("clt", "batchtopk"), ("transcoder", "jumprelu"),
+                                       ("clt", "relu")])
+def test_mixed_precision_computes_in_bfloat16_and_keeps_float32_weights(arch, act, tiny_lm, tmp_path, monkeypatch):
+    """train.dtype=bfloat16: the encoder GEMM runs in bfloat16 while training and in float32 at
+    evaluation; weights, thresholds and the checkpoint stay float32; the run tracks float32's."""
+    reference = train(tiny_cfg(arch, act, "train.optimizer.lr=3e-3"), tmp_path / "fp32", model=tiny_lm)
+    pre_dtypes = []
+    encode_pre = kernels.encode_pre
+
+    def recorded(*args, **kwargs):
+        pre = encode_pre(*args, **kwargs)
+        pre_dtypes.append(pre.dtype)
+        return pre
+
+    monkeypatch.setattr(kernels, "encode_pre", recorded)
+    metrics = train(tiny_cfg(arch, act, "train.optimizer.lr=3e-3", "train.dtype=bfloat16"), tmp_path / "bf16",
+                    model=tiny_lm)
+    assert pre_dtypes.count(torch.bfloat16) >= 16 and torch.float32 in pre_dtypes  # each step; evaluation
+    state = torch.load(tmp_path / "bf16" / "checkpoint" / TRAINER_STATE, weights_only=False)
+    assert all(t.dtype == torch.float32 for t in state["coder"].values() if t.is_floating_point())
+    assert all(t.dtype == torch.float32 for t in load_file(tmp_path / "bf16" / "checkpoint" / WEIGHTS).values())
+    fp32_W = torch.load(tmp_path / "fp32" / "checkpoint" / TRAINER_STATE, weights_only=False)["coder"]["W_enc"]
+    assert not torch.equal(state["coder"]["W_enc"], fp32_W)  # it did not run in float32
+    assert metrics["nmse"] == pytest.approx(reference["nmse"], rel=0.05)
 
 
 class Crash(Exception):

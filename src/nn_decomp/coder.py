@@ -207,7 +207,9 @@ class SparseCoder(nn.Module):
         """Latents and pre-activations. With the sparse backward, selection runs without autograd
         and gradients come from the selected latents only (kernels.py); pre_acts are detached."""
         if self.sparse_backward:
-            out_LBF = self.pre_workspace(x_BLD) if self.training else None
+            # autocast does not cast an out= GEMM: under it, baddbmm allocates its low-precision result
+            out_LBF = self.pre_workspace(x_BLD) if self.training and not torch.is_autocast_enabled(
+                x_BLD.device.type) else None
             return kernels.sparse_encode(x_BLD, self.W_enc, self.b_enc, self.activation, out_LBF)
         pre_BLF = self.encode_pre(x_BLD)
         return self.activation(pre_BLF), pre_BLF

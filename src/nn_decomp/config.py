@@ -309,6 +309,9 @@ def check_resume(resume: Any) -> None:
     require(resume in RESUME_CHOICES, f"train.resume={resume!r}: use true, false or auto")
 
 
+TRAIN_DTYPES = ("float32", "bfloat16", "float16")
+
+
 @dataclass
 class TrainConfig:
     n_tokens: int = 300_000
@@ -339,8 +342,13 @@ class TrainConfig:
     device: str = "${model.device}"
     max_steps: int | None = None
     """Stop after this many steps (tests use it to simulate an interrupted run)."""
+    dtype: str = "float32"
+    """Compute type of the training step: float32, or bfloat16 / float16 under autocast (the encoder
+    GEMM and selection in that type; weights, thresholds, optimizer state and the loss stay float32;
+    float16 scales the loss, torch.amp.GradScaler). Evaluation and checkpoints are float32."""
 
     def __post_init__(self):
+        require(self.dtype in TRAIN_DTYPES, f"train.dtype={self.dtype!r}: use one of {TRAIN_DTYPES}")
         require(self.decay in ("linear", "cosine"), f"train.decay={self.decay!r}: use linear or cosine")
         require(self.b_dec_init in ("mean", "geometric_median", "zeros"),
                 f"train.b_dec_init={self.b_dec_init!r}: use mean, geometric_median or zeros")

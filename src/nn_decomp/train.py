@@ -7,6 +7,7 @@ which case the LM is never loaded, nor even imported.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -131,6 +132,9 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_lambda(s, tc.warmup_steps, total_steps, tc.decay_fraction, tc.decay))
         self.step, self.tokens_seen = 0, 0
+        self.compute_dtype = getattr(torch, tc.dtype)
+        # float16's narrow range needs a scaled loss; bfloat16 has float32's range and needs none
+        self.scaler = torch.amp.GradScaler(scale_in_L.device.type, enabled=tc.dtype == "float16")
         self.tokens_since_fired_LF = torch.zeros(coder.n_sources, coder.n_latents, dtype=torch.long,
                                                  device=scale_in_L.device)
 
@@ -143,20 +147,25 @@ class Trainer:
         x_BLD, y_BLD = x_BLD * self.scale_in_L[:, None], y_BLD * self.scale_out_L[:, None]
         if (s_BL1 := coder.token_scale(x_BLD)) is not None:  # the loss is taken where the activation selects
             x_BLD, y_BLD = x_BLD * s_BL1, y_BLD * s_BL1
-        out = coder(x_BLD)
-        losses = coder_loss(coder, out, y_BLD, self.dead_LF())
+        # float32: no autocast context at all, so one a caller holds around the step still applies
+        low = self.compute_dtype != torch.float32
+        with torch.autocast(x_BLD.device.type, self.compute_dtype) if low else contextlib.nullcontext():
+            out = coder(x_BLD)
+            losses = coder_loss(coder, out, y_BLD, self.dead_LF())
         self.optimizer.zero_grad(set_to_none=True)
-        losses.loss.backward()
+        self.scaler.scale(losses.loss).backward()
         # After the average, so that every rank sees the same loss and stops at the same step.
         losses, fired_LF = self.average_over_ranks(losses, out.latents.fired())
         if not torch.isfinite(losses.loss):
             raise FloatingPointError(
                 f"loss is {losses.loss.item()} at step {self.step}; the last good checkpoint is kept. "
                 "Lower train.optimizer.lr or the sparsity coefficient and resume with train.resume=true")
+        self.scaler.unscale_(self.optimizer)  # the true gradients, for the projection and the clip
         if act.unit_norm_decoder:
             coder.remove_parallel_decoder_grad()
         torch.nn.utils.clip_grad_norm_(coder.parameters(), self.cfg.train.grad_clip)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)  # float16: skipped (and the scale lowered) on inf/nan gradients
+        self.scaler.update()
         self.scheduler.step()
         if act.unit_norm_decoder:
             coder.set_decoder_norm(1.0)
@@ -190,7 +199,8 @@ class Trainer:
                 "scale_out": self.scale_out_L, "torch_rng": torch.get_rng_state(),
                 # BatchTopK's search width changes no selection, but it orders the selected entries and
                 # so the decoder's float sums: kept, a resumed run stays bitwise equal to an unbroken one
-                "n_candidates": getattr(self.coder.activation, "n_candidates", None)}
+                "n_candidates": getattr(self.coder.activation, "n_candidates", None),
+                "grad_scaler": self.scaler.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.coder.load_state_dict(state["coder"])
@@ -201,6 +211,8 @@ class Trainer:
         self.scale_in_L.copy_(state["scale_in"])
         self.scale_out_L.copy_(state["scale_out"])
         torch.set_rng_state(state["torch_rng"])
+        if state.get("grad_scaler"):
+            self.scaler.load_state_dict(state["grad_scaler"])
         if state.get("n_candidates") is not None:
             self.coder.activation.n_candidates = state["n_candidates"]
 
