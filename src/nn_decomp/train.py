@@ -12,6 +12,7 @@ import copy
 import json
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,7 +31,7 @@ from nn_decomp.distributed import SINGLE, DistInfo
 from nn_decomp.jobs import exit_on_usage_error, finished_run, is_first_rank, resolve_resume
 from nn_decomp.logger import MetricsLogger
 from nn_decomp.losses import LossOutput, coder_loss, explained_variance, fvu
-from nn_decomp.synthetic import SyntheticData
+from nn_decomp.synthetic import SyntheticData, task_of
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -229,38 +230,86 @@ def write_checkpoint(trainer: Trainer, run_dir: Path, metadata: dict) -> None:
     save_checkpoint(run_dir / "checkpoint", folded_copy(trainer), trainer.cfg, meta, trainer.state_dict())
 
 
-def train_encoder(trainer: Trainer, store, eval_set, run_dir: Path, metadata: dict,
-                  logger: MetricsLogger | None) -> dict:
-    """The one training loop for every architecture and activation. `store` is an ActivationsStore
-    or a CachedActivations. Only rank 0 logs, evaluates and checkpoints (its eval_set and logger;
-    the other ranks pass None)."""
-    tc = trainer.cfg.train
-    main = trainer.info.is_main
-    last_steps = trainer.total_steps if tc.max_steps is None else min(tc.max_steps, trainer.total_steps)
-    progress = tqdm(total=trainer.total_steps, initial=trainer.step, desc="train", mininterval=2, disable=not main)
-    eval_metrics = {}
-    while trainer.step < last_steps:
-        x_BLD, y_BLD = store.next_batch()
+@dataclass
+class Run:
+    """One dictionary in training: its Trainer, where its files go (rank 0: a logger; other ranks
+    None) and its own torch RNG state, so dictionaries sharing a stream draw as separate jobs would."""
+
+    trainer: Trainer
+    run_dir: Path
+    metadata: dict
+    logger: MetricsLogger | None
+    rng_state: torch.Tensor
+    start: float
+    eval_metrics: dict = field(default_factory=dict)
+    error: Exception | None = None
+
+    @property
+    def last_step(self) -> int:
+        total, stop = self.trainer.total_steps, self.trainer.cfg.train.max_steps
+        return total if stop is None else min(stop, total)
+
+    def step(self, x_BLD, y_BLD, eval_set) -> dict | None:
+        """One optimiser step, then the log, evaluation and checkpoint due at it (rank 0). Returns
+        the logged training row, if one was."""
+        torch.set_rng_state(self.rng_state)
+        trainer, tc = self.trainer, self.trainer.cfg.train
         losses = trainer.train_step(x_BLD, y_BLD)
-        progress.update(1)
-        if not main:
-            continue
-        if trainer.step % tc.log_every == 0 or trainer.step == last_steps:
+        row, done = None, trainer.step == self.last_step
+        if trainer.info.is_main and (trainer.step % tc.log_every == 0 or done):
             row = {"loss": losses.loss.item(), "recon": losses.recon.item(), "sparsity": losses.sparsity.item(),
                    "aux": losses.aux.item(), "nmse": losses.fvu_L.mean().item(), "l0": losses.l0_L.sum().item(),
                    "dead_fraction": trainer.dead_LF().float().mean().item(),
                    "lr": trainer.scheduler.get_last_lr()[0], "tokens": trainer.tokens_seen}
-            logger.log("train", row, trainer.step)
-            progress.set_postfix(loss=f"{row['loss']:.3g}", l0=f"{row['l0']:.1f}", nmse=f"{row['nmse']:.3f}")
-        if trainer.step % tc.eval_every == 0 or trainer.step == last_steps:
+            self.logger.log("train", row, trainer.step)
+        if trainer.info.is_main and (trainer.step % tc.eval_every == 0 or done):
             # The folded copy on raw activations: exactly what a user of the checkpoint gets.
-            eval_metrics = evaluate_coder(folded_copy(trainer), *eval_set, tc.batch_size)
-            eval_metrics["dead_fraction"] = trainer.dead_LF().float().mean().item()
-            logger.log("eval", eval_metrics, trainer.step)
-        if trainer.step % tc.checkpoint_every == 0 or trainer.step == last_steps:
-            write_checkpoint(trainer, run_dir, metadata | {"eval": eval_metrics})
+            self.eval_metrics = evaluate_coder(folded_copy(trainer), *eval_set, tc.batch_size)
+            self.eval_metrics["dead_fraction"] = trainer.dead_LF().float().mean().item()
+            self.logger.log("eval", self.eval_metrics, trainer.step)
+        if trainer.info.is_main and (trainer.step % tc.checkpoint_every == 0 or done):
+            write_checkpoint(trainer, self.run_dir, self.metadata | {"eval": self.eval_metrics})
+        self.rng_state = torch.get_rng_state()
+        return row
+
+    def finish(self) -> dict:
+        """The final metrics; rank 0 writes them to metrics.json."""
+        final = self.eval_metrics | {"tokens_seen": self.trainer.tokens_seen, "steps": self.trainer.step,
+                                     "wall_time_s": time.time() - self.start}
+        if self.trainer.info.is_main:
+            (self.run_dir / "metrics.json").write_text(json.dumps(final, indent=2))
+            self.logger.finish()
+        return final
+
+
+def train_encoder(runs: list[Run], store, eval_set) -> None:
+    """The one training loop for every architecture and activation, and for several dictionaries
+    on one activation stream: each batch trains every run whose next step it is (resumed runs
+    wait for the stream to reach them). `store` is an ActivationsStore, a CachedActivations or a
+    SyntheticData, already past its init batches. With several runs, one that raises stops alone
+    (its `error` set, as a separate job would fail alone); the others go on."""
+    step = min(r.trainer.step for r in runs)
+    store.skip(step)  # continue the activation stream exactly where the earliest run stopped
+    last = max(r.last_step for r in runs)
+    main = runs[0].trainer.info.is_main
+    progress = tqdm(total=last, initial=step, desc="train", mininterval=2, disable=not main)
+    live = list(runs)
+    while step < last and live:
+        x_BLD, y_BLD = store.next_batch()
+        for run in [r for r in live if r.trainer.step == step < r.last_step]:
+            try:
+                row = run.step(x_BLD, y_BLD, eval_set)
+            except Exception as error:
+                if len(runs) == 1:
+                    raise
+                live.remove(run)
+                run.error = error
+                continue
+            if row is not None and len(runs) == 1:
+                progress.set_postfix(loss=f"{row['loss']:.3g}", l0=f"{row['l0']:.1f}", nmse=f"{row['nmse']:.3f}")
+        step += 1
+        progress.update(1)
     progress.close()
-    return eval_metrics
 
 
 def setup(cfg: DictConfig, model: HookedTransformer | None = None, info: DistInfo = SINGLE):
@@ -286,12 +335,19 @@ def setup(cfg: DictConfig, model: HookedTransformer | None = None, info: DistInf
     return lm.model, lm.train, eval_set, device
 
 
-def init_coder(cfg: DictConfig, store, device, info: DistInfo = SINGLE) -> tuple[SparseCoder, torch.Tensor, torch.Tensor]:
-    """Build the coder, then set normalisation scales and the decoder bias from the first batches
-    of the training stream (deterministic, so a resumed run re-draws the same ones). With several
-    ranks they are the global batches (all_gather), and rank 0's coder is broadcast to all."""
+def init_rows(store, info: DistInfo = SINGLE) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first batches of the training stream (deterministic, so a resumed run re-draws the same
+    ones), from which init_coder sets scales and the decoder bias; with several ranks the global
+    batches (all_gather)."""
     x_NLD, y_NLD = take_tokens(store, INIT_BATCHES * store.batch_size)
-    x_NLD, y_NLD = global_rows(x_NLD, INIT_BATCHES, info), global_rows(y_NLD, INIT_BATCHES, info)
+    return global_rows(x_NLD, INIT_BATCHES, info), global_rows(y_NLD, INIT_BATCHES, info)
+
+
+def init_coder(cfg: DictConfig, rows: tuple[torch.Tensor, torch.Tensor], device,
+               info: DistInfo = SINGLE) -> tuple[SparseCoder, torch.Tensor, torch.Tensor]:
+    """Build the coder, then set normalisation scales and the decoder bias from `rows`
+    (`init_rows`); with several ranks rank 0's coder is broadcast to all."""
+    x_NLD, y_NLD = rows
     d_in, d_out = x_NLD.shape[-1], y_NLD.shape[-1]
     coder = build_coder(cfg, d_in, d_out).to(device)
     ones = torch.ones(x_NLD.shape[1], device=device)
@@ -319,43 +375,84 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, model: HookedTrans
     use rank 0's run dir, and train on their own shards; rank 0 alone logs and writes files."""
     info = distributed.init(distributed.rank_device(cfg.train.device, SINGLE).type)
     run_dir = Path(distributed.broadcast_object(str(run_dir or cfg.paths.output_dir), info))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg = resolved(cfg, run_dir)
-    if (done := finished_run(cfg.train.resume, run_dir)) is not None:
-        return done  # train.resume=auto on a run that already finished (a re-run sweep)
-    if info.is_main:  # a crash while the last checkpoint was being swapped in
-        recover_dir(run_dir / "checkpoint")
-    distributed.barrier(info)
-    ckpt_state = run_dir / "checkpoint" / TRAINER_STATE
-    resume = resolve_resume(cfg.train.resume, ckpt_state)
+    final = train_together([cfg], [run_dir], model, info)[0]
+    if isinstance(final, Exception):
+        raise final
+    return final
+
+
+def stream_key(cfg: DictConfig) -> str:
+    """What decides a run's activation batches: runs with equal keys can share one stream
+    (`train_together`) and get the batches each would get alone."""
+    keys = {"model": OmegaConf.to_container(cfg.model, resolve=True),
+            "data": OmegaConf.to_container(cfg.data, resolve=True), "hooks": arch_hooks(cfg.arch),
+            "train": {k: cfg.train[k] for k in ("batch_size", "seed", "device", "eval_tokens", "n_tokens")}}
+    if cfg.data.source == "synthetic":  # the planted task and its layers, not hooks
+        keys["task"] = [task_of(cfg.arch.name), len(cfg.arch.layers)]
+    return json.dumps(keys, sort_keys=True)
+
+
+def train_together(cfgs: list[DictConfig], run_dirs: list[Path], model: HookedTransformer | None = None,
+                   info: DistInfo = SINGLE) -> list[dict | Exception]:
+    """Train one dictionary per config from one activation stream (configs of equal `stream_key`):
+    the LM runs once per batch, and each run gets the same init, batches, files and metrics as
+    `train(cfg)` alone would give it. Returns each run's final metrics, or the exception it
+    failed with (the others go on). Runs that already finished (train.resume=auto) are skipped."""
+    results: list[dict | Exception | None] = [None] * len(cfgs)
+    jobs = []
+    for i, (cfg, run_dir) in enumerate(zip(cfgs, run_dirs)):
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg = resolved(cfg, run_dir)
+        if (done := finished_run(cfg.train.resume, run_dir)) is not None:
+            results[i] = done  # train.resume=auto on a run that already finished (a re-run sweep)
+            continue
+        if info.is_main:  # a crash while the last checkpoint was being swapped in
+            recover_dir(run_dir / "checkpoint")
+        distributed.barrier(info)
+        jobs.append((i, cfg, run_dir, resolve_resume(cfg.train.resume, run_dir / "checkpoint" / TRAINER_STATE)))
+    if not jobs:
+        return results
+    assert len({stream_key(cfg) for _, cfg, _, _ in jobs}) == 1, "train_together: runs need one stream"
+    for _, cfg, _, _ in jobs:
+        validate(cfg)  # every run's config, before the LM or the data is touched
     start = time.time()
-    model, store, eval_set, device = setup(cfg, model, info)
+    model, store, eval_set, device = setup(jobs[0][1], model, info)
     try:
-        coder, scale_in, scale_out = init_coder(cfg, store, device, info)
-        total_steps = cfg.train.n_tokens // cfg.train.batch_size
-        trainer = Trainer(cfg, coder, total_steps, scale_in, scale_out, info)
-        if resume:
-            trainer.load_state_dict(torch.load(ckpt_state, map_location=device, weights_only=False))
-            store.skip(trainer.step)  # continue the activation stream exactly where the run stopped
-        hooks_in, hooks_out = arch_hooks(cfg.arch)
-        model_name = "synthetic" if cfg.data.source == "synthetic" else cfg.model.name
-        metadata = {"model": model_name, "arch": cfg.arch.name, "act": type(coder.activation).__name__.lower(),
-                    "layers": list(cfg.arch.layers), "hooks_in": hooks_in, "hooks_out": hooks_out,
-                    "d_in": coder.d_in, "d_out": coder.d_out, "n_latents": coder.n_latents,
-                    "world_size": info.world_size}
-        if cfg.data.source == "cache":  # where the activations came from: the cache's text
-            metadata["cache"] = {"path": str(store.meta.path), "text_source": store.meta.text_source,
-                                 "n_tokens": store.meta.n_tokens, "dtype": store.meta.dtype}
-        logger = MetricsLogger(cfg, run_dir) if info.is_main else None
-        final = train_encoder(trainer, store, eval_set, run_dir, metadata, logger)
-        final |= {"tokens_seen": trainer.tokens_seen, "steps": trainer.step, "wall_time_s": time.time() - start}
-        if info.is_main:
-            (run_dir / "metrics.json").write_text(json.dumps(final, indent=2))
-            logger.finish()
+        rows = init_rows(store, info)
+        rng_state = torch.get_rng_state()  # each coder is initialised from the state a lone run has
+        runs = [open_run(cfg, run_dir, resume, rows, store, device, info, rng_state, start)
+                for _, cfg, run_dir, resume in jobs]
+        train_encoder(runs, store, eval_set)
+        for (i, *_), run in zip(jobs, runs):
+            results[i] = run.error if run.error is not None else run.finish()
     finally:
         store.close()
     distributed.barrier(info)  # no rank returns before rank 0's files are written
-    return final
+    return results
+
+
+def open_run(cfg: DictConfig, run_dir: Path, resume: bool, rows, store, device, info: DistInfo,
+             rng_state: torch.Tensor, start: float) -> Run:
+    """A Run of `cfg`: its coder initialised from `rows` (torch's RNG at `rng_state`), resumed from
+    its checkpoint when `resume`, with its metadata and (rank 0) its logger."""
+    torch.set_rng_state(rng_state)
+    coder, scale_in, scale_out = init_coder(cfg, rows, device, info)
+    trainer = Trainer(cfg, coder, cfg.train.n_tokens // cfg.train.batch_size, scale_in, scale_out, info)
+    if resume:
+        trainer.load_state_dict(torch.load(run_dir / "checkpoint" / TRAINER_STATE, map_location=device,
+                                           weights_only=False))
+    hooks_in, hooks_out = arch_hooks(cfg.arch)
+    model_name = "synthetic" if cfg.data.source == "synthetic" else cfg.model.name
+    metadata = {"model": model_name, "arch": cfg.arch.name, "act": type(coder.activation).__name__.lower(),
+                "layers": list(cfg.arch.layers), "hooks_in": hooks_in, "hooks_out": hooks_out,
+                "d_in": coder.d_in, "d_out": coder.d_out, "n_latents": coder.n_latents,
+                "world_size": info.world_size}
+    if cfg.data.source == "cache":  # where the activations came from: the cache's text
+        metadata["cache"] = {"path": str(store.meta.path), "text_source": store.meta.text_source,
+                             "n_tokens": store.meta.n_tokens, "dtype": store.meta.dtype}
+    logger = MetricsLogger(cfg, run_dir) if info.is_main else None
+    return Run(trainer, run_dir, metadata, logger, torch.get_rng_state(), start)
 
 
 def run_summary(run_dir: Path, final: dict, arch: str) -> str:
