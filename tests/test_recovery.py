@@ -106,7 +106,7 @@ def test_clt_recovers_planted_cross_layer_decoders(tying):
                       f"arch.n_latents={n_latents}", *COMMON, "act.k=4", f"arch.decoder_tying={tying}")
     coder = build_coder(cfg, d, d)
     assert max_cosine(pf.dec[0].flatten(1), coder.decoders()[0].detach().flatten(1)).mean() < 0.5
-    timing = train(transcode(pf), cfg, coder, steps=600, batch=512)
+    timing = train(transcode(pf), cfg, coder, steps=450, batch=512)
     scores, per_target = {}, []
     for i in range(L):
         true_NX = pf.dec[i].flatten(1)  # [N, (L−i)·D]: concatenated over targets
@@ -182,7 +182,7 @@ def test_molt_recovers_planted_sparse_low_rank_maps():
     maps = lambda U, V: (U.transpose(1, 2) @ V).flatten(1)  # [T, d_out·d_in]  # noqa: E731
     learned = lambda: [w.detach().view(-1, rank, d) for w in (coder.transforms.U, coder.transforms.V)]  # noqa: E731
     assert max_cosine(maps(U_true, V_true), maps(*learned())).mean() < 0.5
-    timing = train(draw, cfg, coder, steps=1000, batch=512)
+    timing = train(draw, cfg, coder, steps=800, batch=512)
     U, V = learned()
     map_cos_T, match_T = max_cosines(maps(U, V), maps(U_true, V_true))
     # the matched transform's input (row) and output (column) spaces, from its map's top-r SVD
