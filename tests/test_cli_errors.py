@@ -64,6 +64,7 @@ CASES = [  # (module, args, a fragment the one line must name)
     (TRAIN, ["train.decay=exponential"], "train.decay='exponential'"),
     (TRAIN, ["train.resume=maybe"], "train.resume='maybe'"),
     (TRAIN, ["train.dtype=float64"], "train.dtype='float64': use one of"),
+    (TRAIN, ["data=synthetic", "data.background=true"], "data.background=true runs an LM in a child process"),
     (TRAIN, ["train.resume=true"], "train without resume first"),
     (TRAIN, ["act=relu", "act.l1_coef=-1"], "act.l1_coef=-1"),
     (TRAIN, ["act=topk", "act.aux_coef=-1"], "act.aux_coef=-1"),

@@ -249,12 +249,24 @@ class DataConfig:
     exactly the batches of a one-process run."""
     prefetch_chunks: int = 16
     """source=cache: chunks the background reader keeps loaded ahead of the trainer (per rank)."""
+    background: bool = False
+    """An LM source: run the LM in a child process that writes batches into a shared-memory ring
+    (background.py), so generation overlaps training. The same batches as without. CPU LMs only."""
+    background_slots: int = 4
+    """data.background: batches the ring holds (the child waits when all are full)."""
+    background_threads: int = 1
+    """data.background: torch threads of the child process (the LM's)."""
 
     def __post_init__(self):
         require(self.source in DATA_SOURCES, f"data.source={self.source!r}: use one of {DATA_SOURCES}")
         require(self.source in ("sotu", "synthetic") or self.path, f"data.source={self.source}: set data.path")
         require(0 < self.eval_fraction < 1, f"data.eval_fraction={self.eval_fraction}: must be in (0, 1)")
         require(self.streams > 0 and self.prefetch_chunks > 0, "data.streams and data.prefetch_chunks must be > 0")
+        require(not self.background or self.source not in ("cache", "synthetic"),
+                f"data.background=true runs an LM in a child process; data.source={self.source} has no LM "
+                "(a cache is read by a background thread already): drop data.background")
+        require(self.background_slots >= 2 and self.background_threads >= 1,
+                "data.background_slots must be >= 2 and data.background_threads >= 1")
 
 
 @dataclass

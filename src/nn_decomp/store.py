@@ -120,6 +120,14 @@ class ActivationsStore:
         y_BLD, self.y_NLD = self.y_NLD[:B].to(self.device), self.y_NLD[B:]
         return x_BLD, y_BLD
 
+    @torch.no_grad()
+    def row_shapes(self) -> tuple[tuple[int, int], tuple[int, int] | None]:
+        """(hooks, width) of x's rows and of y's (None for an SAE, whose y is x), from a 1-token pass."""
+        _, cache = self.model.run_with_cache(torch.zeros(1, 1, dtype=torch.long, device=self.lm_device),
+                                             names_filter=self.names, stop_at_layer=self.stop_at_layer)
+        x_shape = (len(self.hooks_in), cache[self.hooks_in[0]].shape[-1])
+        return x_shape, None if self.autoencode else (len(self.hooks_out), cache[self.hooks_out[0]].shape[-1])
+
     def _buffered(self) -> int:
         return 0 if self.x_NLD is None else len(self.x_NLD)
 

