@@ -252,8 +252,10 @@ class DataConfig:
     background: bool = False
     """An LM source: run the LM in a child process that writes batches into a shared-memory ring
     (background.py), so generation overlaps training. The same batches as without. CPU LMs only."""
-    background_slots: int = 4
-    """data.background: batches the ring holds (the child waits when all are full)."""
+    background_slots: int | None = None
+    """data.background: batches the ring holds (the child waits when all are full). Default: one
+    buffer refill's worth (buffer_tokens / 2 / batch size, + 1): the LM refills in bursts of that
+    many batches, and a smaller ring would stall the trainer during each."""
     background_threads: int = 1
     """data.background: torch threads of the child process (the LM's)."""
 
@@ -265,7 +267,7 @@ class DataConfig:
         require(not self.background or self.source not in ("cache", "synthetic"),
                 f"data.background=true runs an LM in a child process; data.source={self.source} has no LM "
                 "(a cache is read by a background thread already): drop data.background")
-        require(self.background_slots >= 2 and self.background_threads >= 1,
+        require((self.background_slots or 2) >= 2 and self.background_threads >= 1,
                 "data.background_slots must be >= 2 and data.background_threads >= 1")
 
 

@@ -339,8 +339,9 @@ def setup(cfg: DictConfig, model: HookedTransformer | None = None, info: DistInf
             "data.background=true forks the LM's process, which a CUDA LM cannot survive: use it with "
             "model.device=cpu, or data.background=false")
     x_shape, y_shape = lm.train.row_shapes()
-    store = BackgroundStore(lm.train, (lm.train.batch_size, *x_shape), y_shape and (lm.train.batch_size, *y_shape),
-                            cfg.data.background_slots, cfg.data.background_threads)
+    B = lm.train.batch_size
+    n_slots = cfg.data.background_slots or cfg.data.buffer_tokens // (2 * B) + 1
+    store = BackgroundStore(lm.train, (B, *x_shape), y_shape and (B, *y_shape), n_slots, cfg.data.background_threads)
     return lm.model, store, eval_set, device
 
 
