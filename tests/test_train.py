@@ -70,10 +70,10 @@ def test_reloaded_checkpoint_reproduces_eval_metrics_on_raw_activations(arch, ac
         assert reloaded[key] == pytest.approx(metrics[key], rel=1e-4, abs=1e-5), key
 
 
-@pytest.mark.parametrize("arch, act, extra", [("clt", "batchtopk", ()), ("skip_transcoder", "jumprelu", ()),
-                                              ("crosscoder", "jumprelu", ()), ("molt", "topk", ()), *VARIANTS,
-                                              ("clt", "topk", ("train.dtype=bfloat16",)),
-                                              ("transcoder", "relu", ("train.dtype=float16",))])
+# mixed precision included: bf16 (autocast), float16 (the GradScaler's state is in the checkpoint)
+@pytest.mark.parametrize("arch, act, extra", [("clt", "batchtopk", ("train.dtype=bfloat16",)),
+                                              ("skip_transcoder", "jumprelu", ("train.dtype=float16",)),
+                                              ("crosscoder", "jumprelu", ()), ("molt", "topk", ()), *VARIANTS])
 def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(arch, act, extra, tiny_lm, tmp_path):
     train(tiny_cfg(arch, act, *extra), tmp_path / "full", model=tiny_lm)
     train(tiny_cfg(arch, act, *extra, "train.max_steps=6"), tmp_path / "split", model=tiny_lm)
@@ -88,8 +88,7 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(arch, act, extr
     assert not torch.equal(interrupted["coder"]["W_enc"], full["coder"]["W_enc"])
 
 
-@pytest.mark.parametrize("arch, act", [("transcoder", "topk"), ("clt", "batchtopk"), ("transcoder", "jumprelu"),
-                                       ("clt", "relu")])
+@pytest.mark.parametrize("arch, act", [("transcoder", "batchtopk"), ("clt", "jumprelu")])
 def test_mixed_precision_computes_in_bfloat16_and_keeps_float32_weights(arch, act, tiny_lm, tmp_path, monkeypatch):
     """train.dtype=bfloat16: the encoder GEMM runs in bfloat16 while training and in float32 at
     evaluation; weights, thresholds and the checkpoint stay float32; the run tracks float32's."""
