@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from nn_decomp.background import BackgroundStore
-from nn_decomp.checkpoint import build_coder
+from nn_decomp.data.background import BackgroundStore
+from nn_decomp.runtime.checkpoint import build_coder
 from nn_decomp.models import load_model
-from nn_decomp.store import lm_stores
+from nn_decomp.data.store import lm_stores
 from nn_decomp.train import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -39,7 +39,7 @@ from hydra import compose, initialize_config_dir
 from nn_decomp.cache import CachedActivations, build_cache, read_meta
 from nn_decomp.config import arch_hooks
 from nn_decomp.models import load_model
-from nn_decomp.store import lm_stores
+from nn_decomp.data.store import lm_stores
 
 REPO = Path(__file__).resolve().parents[1]
 KS = (8, 16, 32, 64)

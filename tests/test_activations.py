@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from nn_decomp.activations import (BatchTopK, JumpReLU, JumpReLUFunction, Latents, StepFunction, TopK,
+from nn_decomp.core.activations import (BatchTopK, JumpReLU, JumpReLUFunction, Latents, StepFunction, TopK,
                                    dense_to_sparse)
 
 # z [B=3, L=1, F=2], θ [L=1, F=2], upstream gradient g, bandwidth ε = 0.2 (window |z−θ| < 0.1)

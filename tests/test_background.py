@@ -7,9 +7,9 @@ import time
 import pytest
 import torch
 
-from nn_decomp.background import BackgroundStore
-from nn_decomp.checkpoint import TRAINER_STATE
-from nn_decomp.store import lm_stores
+from nn_decomp.data.background import BackgroundStore
+from nn_decomp.runtime.checkpoint import TRAINER_STATE
+from nn_decomp.data.store import lm_stores
 from nn_decomp.train import train
 from test_train import tiny_cfg
 

@@ -17,9 +17,9 @@ from helpers import arch_act_cfg
 from nn_decomp import train as train_module
 from nn_decomp.cache import (CacheError, CachedActivations, build_cache, check_matches, escape, from_storage,
                              read_meta, to_storage)
-from nn_decomp.checkpoint import TRAINER_STATE, read_config
+from nn_decomp.runtime.checkpoint import TRAINER_STATE, read_config
 from nn_decomp.config import UsageError, arch_hooks
-from nn_decomp.store import lm_stores
+from nn_decomp.data.store import lm_stores
 from nn_decomp.train import setup, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -217,7 +217,8 @@ def test_molt_and_crosscoder_train_from_a_cache(caches, tiny_lm, tmp_path):
 def test_k_sweep_over_a_cache_never_loads_or_runs_the_lm(caches, tmp_path, monkeypatch):
     from transformer_lens import HookedTransformer
 
-    from nn_decomp import models, store
+    from nn_decomp import models
+    from nn_decomp.data.text import store
 
     def no_lm(*args, **kwargs):
         pytest.fail("the LM was used")
@@ -269,7 +270,7 @@ def test_resume_from_a_cache_reaches_the_same_weights(caches, tmp_path):
 def test_a_peer_trains_on_exactly_the_rows_our_run_trained_on(tiny_lm, tmp_path, monkeypatch):
     """peers.train_peer_on_run: batch for batch, the rows our Trainer trained on, at our scale; then
     scored on the run's held-out rows."""
-    from nn_decomp import peers
+    from nn_decomp.analysis import peers
 
     build_cache(cache_cfg(tmp_path / "sae.h5", arch="sae"), tiny_lm)
     cfg = cached_train_cfg(tmp_path / "sae.h5", arch="sae")

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from helpers import ACTS, ARCHS, MULTI_LAYER, arch_act_cfg, make_coder, one_thread  # noqa: F401
-from nn_decomp.activations import Latents
-from nn_decomp.checkpoint import build_coder
-from nn_decomp.losses import coder_loss
+from nn_decomp.core.activations import Latents
+from nn_decomp.runtime.checkpoint import build_coder
+from nn_decomp.core.losses import coder_loss
 from nn_decomp.train import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")

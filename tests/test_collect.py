@@ -7,10 +7,10 @@ import pytest
 import yaml
 
 from nn_decomp.collect import collect, flatten, job_status, main, parse_override, write_table
-from nn_decomp.jobs import write_status
+from nn_decomp.runtime.jobs import write_status
 
 CONFIG = {"arch": {"name": "transcoder", "layers": [2], "n_latents": 64},
-          "act": {"_target_": "nn_decomp.activations.TopK", "k": 8}, "train": {"n_tokens": 1280}}
+          "act": {"_target_": "nn_decomp.core.activations.TopK", "k": 8}, "train": {"n_tokens": 1280}}
 
 
 def make_job(root, name, overrides, status=None, metrics=None, evals=None, checkpoint=True, k=8):

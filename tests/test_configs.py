@@ -7,7 +7,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
-from nn_decomp.checkpoint import build_coder
+from nn_decomp.runtime.checkpoint import build_coder
 from nn_decomp.config import validate
 
 CONF = Path(__file__).resolve().parents[1] / "conf"

@@ -9,8 +9,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from helpers import CONF, arch_act_cfg, make_coder, one_thread  # noqa: F401  (one_thread: fixture)
-from nn_decomp.activations import JumpReLU
-from nn_decomp.checkpoint import load_dictionary, read_config
+from nn_decomp.core.activations import JumpReLU
+from nn_decomp.runtime.checkpoint import load_dictionary, read_config
 from nn_decomp.convert import (calibrate_scale, convert, fit_thresholds, jumprelu_coder, min_thresholds,
                                rate_thresholds)
 from nn_decomp.evaluate import UsageError

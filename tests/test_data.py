@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from nn_decomp.config import UsageError
-from nn_decomp.data import load_texts, split_documents, sotu_files, token_contexts
+from nn_decomp.data.text import load_texts, split_documents, sotu_files, token_contexts
 
 
 class FakeTokenizer:

@@ -12,9 +12,9 @@ import torch
 
 from helpers import arch_act_cfg
 from nn_decomp.cache import build_cache
-from nn_decomp.checkpoint import TRAINER_STATE
-from nn_decomp.distributed import DistInfo
-from nn_decomp.store import lm_stores
+from nn_decomp.runtime.checkpoint import TRAINER_STATE
+from nn_decomp.runtime.distributed import DistInfo
+from nn_decomp.data.store import lm_stores
 from nn_decomp.train import train
 
 REPO = Path(__file__).resolve().parents[1]

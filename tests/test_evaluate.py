@@ -14,11 +14,11 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from helpers import CONF, arch_act_cfg
-from nn_decomp.activations import Latents
-from nn_decomp.checkpoint import build_coder, save_checkpoint
+from nn_decomp.core.activations import Latents
+from nn_decomp.runtime.checkpoint import build_coder, save_checkpoint
 from nn_decomp.evaluate import (EVAL_JSON, DENSITY_PNG, DownstreamStats, ReconstructionStats, UsageError,
                                 ce_recovered, evaluate, excluded_token_ids, heldout_contexts, mean_activations)
-from nn_decomp.patching import HookedDictionary
+from nn_decomp.analysis.patching import HookedDictionary
 from test_patching import mlp_clt, mlp_transcoder, relu_lm
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from helpers import compose_cfg
-from nn_decomp.checkpoint import load_dictionary, read_config
+from nn_decomp.runtime.checkpoint import load_dictionary, read_config
 from nn_decomp.models import SMOLLM2, load_model
 from nn_decomp.train import evaluate_coder, setup, train
 

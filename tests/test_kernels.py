@@ -6,13 +6,13 @@ import torch
 import torch.nn.functional as F
 
 from helpers import ARCHS, arch_act_cfg
-from nn_decomp.activations import BatchTopK, JumpReLU, Latents, TopK
-from nn_decomp.checkpoint import build_coder
-from nn_decomp.coder import SparseCoder
-from nn_decomp.kernels import (attach_encoder_grad, aux_topk_latents, decode_source, encode_pre, entry_dots,
+from nn_decomp.core.activations import BatchTopK, JumpReLU, Latents, TopK
+from nn_decomp.runtime.checkpoint import build_coder
+from nn_decomp.core.coder import SparseCoder
+from nn_decomp.core.kernels import (attach_encoder_grad, aux_topk_latents, decode_source, encode_pre, entry_dots,
                                fused_topk_encode, latent_sums, row_sums, selected_entries, sparse_decode,
                                sparse_encode)
-from nn_decomp.losses import aux_k_loss, coder_loss, squared_error
+from nn_decomp.core.losses import aux_k_loss, coder_loss, squared_error
 
 B, F_LAT, K, K_AUX = 48, 64, 6, 5
 TOL = dict(rtol=1e-4, atol=1e-5)

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from helpers import arch_act_cfg
-from nn_decomp.activations import JumpReLU, Latents, ReLU, TopK
-from nn_decomp.checkpoint import build_coder
-from nn_decomp.coder import SparseCoder
-from nn_decomp.losses import aux_k_loss, coder_loss, explained_variance, fvu, squared_error
+from nn_decomp.core.activations import JumpReLU, Latents, ReLU, TopK
+from nn_decomp.runtime.checkpoint import build_coder
+from nn_decomp.core.coder import SparseCoder
+from nn_decomp.core.losses import aux_k_loss, coder_loss, explained_variance, fvu, squared_error
 
 S2 = math.sqrt(2)
 

@@ -10,9 +10,9 @@ import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from helpers import ACTS, make_coder
-from nn_decomp.activations import ReLU
-from nn_decomp.coder import SparseCoder
-from nn_decomp.patching import HookedDictionary, layer_latents, patched, replacement_model
+from nn_decomp.core.activations import ReLU
+from nn_decomp.core.coder import SparseCoder
+from nn_decomp.analysis.patching import HookedDictionary, layer_latents, patched, replacement_model
 
 HOOK_IN, HOOK_OUT = "blocks.{}.ln2.hook_normalized", "blocks.{}.hook_mlp_out"
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from helpers import compose_cfg
-from nn_decomp.synthetic import SyntheticData, absorption, plant, recovery, unit
+from nn_decomp.data.synthetic import SyntheticData, absorption, plant, recovery, unit
 
 
 def data_cfg(*overrides: str):

@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from helpers import ACTS, ARCHS, MULTI_LAYER, arch_act_cfg
-from nn_decomp import kernels
+from nn_decomp.core import kernels
 from nn_decomp import train as train_module
-from nn_decomp.checkpoint import (TRAINER_STATE, WEIGHTS, build_coder, load_dictionary, read_config, recover_dir,
+from nn_decomp.runtime.checkpoint import (TRAINER_STATE, WEIGHTS, build_coder, load_dictionary, read_config, recover_dir,
                                   save_checkpoint, siblings)
 from nn_decomp.config import UsageError
 from nn_decomp.train import evaluate_coder, run_summary, setup, train
@@ -229,7 +229,7 @@ def test_threshold_lr_scale_multiplies_only_the_jumprelu_threshold_step():
     """Adam's first step moves every parameter by ≈ lr·sign(grad): with act.threshold_lr_scale=10,
     log θ moves 10× as far and every other parameter exactly as far as with the default."""
     from helpers import make_coder
-    from nn_decomp.losses import coder_loss
+    from nn_decomp.core.losses import coder_loss
     from nn_decomp.train import Trainer
 
     moved = {}

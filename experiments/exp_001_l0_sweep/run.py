@@ -9,7 +9,7 @@ Overrides go to every job (paths.root_dir=DIR, hydra/launcher=slurm_gpu hydra.la
 """
 import sys
 
-from nn_decomp.sweeps import (Experiment, family, knob, n_layers, number, pyplot, report_written, save_figure,
+from nn_decomp.analysis.sweeps import (Experiment, family, knob, n_layers, number, pyplot, report_written, save_figure,
                               write_points)
 
 NAME = "exp_001_l0_sweep"

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from nn_decomp.collect import collect, write_table
-from nn_decomp.sweeps import (Experiment, evaluate_jobs, family, knob, n_layers, number, pareto_front, pyplot,
+from nn_decomp.analysis.sweeps import (Experiment, evaluate_jobs, family, knob, n_layers, number, pareto_front, pyplot,
                               report_written, save_figure, write_points)
 
 NAME = "exp_002_pareto"
@@ -82,10 +82,10 @@ def plot(rows: list[dict], out_dir: Path) -> list[Path]:
 
 
 def run_peers(rows: list[dict], out: Path) -> list[dict]:
-    """Each peer of PEERS trained on its TopK k=PEER_K job's rows (nn_decomp.peers.train_peer_on_run);
+    """Each peer of PEERS trained on its TopK k=PEER_K job's rows (nn_decomp.analysis.peers.train_peer_on_run);
     results kept in `out`, so a re-run trains only what is missing."""
-    from nn_decomp.checkpoint import read_config
-    from nn_decomp.peers import train_peer_on_run
+    from nn_decomp.runtime.checkpoint import read_config
+    from nn_decomp.analysis.peers import train_peer_on_run
 
     done = json.loads(out.read_text()) if out.exists() else []
     for r in rows:

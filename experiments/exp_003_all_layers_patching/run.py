@@ -12,9 +12,9 @@ import json
 import sys
 from pathlib import Path
 
-from nn_decomp.checkpoint import load_dictionary
+from nn_decomp.runtime.checkpoint import load_dictionary
 from nn_decomp.evaluate import EVAL_JSON
-from nn_decomp.sweeps import (Experiment, evaluate_checkpoints, evaluation_model, number, pyplot, report_written,
+from nn_decomp.analysis.sweeps import (Experiment, evaluate_checkpoints, evaluation_model, number, pyplot, report_written,
                               save_figure, write_points)
 
 NAME = "exp_003_all_layers_patching"

@@ -11,9 +11,9 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from nn_decomp.config import InterpConfig
-from nn_decomp.interp import analyse, load_report_inputs, write_report
-from nn_decomp.jobs import run_cli
-from nn_decomp.sweeps import Experiment, evaluation_model, report_written
+from nn_decomp.analysis.interp import analyse, load_report_inputs, write_report
+from nn_decomp.runtime.jobs import run_cli
+from nn_decomp.analysis.sweeps import Experiment, evaluation_model, report_written
 
 NAME = "exp_004_interp"
 

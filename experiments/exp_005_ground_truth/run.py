@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from nn_decomp.checkpoint import load_dictionary, read_config
-from nn_decomp.losses import fvu
-from nn_decomp.sweeps import Experiment, number, pyplot, report_written, save_figure, write_points
-from nn_decomp.synthetic import SyntheticData, recovery
+from nn_decomp.runtime.checkpoint import load_dictionary, read_config
+from nn_decomp.core.losses import fvu
+from nn_decomp.analysis.sweeps import Experiment, number, pyplot, report_written, save_figure, write_points
+from nn_decomp.data.synthetic import SyntheticData, recovery
 
 NAME = "exp_005_ground_truth"
 K = 8  # the planted mean L0 is 7: every activation is compared at L0 ≈ 8
@@ -98,7 +98,7 @@ def score_job(job: Path) -> dict:
 def run_peers(jobs: list[dict], out: Path) -> list[dict]:
     """Each peer on the rows of our TopK job of its task (same config, same stream); scores saved to
     `out` so that --plot-only need not retrain."""
-    from nn_decomp.peers import build_peer, train_peer
+    from nn_decomp.analysis.peers import build_peer, train_peer
 
     done = json.loads(out.read_text()) if out.exists() else []
     installed = [p for p in ("saelens", "sparsify") if importlib.util.find_spec({"saelens": "sae_lens"}.get(p, p))]

@@ -10,7 +10,7 @@ layer with the same total latents and the same total L0 (README.md).
 import sys
 from pathlib import Path
 
-from nn_decomp.sweeps import Experiment, evaluate_jobs, number, pyplot, report_written, save_figure, write_points
+from nn_decomp.analysis.sweeps import Experiment, evaluate_jobs, number, pyplot, report_written, save_figure, write_points
 
 NAME = "exp_006_crosscoder"
 BLOCKS = {"smoke": [0, 1], "cpu_2m": [0, 1, 2, 3], "gpu": [4, 5, 6, 7, 8, 9]}

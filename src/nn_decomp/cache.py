@@ -39,10 +39,10 @@ from torch import Tensor
 from tqdm import tqdm
 
 from nn_decomp.config import CacheConfig, UsageError, arch_hooks, require, validate
-from nn_decomp.distributed import SINGLE, DistInfo, rank_device
-from nn_decomp.jobs import exit_on_usage_error
+from nn_decomp.runtime.distributed import SINGLE, DistInfo, rank_device
+from nn_decomp.runtime.jobs import exit_on_usage_error
 
-FORMAT = "nn_decomp.activations/1"
+FORMAT = "nn_decomp.core.activations/1"
 BUILD = "python -m nn_decomp.cache"
 FLOAT16_MAX = 65504.0
 
@@ -160,7 +160,7 @@ def check_matches(meta: CacheMeta, model: str, hooks_in: list[str], hooks_out: l
 def build_cache(cfg: DictConfig, model=None) -> CacheMeta:
     """Run the LM over `cfg.data` and write the activations at `cfg.arch`'s hooks to `cfg.cache.path`.
     `model` replaces the LM that `cfg.model` names (tests pass a tiny one)."""
-    from nn_decomp.store import lm_stores  # imports transformer_lens (~10 s): the reader never needs it
+    from nn_decomp.data.store import lm_stores  # imports transformer_lens (~10 s): the reader never needs it
 
     validate(cfg)
     cc: CacheConfig = OmegaConf.to_object(cfg.cache)

@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from nn_decomp.jobs import STATUS_JSON, read_status
+from nn_decomp.runtime.jobs import STATUS_JSON, read_status
 
 CHECKPOINT, METRICS, EVAL = "checkpoint", "metrics.json", "eval.json"
 FIRST_COLUMNS = ["job", "status", "attempts", "error", "overrides"]

@@ -121,7 +121,7 @@ def arch_hooks(arch) -> tuple[list[str], list[str]]:
 
 @dataclass
 class ReLUConfig:
-    _target_: str = "nn_decomp.activations.ReLU"
+    _target_: str = "nn_decomp.core.activations.ReLU"
     l1_coef: float = 1.0
     """Weight of Σ f·‖W_dec‖ (data normalised to E‖x‖² = d)."""
 
@@ -131,7 +131,7 @@ class ReLUConfig:
 
 @dataclass
 class TopKConfig:
-    _target_: str = "nn_decomp.activations.TopK"
+    _target_: str = "nn_decomp.core.activations.TopK"
     k: int = 32
     """Active latents per token (per layer for a CLT)."""
     k_aux: int | None = None
@@ -151,7 +151,7 @@ class TopKConfig:
 
 @dataclass
 class BatchTopKConfig(TopKConfig):
-    _target_: str = "nn_decomp.activations.BatchTopK"
+    _target_: str = "nn_decomp.core.activations.BatchTopK"
     threshold_momentum: float = 0.99
     """EMA momentum of the inference threshold estimate."""
     per_layer: bool = True
@@ -166,7 +166,7 @@ PENALTIES = ("target", "l0", "tanh")
 
 @dataclass
 class JumpReLUConfig:
-    _target_: str = "nn_decomp.activations.JumpReLU"
+    _target_: str = "nn_decomp.core.activations.JumpReLU"
     target_l0: float | None = 32.0
     """The dial (penalty=target): the mean L0 per token and source layer the penalty holds, as act.k is
     TopK's; read by penalty=target alone. Sweeping a tanh coefficient instead does not dial L0 (exp_005
@@ -546,7 +546,7 @@ class AnalysisConfig:
 
 @dataclass
 class InterpConfig:
-    """`interp:` of conf/experiment/exp_004_interp.yaml (nn_decomp.interp's reports)."""
+    """`interp:` of conf/experiment/exp_004_interp.yaml (nn_decomp.analysis.interp's reports)."""
 
     judge: str = "offline"
     """offline (token statistics, no network) | openai (an OpenAI-compatible endpoint)."""

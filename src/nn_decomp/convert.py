@@ -29,12 +29,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from nn_decomp.checkpoint import build_coder, read_config, save_checkpoint
-from nn_decomp.coder import SparseCoder
+from nn_decomp.runtime.checkpoint import build_coder, read_config, save_checkpoint
+from nn_decomp.core.coder import SparseCoder
 from nn_decomp.config import JumpReLUConfig, UsageError  # importing config registers base_convert
 from nn_decomp.evaluate import check_compatible, check_model_choice, load_dictionaries, refuse_existing, text_config
-from nn_decomp.jobs import exit_on_usage_error
-from nn_decomp.patching import layer_latents
+from nn_decomp.runtime.jobs import exit_on_usage_error
+from nn_decomp.analysis.patching import layer_latents
 
 CONVERTIBLE = ("topk", "batchtopk")
 MIN_THRESHOLD = 1e-6  # JumpReLU stores log θ, so θ > 0; a latent active on most tokens would get θ ≤ 0
@@ -115,7 +115,7 @@ def jumprelu_coder(source: SparseCoder, ckpt_cfg: DictConfig, thresholds_LF: Ten
 def heldout_activations(ckpt_cfg: DictConfig, model, device, n_fit: int, n_eval: int):
     """((x, y) fitting tokens, (x, y) report tokens): disjoint batches of the held-out stream (the
     training run's eval store: held-out documents, seeded with train.seed + 1)."""
-    from nn_decomp.store import lm_stores
+    from nn_decomp.data.store import lm_stores
     from nn_decomp.train import take_tokens
 
     store = lm_stores(ckpt_cfg, model, device, ckpt_cfg.train.batch_size).eval

@@ -33,11 +33,11 @@ from torch import Tensor
 from tqdm import tqdm
 
 import nn_decomp.config  # noqa: F401  (registers base_evaluate and the model schemas `model=<option>` composes)
-from nn_decomp.activations import Latents
-from nn_decomp.checkpoint import read_config
+from nn_decomp.core.activations import Latents
+from nn_decomp.runtime.checkpoint import read_config
 from nn_decomp.config import UsageError
-from nn_decomp.jobs import exit_on_usage_error
-from nn_decomp.patching import HookedDictionary, check_disjoint_outputs, patched
+from nn_decomp.runtime.jobs import exit_on_usage_error
+from nn_decomp.analysis.patching import HookedDictionary, check_disjoint_outputs, patched
 
 if TYPE_CHECKING:  # the LM stack (transformer_lens, datasets) is imported where it is used, so that
     from transformer_lens import HookedTransformer  # bad-input errors and export stay fast
@@ -97,7 +97,7 @@ def check_model_choice(cfg: DictConfig, dictionaries: list[HookedDictionary]) ->
 @torch.no_grad()
 def check_compatible(model: HookedTransformer, dictionaries: list[HookedDictionary]) -> None:
     """Every hook exists in `model` and has the width the dictionary was trained on."""
-    from nn_decomp.store import check_hooks, hook_layer
+    from nn_decomp.data.store import check_hooks, hook_layer
 
     hooks = sorted({h for d in dictionaries for h in d.hooks_in + d.hooks_out})
     try:
@@ -150,7 +150,7 @@ def heldout_contexts(ckpt_cfg: DictConfig, tokenizer, n_tokens: int, context_siz
     """[C, T] token ids from the documents the checkpoint's run held out (data.eval_fraction,
     train.seed), packed as in training (T = context_size or data.context_size); as many contexts as
     n_tokens needs, in document order."""
-    from nn_decomp.data import load_texts, split_documents, token_contexts
+    from nn_decomp.data.text import load_texts, split_documents, token_contexts
 
     data = ckpt_cfg.data
     context_size = context_size or data.context_size
@@ -240,7 +240,7 @@ def ce_recovered(ce_clean: float, ce_patched: float, ce_ablated: float) -> float
 def mean_activations(model: HookedTransformer, contexts_CT: Tensor, hooks: list[str], exclude_ids: list[int],
                      batch_contexts: int) -> dict[str, Tensor]:
     """{hook: [D]} mean activation over the scored (non-excluded) positions: the mean-ablation value."""
-    from nn_decomp.store import hook_layer
+    from nn_decomp.data.store import hook_layer
 
     sums, n = {}, 0
     stop = max(hook_layer(h) for h in hooks) + 1
@@ -271,7 +271,7 @@ def evaluate_dictionaries(model: HookedTransformer, dictionaries: list[HookedDic
                           exclude_ids: list[int], batch_contexts: int = 8, dense_threshold: float = 0.1,
                           downstream: bool = True) -> Evaluation:
     """All metrics for `dictionaries` (one, or per-layer transcoders) on `contexts_CT`."""
-    from nn_decomp.store import hook_layer
+    from nn_decomp.data.store import hook_layer
 
     device = model.cfg.device
     for d in dictionaries:

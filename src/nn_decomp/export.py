@@ -43,11 +43,11 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 import nn_decomp.config  # noqa: F401  (registers base_export)
-from nn_decomp.checkpoint import build_coder, fresh_tmp, publish_dir, read_config, save_checkpoint
+from nn_decomp.runtime.checkpoint import build_coder, fresh_tmp, publish_dir, read_config, save_checkpoint
 from nn_decomp.config import CHECKPOINT_ONLY, UsageError
 from nn_decomp.evaluate import checkpoint_list, load_dictionaries, refuse_existing
-from nn_decomp.jobs import exit_on_usage_error
-from nn_decomp.patching import HookedDictionary
+from nn_decomp.runtime.jobs import exit_on_usage_error
+from nn_decomp.analysis.patching import HookedDictionary
 
 FORMATS = ("saelens", "circuit_tracer", "hf_model")
 SAELENS_CFG, SAELENS_WEIGHTS = "cfg.json", "sae_weights.safetensors"
@@ -177,7 +177,7 @@ def import_saelens(src: str | Path, out: str | Path, overwrite: bool = False, mo
     hook_out = get("hook_name_out") if arch != "sae" else hook_in
     if not hook_in or not hook_out:
         raise UsageError(f"{src}/{SAELENS_CFG} lacks metadata.hook_name{'_out' if hook_in else ''}: add it")
-    from nn_decomp.store import hook_layer  # imports transformer_lens: only here
+    from nn_decomp.data.store import hook_layer  # imports transformer_lens: only here
 
     layer = hook_layer(hook_in)
     w = load_file(src / SAELENS_WEIGHTS)
@@ -337,7 +337,7 @@ def export(cfg: DictConfig) -> Path:
     for meta, d in zip(metas, dictionaries):
         if meta["arch"] in CHECKPOINT_ONLY:
             raise UsageError(f"{cfg.format} has no {meta['arch']}: its format is our checkpoint ({d.path}: "
-                             "config.yaml + safetensors, read by nn_decomp.checkpoint.load_dictionary)")
+                             "config.yaml + safetensors, read by nn_decomp.runtime.checkpoint.load_dictionary)")
     with torch.no_grad():
         if cfg.format == "saelens":
             if len(dictionaries) > 1:

@@ -22,17 +22,17 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from nn_decomp import distributed
-from nn_decomp.background import BackgroundStore
+from nn_decomp.runtime import distributed
+from nn_decomp.data.background import BackgroundStore
 from nn_decomp.cache import open_cache
-from nn_decomp.checkpoint import TRAINER_STATE, build_coder, recover_dir, save_checkpoint
+from nn_decomp.runtime.checkpoint import TRAINER_STATE, build_coder, recover_dir, save_checkpoint
 from nn_decomp.config import CHECKPOINT_ONLY, arch_hooks, require, validate
-from nn_decomp.coder import SparseCoder
-from nn_decomp.distributed import SINGLE, DistInfo
-from nn_decomp.jobs import exit_on_usage_error, finished_run, is_first_rank, resolve_resume
-from nn_decomp.logger import MetricsLogger
-from nn_decomp.losses import LossOutput, coder_loss, explained_variance, fvu
-from nn_decomp.synthetic import SyntheticData, task_of
+from nn_decomp.core.coder import SparseCoder
+from nn_decomp.runtime.distributed import SINGLE, DistInfo
+from nn_decomp.runtime.jobs import exit_on_usage_error, finished_run, is_first_rank, resolve_resume
+from nn_decomp.runtime.logger import MetricsLogger
+from nn_decomp.core.losses import LossOutput, coder_loss, explained_variance, fvu
+from nn_decomp.data.synthetic import SyntheticData, task_of
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -329,7 +329,7 @@ def setup(cfg: DictConfig, model: HookedTransformer | None = None, info: DistInf
         store = SyntheticData.for_run(cfg, device, cfg.train.batch_size // info.world_size, info.rank)
         eval_set = store.eval_rows(cfg.train.eval_tokens)[:2] if info.is_main else None
         return None, store, eval_set, device
-    from nn_decomp.store import lm_stores  # imports transformer_lens and datasets (~10 s): cache runs skip it
+    from nn_decomp.data.store import lm_stores  # imports transformer_lens and datasets (~10 s): cache runs skip it
 
     lm = lm_stores(cfg, model, device, cfg.train.batch_size // info.world_size, info)
     eval_set = take_tokens(lm.eval, cfg.train.eval_tokens) if info.is_main else None

@@ -20,9 +20,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from nn_decomp.collect import collect, summary, write_table
 from nn_decomp.config import AnalysisConfig  # importing config registers the schemas the configs start from
-from nn_decomp.jobs import analysis_config, run_cli
+from nn_decomp.runtime.jobs import analysis_config, run_cli
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
+CONF = Path(__file__).resolve().parents[3] / "conf"
 SCALES = ("smoke", "cpu", "cpu_2m", "gpu")
 
 
@@ -111,7 +111,7 @@ class Experiment:
 def evaluation_model(analysis: AnalysisConfig, checkpoint: Path, device: str = "auto"):
     """The LM `checkpoint` was trained on, loaded once for every evaluation of an experiment (cut
     to `analysis.eval_lm_layers` blocks at scale=smoke)."""
-    from nn_decomp.checkpoint import read_config
+    from nn_decomp.runtime.checkpoint import read_config
     from nn_decomp.models import load_model
 
     _, meta = read_config(checkpoint)

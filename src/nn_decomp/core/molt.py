@@ -11,8 +11,8 @@ does for its latents), the rows of the active transforms alone carry gradient ba
 import torch
 from torch import Tensor, nn
 
-from nn_decomp import kernels
-from nn_decomp.activations import Latents
+from nn_decomp.core import kernels
+from nn_decomp.core.activations import Latents
 
 
 class LowRankTransforms(nn.Module):

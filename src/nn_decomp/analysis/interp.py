@@ -26,10 +26,10 @@ import torch
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from nn_decomp.activations import Latents
+from nn_decomp.core.activations import Latents
 from nn_decomp.config import InterpConfig
-from nn_decomp.patching import HookedDictionary
-from nn_decomp.store import hook_layer
+from nn_decomp.analysis.patching import HookedDictionary
+from nn_decomp.data.store import hook_layer
 
 
 # --- scanning ------------------------------------------------------------------------------------
@@ -453,7 +453,7 @@ def write_report(report: Report, out_dir: Path, title: str) -> list[Path]:
 
 def load_report_inputs(checkpoint: Path, model: HookedTransformer, n_tokens: int):
     """The dictionary and held-out contexts of its run (evaluate's helpers), plus excluded ids."""
-    from nn_decomp.checkpoint import read_config
+    from nn_decomp.runtime.checkpoint import read_config
     from nn_decomp.evaluate import excluded_token_ids, heldout_contexts
 
     d = HookedDictionary.load(checkpoint, model.cfg.device)

@@ -4,9 +4,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from nn_decomp.activations import Latents
-from nn_decomp.coder import CoderOutput, SparseCoder
-from nn_decomp.kernels import aux_topk_latents
+from nn_decomp.core.activations import Latents
+from nn_decomp.core.coder import CoderOutput, SparseCoder
+from nn_decomp.core.kernels import aux_topk_latents
 
 
 class LossOutput(NamedTuple):

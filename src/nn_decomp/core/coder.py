@@ -33,10 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nn_decomp import kernels
-from nn_decomp.activations import Activation, Latents
+from nn_decomp.core import kernels
+from nn_decomp.core.activations import Activation, Latents
 from nn_decomp.config import TYING
-from nn_decomp.molt import LowRankTransforms
+from nn_decomp.core.molt import LowRankTransforms
 
 
 class CoderOutput(NamedTuple):

@@ -14,7 +14,7 @@ import torch
 from hydra.utils import instantiate
 from torch import Tensor, nn
 
-from nn_decomp.losses import fvu
+from nn_decomp.core.losses import fvu
 from nn_decomp.train import lr_lambda
 
 PEERS = ("saelens_topk", "saelens_batchtopk", "sparsify_topk")

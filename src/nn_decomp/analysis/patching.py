@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from nn_decomp.activations import Latents
-from nn_decomp.checkpoint import load_dictionary, read_config
-from nn_decomp.coder import SparseCoder
+from nn_decomp.core.activations import Latents
+from nn_decomp.runtime.checkpoint import load_dictionary, read_config
+from nn_decomp.core.coder import SparseCoder
 
 if TYPE_CHECKING:  # transformer_lens takes seconds to import; export and CLI errors never need it
     from transformer_lens import HookedTransformer

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from nn_decomp.activations import Activation, Latents
+from nn_decomp.core.activations import Activation, Latents
 
 
 class Entries(NamedTuple):
