@@ -218,7 +218,7 @@ def test_k_sweep_over_a_cache_never_loads_or_runs_the_lm(caches, tmp_path, monke
     from transformer_lens import HookedTransformer
 
     from nn_decomp import models
-    from nn_decomp.data.text import store
+    from nn_decomp.data import store
 
     def no_lm(*args, **kwargs):
         pytest.fail("the LM was used")

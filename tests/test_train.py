@@ -113,6 +113,19 @@ def test_mixed_precision_computes_in_bfloat16_and_keeps_float32_weights(arch, ac
     assert metrics["nmse"] == pytest.approx(reference["nmse"], rel=0.05)
 
 
+def test_a_checkpoint_from_before_the_package_regroup_still_loads(tmp_path):
+    """Checkpoints saved while the activations lived in nn_decomp.activations name that module."""
+    cfg = tiny_cfg("transcoder", "batchtopk")
+    coder = build_coder(cfg, 16, 16)
+    save_checkpoint(tmp_path / "checkpoint", coder, cfg, {"d_in": 16, "d_out": 16}, {"step": 0})
+    config = tmp_path / "checkpoint" / "config.yaml"
+    config.write_text(config.read_text().replace("nn_decomp.core.activations.", "nn_decomp.activations."))
+    assert "nn_decomp.activations.BatchTopK" in config.read_text()
+    loaded = load_dictionary(tmp_path / "checkpoint")
+    for name, tensor in coder.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
 class Crash(Exception):
     """A process killed in the middle of writing a checkpoint."""
 
