@@ -63,10 +63,7 @@ def measure(cfg, model, n_steps: int) -> dict[str, float]:
         return timed(lambda: [t.train_step(*source.next_batch()) for _ in range(n_steps)])
 
     serial = run(store())
-    s = store()
-    x_shape, y_shape = s.row_shapes()
-    n_slots = cfg.data.buffer_tokens // (2 * s.batch_size) + 1  # data.background_slots' default
-    bg = BackgroundStore(s, (s.batch_size, *x_shape), (s.batch_size, *y_shape), n_slots, threads=1)
+    bg = BackgroundStore(store(), threads=1)  # data.background_slots' default
     background = run(bg)
     bg.close()
     return {"LM alone": lm, "train alone": train, "serial": serial, "background": background}

@@ -22,11 +22,6 @@ def stores(tiny_lm, *overrides):
     return [lm_stores(cfg, tiny_lm, torch.device("cpu"), 64).train for _ in range(2)]
 
 
-def background(store, n_slots=2) -> BackgroundStore:
-    x_shape, y_shape = store.row_shapes()
-    return BackgroundStore(store, (store.batch_size, *x_shape), y_shape and (store.batch_size, *y_shape), n_slots)
-
-
 def drain(store, limit=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     batches = []
     while limit is None or len(batches) < limit:
@@ -43,7 +38,7 @@ def test_background_batches_are_the_in_process_ones_to_the_end(tiny_lm):
     direct, other = stores(tiny_lm)
     for store in (direct, other):
         store.max_tokens = 60 * 64
-    expected, bg = drain(direct), background(other)
+    expected, bg = drain(direct), BackgroundStore(other, n_slots=2)
     got = drain(bg)
     assert len(got) == len(expected) > 50
     for (x, y), (x_bg, y_bg) in zip(expected, got):
@@ -65,7 +60,7 @@ def test_a_failing_producer_reaches_the_trainer_naming_the_error(tiny_lm, monkey
         return next_batch()
 
     monkeypatch.setattr(store, "next_batch", failing)
-    bg = background(store)
+    bg = BackgroundStore(store, n_slots=2)
     assert len(drain(bg, limit=3)) == 3
     with pytest.raises(RuntimeError, match="(?s)failed after 3 batches:.*ValueError: tokenizer exploded"):
         bg.next_batch()
@@ -74,7 +69,7 @@ def test_a_failing_producer_reaches_the_trainer_naming_the_error(tiny_lm, monkey
 
 
 def test_a_killed_producer_and_an_early_close_end_cleanly(tiny_lm):
-    first, second = (background(s) for s in stores(tiny_lm))
+    first, second = (BackgroundStore(s, n_slots=2) for s in stores(tiny_lm))
     first.next_batch()
     os.kill(first.process.pid, signal.SIGKILL)
     with pytest.raises(RuntimeError, match="died"):

@@ -2,14 +2,12 @@
 each gets exactly what it would get as a separate job, while the LM runs once for all."""
 import json
 
-import pytest
 import torch
 
 from helpers import one_thread  # noqa: F401 (a fixture)
-from nn_decomp import train as train_module
+from nn_decomp.data.store import ActivationsStore
 from nn_decomp.runtime.checkpoint import TRAINER_STATE
 from nn_decomp.runtime.jobs import read_status, run_cli
-from nn_decomp.data.store import ActivationsStore
 from nn_decomp.train import Run, stream_key, train, train_together
 from test_train import tiny_cfg
 

@@ -254,8 +254,7 @@ class DataConfig:
     (background.py), so generation overlaps training. The same batches as without. CPU LMs only."""
     background_slots: int | None = None
     """data.background: batches the ring holds (the child waits when all are full). Default: one
-    buffer refill's worth (buffer_tokens / 2 / batch size, + 1): the LM refills in bursts of that
-    many batches, and a smaller ring would stall the trainer during each."""
+    buffer refill's worth (background.BackgroundStore)."""
     background_threads: int = 1
     """data.background: torch threads of the child process (the LM's)."""
 
@@ -597,6 +596,11 @@ def validate(cfg: DictConfig) -> None:
         device = str(OmegaConf.select(cfg, key, default="auto"))
         require(not device.startswith("cuda") or torch.cuda.is_available(),
                 f"{key}={device}: this machine has no CUDA device; use {key}=cpu or auto")
+    lm_device = str(OmegaConf.select(cfg, "model.device", default="cpu"))
+    require(not cfg.data.get("background") or not (lm_device.startswith("cuda") or
+                                                    lm_device == "auto" and torch.cuda.is_available()),
+            "data.background=true forks the LM's process, which a CUDA LM cannot survive: use it with "
+            "model.device=cpu, or data.background=false")
 
 
 def register_configs() -> None:

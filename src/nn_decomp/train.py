@@ -335,13 +335,7 @@ def setup(cfg: DictConfig, model: HookedTransformer | None = None, info: DistInf
     eval_set = take_tokens(lm.eval, cfg.train.eval_tokens) if info.is_main else None
     if not cfg.data.background:
         return lm.model, lm.train, eval_set, device
-    require(lm.model.cfg.device is None or torch.device(lm.model.cfg.device).type == "cpu",
-            "data.background=true forks the LM's process, which a CUDA LM cannot survive: use it with "
-            "model.device=cpu, or data.background=false")
-    x_shape, y_shape = lm.train.row_shapes()
-    B = lm.train.batch_size
-    n_slots = cfg.data.background_slots or cfg.data.buffer_tokens // (2 * B) + 1
-    store = BackgroundStore(lm.train, (B, *x_shape), y_shape and (B, *y_shape), n_slots, cfg.data.background_threads)
+    store = BackgroundStore(lm.train, cfg.data.background_slots, cfg.data.background_threads)
     return lm.model, store, eval_set, device
 
 

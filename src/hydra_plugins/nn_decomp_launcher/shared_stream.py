@@ -35,7 +35,6 @@ ConfigStore.instance().store(group="hydra/launcher", name="base_shared_stream", 
 
 @dataclass
 class Job:
-    idx: int
     config: DictConfig  # with hydra: what callbacks and the saved hydra.yaml see
     task_cfg: DictConfig  # the run config, resolved
     ret: JobReturn
@@ -84,7 +83,7 @@ class SharedStreamLauncher(Launcher):
             _save_config(task_cfg, "config.yaml", hydra_output)
             _save_config(config, "hydra.yaml", hydra_output)
             _save_config(config.hydra.overrides.task, "overrides.yaml", hydra_output)
-        return Job(idx, config, resolved(task_cfg, output_dir), ret)
+        return Job(config, resolved(task_cfg, output_dir), ret)
 
     def run_group(self, group: list[Job]) -> None:
         """Start every job (callbacks: status.json 'running'), train them together, end each."""

@@ -104,20 +104,19 @@ def save_checkpoint(path: Path, coder: SparseCoder, cfg: DictConfig, metadata: d
     publish_dir(tmp, path)
 
 
+OLD_ACTIVATIONS = "nn_decomp.activations."  # where checkpoints saved before the regroup name their activation
+
+
 def read_config(path: Path) -> tuple[DictConfig, dict]:
     path = Path(path)
     if not (path / WEIGHTS).exists():
         raise FileNotFoundError(
             f"{path} is not a checkpoint (no {WEIGHTS}); pass a run's checkpoint dir, e.g. outputs/runs/.../checkpoint")
     cfg = OmegaConf.load(path / CONFIG)
-    # checkpoints written before the package was regrouped (2026-12-01) name the flat module
     target = OmegaConf.select(cfg, "act._target_", default="")
     if target.startswith(OLD_ACTIVATIONS):
         cfg.act._target_ = "nn_decomp.core.activations." + target.removeprefix(OLD_ACTIVATIONS)
     return cfg, json.loads((path / METADATA).read_text())
-
-
-OLD_ACTIVATIONS = "nn_decomp.activations."
 
 
 def load_dictionary(path: str | Path, device: str | torch.device = "cpu") -> SparseCoder:
