@@ -33,11 +33,17 @@ def test_planted_statistics():
 
 def test_streams_are_identical_for_a_seed_and_apart_from_eval_and_init():
     cfg = compose_cfg("data=synthetic", "arch=transcoder", "train.batch_size=64")
-    a, b = (SyntheticData.for_run(cfg, "cpu", 64) for _ in range(2))
+    a, b = (SyntheticData.for_run(cfg, "cpu") for _ in range(2))
     for _ in range(3):
         torch.testing.assert_close(a.next_batch(), b.next_batch(), rtol=0, atol=0)
+    # data-parallel ranks' slices, side by side, are the one-process batches
+    one, shards = SyntheticData.for_run(cfg, "cpu"), [SyntheticData.for_run(cfg, "cpu", rank, 2) for rank in range(2)]
+    for _ in range(2):
+        whole, parts = one.next_batch(), [s.next_batch() for s in shards]
+        for t, (p0, p1) in zip(whole, zip(*parts)):
+            torch.testing.assert_close(torch.cat([p0, p1]), t, rtol=0, atol=0)
     x_eval = a.eval_rows(64)[0]
-    assert not torch.equal(x_eval, SyntheticData.for_run(cfg, "cpu", 64).next_batch()[0])
+    assert not torch.equal(x_eval, SyntheticData.for_run(cfg, "cpu").next_batch()[0])
     # the planted directions are not what torch.manual_seed(train.seed) draws for the coder's init
     torch.manual_seed(cfg.train.seed)
     init = torch.randn(cfg.data.n_features, 1, cfg.data.d_in)[:, 0]

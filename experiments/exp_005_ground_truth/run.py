@@ -78,7 +78,7 @@ def score_job(job: Path) -> dict:
     """Our checkpoint on the job's own held-out rows: eval mode, as a user loads it."""
     cfg, _ = read_config(job / "checkpoint")
     coder = load_dictionary(job / "checkpoint")
-    data = SyntheticData.for_run(cfg, "cpu", cfg.train.batch_size)
+    data = SyntheticData.for_run(cfg, "cpu")
     rows = data.eval_rows(cfg.train.eval_tokens)
     out = coder(rows[0])
     act = type(coder.activation).__name__
@@ -113,7 +113,7 @@ def run_peers(jobs: list[dict], out: Path) -> list[dict]:
             continue
         cfg = job["config"]
         torch.manual_seed(cfg.train.seed)
-        data = SyntheticData.for_run(cfg, "cpu", cfg.train.batch_size)
+        data = SyntheticData.for_run(cfg, "cpu")
         peer = build_peer(name, cfg.data.d_in, cfg.arch.n_latents, cfg.act.k, job["arch"] != "sae")
         print(f"training {run}", flush=True)
         train_peer(peer, data.next_batch, cfg.train, cfg.arch.n_latents)

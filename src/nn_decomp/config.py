@@ -359,6 +359,9 @@ class TrainConfig:
     """Compute type of the training step: float32, or bfloat16 / float16 under autocast (the encoder
     GEMM and selection in that type; weights, thresholds, optimizer state and the loss stay float32;
     float16 scales the loss, torch.amp.GradScaler). Evaluation and checkpoints are float32."""
+    tensor_parallel: int = 1
+    """Split each dictionary's latents over this many ranks (torchrun / SLURM tasks; the world size a
+    multiple of it, the rest data-parallel): core/shard.py, runtime/tensor_parallel.py."""
 
     def __post_init__(self):
         require(self.dtype in TRAIN_DTYPES, f"train.dtype={self.dtype!r}: use one of {TRAIN_DTYPES}")
@@ -372,6 +375,10 @@ class TrainConfig:
                 "train.log_every, eval_every, checkpoint_every, eval_tokens and dead_tokens must be positive")
         require(self.warmup_steps >= 0 and self.grad_clip > 0, "train.warmup_steps must be >= 0, train.grad_clip > 0")
         check_resume(self.resume)
+        require(self.tensor_parallel >= 1, f"train.tensor_parallel={self.tensor_parallel}: must be >= 1")
+        require(self.tensor_parallel == 1 or self.dtype != "float16",
+                "train.dtype=float16 with train.tensor_parallel > 1: the loss scaler's skip decision is per "
+                "shard; use train.dtype=bfloat16")
 
 
 CACHE_DTYPES = ("float16", "bfloat16", "float32")
@@ -585,6 +592,14 @@ def validate(cfg: DictConfig) -> None:
     k = cfg.act.get("k")
     require(k is None or k < cfg.arch.n_latents,
             f"act.k={k} must be < arch.n_latents={cfg.arch.n_latents}: lower act.k or raise arch.n_latents")
+    tp = cfg.train.get("tensor_parallel", 1)
+    if tp > 1:
+        n = cfg.arch.n_latents
+        require(n % tp == 0 and (k is None or k < n // tp),
+                f"train.tensor_parallel={tp}: arch.n_latents={n} must split into {tp} equal shards"
+                + (f" of more than act.k={k} latents each" if k else ""))
+        require(cfg.arch.name != "molt" and not cfg.arch.get("matryoshka"),
+                f"train.tensor_parallel={tp}: not available for arch=molt or arch.matryoshka; use 1")
     if cfg.data.source == "cache":
         require(cfg.train.batch_size % cfg.data.streams == 0,
                 f"train.batch_size={cfg.train.batch_size} must be a multiple of data.streams={cfg.data.streams}")

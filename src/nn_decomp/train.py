@@ -22,7 +22,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from nn_decomp.runtime import distributed
+from nn_decomp.runtime import distributed, tensor_parallel
 from nn_decomp.data.background import BackgroundStore
 from nn_decomp.cache import open_cache
 from nn_decomp.runtime.checkpoint import TRAINER_STATE, build_coder, recover_dir, save_checkpoint
@@ -127,6 +127,9 @@ class Trainer:
                  info: DistInfo = SINGLE):
         tc = cfg.train
         self.cfg, self.coder, self.total_steps, self.info = cfg, coder, total_steps, info
+        # tensor parallel: which state entries this rank holds a slice of (runtime/tensor_parallel.py)
+        self.latent_dims = tensor_parallel.latent_dims(cfg, coder.d_in, coder.d_out, info.tensor_parallel) \
+            if info.tensor_parallel > 1 else {}
         self.scale_in_L, self.scale_out_L = scale_in_L, scale_out_L
         self.optimizer = instantiate(tc.optimizer)(param_groups(coder))
         for group in self.optimizer.param_groups:  # before LambdaLR records each group's base lr
@@ -142,6 +145,10 @@ class Trainer:
 
     def dead_LF(self) -> torch.Tensor:
         return self.tokens_since_fired_LF >= self.cfg.train.dead_tokens
+
+    def dead_fraction(self) -> float:
+        """Over the whole dictionary (tensor parallel: a collective of the TP group)."""
+        return (self.coder.shard.total(self.dead_LF().sum()) / (self.coder.n_sources * self.cfg.arch.n_latents)).item()
 
     def train_step(self, x_BLD, y_BLD):
         """One optimiser step on this rank's rows; with several ranks, on their average gradient."""
@@ -165,13 +172,13 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)  # the true gradients, for the projection and the clip
         if act.unit_norm_decoder:
             coder.remove_parallel_decoder_grad()
-        torch.nn.utils.clip_grad_norm_(coder.parameters(), self.cfg.train.grad_clip)
+        tensor_parallel.clip_grad_norm_(coder, self.latent_dims, self.cfg.train.grad_clip, self.info)
         self.scaler.step(self.optimizer)  # float16: skipped (and the scale lowered) on inf/nan gradients
         self.scaler.update()
         self.scheduler.step()
         if act.unit_norm_decoder:
             coder.set_decoder_norm(1.0)
-        n_tokens = x_BLD.shape[0] * self.info.world_size
+        n_tokens = x_BLD.shape[0] * self.info.dp_size
         self.tokens_since_fired_LF += n_tokens
         self.tokens_since_fired_LF[fired_LF] = 0
         self.step += 1
@@ -180,8 +187,9 @@ class Trainer:
 
     def average_over_ranks(self, losses: LossOutput, fired_LF: torch.Tensor) -> tuple[LossOutput, torch.Tensor]:
         """Average gradients, float buffers (BatchTopK's threshold) and loss terms over ranks, and
-        OR the fired latents, in one all_reduce. A parameter without a gradient counts as zeros."""
-        if not self.info.active:
+        OR the fired latents, in one all_reduce over the data-parallel ranks. A parameter without a
+        gradient counts as zeros."""
+        if self.info.dp_size == 1:
             return losses, fired_LF
         params = list(self.coder.parameters())
         buffers = [b for b in self.coder.buffers() if b.is_floating_point()]
@@ -204,7 +212,19 @@ class Trainer:
                 "n_candidates": getattr(self.coder.activation, "n_candidates", None),
                 "grad_scaler": self.scaler.state_dict()}
 
+    def full_state_dict(self) -> dict | None:
+        """The state in the one-process layout on rank 0, None on other ranks; tensor parallel: gathered
+        from the first data-parallel group's shards, each of which must call this."""
+        if self.info.tensor_parallel == 1 or self.info.dp_rank > 0:
+            return self.state_dict() if self.info.is_main else None
+        names = tensor_parallel.param_names(self.coder, self.optimizer)
+        return tensor_parallel.gather_state(self.state_dict(), names, self.latent_dims, self.info)
+
     def load_state_dict(self, state: dict) -> None:
+        """A state of `state_dict` or `full_state_dict` (tensor parallel: this rank's slice is taken)."""
+        if self.latent_dims:
+            names = tensor_parallel.param_names(self.coder, self.optimizer)
+            state = tensor_parallel.shard_state(state, names, self.latent_dims, self.info)
         self.coder.load_state_dict(state["coder"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -219,16 +239,21 @@ class Trainer:
             self.coder.activation.n_candidates = state["n_candidates"]
 
 
-def folded_copy(trainer: Trainer) -> SparseCoder:
-    """The coder as saved: a copy with the normalisation folded into its weights."""
-    folded = copy.deepcopy(trainer.coder)
-    folded.fold_scales(trainer.scale_in_L, trainer.scale_out_L)
-    return folded
-
-
-def write_checkpoint(trainer: Trainer, run_dir: Path, metadata: dict) -> None:
-    meta = metadata | {"tokens_seen": trainer.tokens_seen, "step": trainer.step}
-    save_checkpoint(run_dir / "checkpoint", folded_copy(trainer), trainer.cfg, meta, trainer.state_dict())
+def snapshot(trainer: Trainer) -> tuple[SparseCoder, dict] | None:
+    """On rank 0, (the coder as saved: whole, a copy with the normalisation folded into its weights;
+    the trainer state in the one-process layout); None on other ranks. Tensor parallel: a collective
+    of the first data-parallel group."""
+    state = trainer.full_state_dict()
+    if state is None:
+        return None
+    if trainer.info.tensor_parallel == 1:
+        whole = copy.deepcopy(trainer.coder)
+    else:
+        with torch.device("meta"):  # no init to compute, and no draw from torch's RNG
+            whole = build_coder(trainer.cfg, trainer.coder.d_in, trainer.coder.d_out)
+        whole.load_state_dict({k: v.clone() for k, v in state["coder"].items()}, assign=True)
+    whole.fold_scales(trainer.scale_in_L, trainer.scale_out_L)
+    return whole, state
 
 
 @dataclass
@@ -257,19 +282,24 @@ class Run:
         trainer, tc = self.trainer, self.trainer.cfg.train
         losses = trainer.train_step(x_BLD, y_BLD)
         row, done = None, trainer.step == self.last_step
-        if trainer.info.is_main and (trainer.step % tc.log_every == 0 or done):
+        # every rank reaches the same decisions: with tensor parallelism each below is a collective
+        log, evaluate, save = (trainer.step % every == 0 or done
+                               for every in (tc.log_every, tc.eval_every, tc.checkpoint_every))
+        dead = trainer.dead_fraction() if log or evaluate else None
+        if log and trainer.info.is_main:
             row = {"loss": losses.loss.item(), "recon": losses.recon.item(), "sparsity": losses.sparsity.item(),
                    "aux": losses.aux.item(), "nmse": losses.fvu_L.mean().item(), "l0": losses.l0_L.sum().item(),
-                   "dead_fraction": trainer.dead_LF().float().mean().item(),
-                   "lr": trainer.scheduler.get_last_lr()[0], "tokens": trainer.tokens_seen}
+                   "dead_fraction": dead, "lr": trainer.scheduler.get_last_lr()[0], "tokens": trainer.tokens_seen}
             self.logger.log("train", row, trainer.step)
-        if trainer.info.is_main and (trainer.step % tc.eval_every == 0 or done):
-            # The folded copy on raw activations: exactly what a user of the checkpoint gets.
-            self.eval_metrics = evaluate_coder(folded_copy(trainer), *eval_set, tc.batch_size)
-            self.eval_metrics["dead_fraction"] = trainer.dead_LF().float().mean().item()
-            self.logger.log("eval", self.eval_metrics, trainer.step)
-        if trainer.info.is_main and (trainer.step % tc.checkpoint_every == 0 or done):
-            write_checkpoint(trainer, self.run_dir, self.metadata | {"eval": self.eval_metrics})
+        if (evaluate or save) and (saved := snapshot(trainer)) is not None:
+            whole, state = saved
+            if evaluate:  # the folded coder on raw activations: exactly what a user of the checkpoint gets
+                self.eval_metrics = evaluate_coder(whole, *eval_set, tc.batch_size) | {"dead_fraction": dead}
+                self.logger.log("eval", self.eval_metrics, trainer.step)
+            if save:
+                meta = self.metadata | {"eval": self.eval_metrics, "tokens_seen": trainer.tokens_seen,
+                                        "step": trainer.step}
+                save_checkpoint(self.run_dir / "checkpoint", whole, trainer.cfg, meta, state)
         self.rng_state = torch.get_rng_state()
         return row
 
@@ -320,18 +350,19 @@ def setup(cfg: DictConfig, model: HookedTransformer | None = None, info: DistInf
     validate(cfg)
     device = distributed.rank_device(cfg.train.device, info)
     torch.manual_seed(cfg.train.seed)
-    require(cfg.train.batch_size % info.world_size == 0,
-            f"train.batch_size={cfg.train.batch_size} must be a multiple of the {info.world_size} ranks")
+    require(cfg.train.batch_size % info.dp_size == 0,
+            f"train.batch_size={cfg.train.batch_size} must be a multiple of the {info.dp_size} data-parallel ranks")
+    rows = info.data_shard()  # the ranks of one tensor-parallel group read the same rows
     if cfg.data.source == "cache":
-        _, store, eval_set = open_cache(cfg, device, info)
-        return None, store, eval_set, device
+        _, store, eval_set = open_cache(cfg, device, rows)
+        return None, store, eval_set if info.is_main else None, device
     if cfg.data.source == "synthetic":
-        store = SyntheticData.for_run(cfg, device, cfg.train.batch_size // info.world_size, info.rank)
+        store = SyntheticData.for_run(cfg, device, rows.rank, rows.world_size)
         eval_set = store.eval_rows(cfg.train.eval_tokens)[:2] if info.is_main else None
         return None, store, eval_set, device
     from nn_decomp.data.store import lm_stores  # imports transformer_lens and datasets (~10 s): cache runs skip it
 
-    lm = lm_stores(cfg, model, device, cfg.train.batch_size // info.world_size, info)
+    lm = lm_stores(cfg, model, device, cfg.train.batch_size // rows.world_size, rows)
     eval_set = take_tokens(lm.eval, cfg.train.eval_tokens) if info.is_main else None
     if not cfg.data.background:
         return lm.model, lm.train, eval_set, device
@@ -390,7 +421,8 @@ def stream_key(cfg: DictConfig) -> str:
     (`train_together`) and get the batches each would get alone."""
     keys = {"model": OmegaConf.to_container(cfg.model, resolve=True),
             "data": OmegaConf.to_container(cfg.data, resolve=True), "hooks": arch_hooks(cfg.arch),
-            "train": {k: cfg.train[k] for k in ("batch_size", "seed", "device", "eval_tokens", "n_tokens")}}
+            "train": {k: cfg.train.get(k, 1) for k in ("batch_size", "seed", "device", "eval_tokens", "n_tokens",
+                                                       "tensor_parallel")}}
     if cfg.data.source == "synthetic":  # the planted task and its layers, not hooks
         keys["task"] = [task_of(cfg.arch.name), len(cfg.arch.layers)]
     return json.dumps(keys, sort_keys=True)
@@ -420,6 +452,10 @@ def train_together(cfgs: list[DictConfig], run_dirs: list[Path], model: HookedTr
     assert len({stream_key(cfg) for _, cfg, _, _ in jobs}) == 1, "train_together: runs need one stream"
     for _, cfg, _, _ in jobs:
         validate(cfg)  # every run's config, before the LM or the data is touched
+    tp = jobs[0][1].train.tensor_parallel
+    require(info.world_size % tp == 0, f"train.tensor_parallel={tp} must divide the number of ranks, "
+            f"{info.world_size} (torchrun --nproc-per-node, or SLURM tasks)")
+    info = info._replace(tensor_parallel=tp)
     start = time.time()
     model, store, eval_set, device = setup(jobs[0][1], model, info)
     try:
@@ -442,6 +478,10 @@ def open_run(cfg: DictConfig, run_dir: Path, resume: bool, rows, store, device, 
     its checkpoint when `resume`, with its metadata and (rank 0) its logger."""
     torch.set_rng_state(rng_state)
     coder, scale_in, scale_out = init_coder(cfg, rows, device, info)
+    if info.tensor_parallel > 1:  # the whole coder built alike on every rank, then sliced
+        coder = tensor_parallel.shard_coder(coder, cfg, info)
+    elif info.active:  # BatchTopK's selection over the global batch
+        coder.set_shard(tensor_parallel.make_shard(info, device))
     trainer = Trainer(cfg, coder, cfg.train.n_tokens // cfg.train.batch_size, scale_in, scale_out, info)
     if resume:
         trainer.load_state_dict(torch.load(run_dir / "checkpoint" / TRAINER_STATE, map_location=device,
@@ -450,8 +490,8 @@ def open_run(cfg: DictConfig, run_dir: Path, resume: bool, rows, store, device, 
     model_name = "synthetic" if cfg.data.source == "synthetic" else cfg.model.name
     metadata = {"model": model_name, "arch": cfg.arch.name, "act": type(coder.activation).__name__.lower(),
                 "layers": list(cfg.arch.layers), "hooks_in": hooks_in, "hooks_out": hooks_out,
-                "d_in": coder.d_in, "d_out": coder.d_out, "n_latents": coder.n_latents,
-                "world_size": info.world_size}
+                "d_in": coder.d_in, "d_out": coder.d_out, "n_latents": cfg.arch.n_latents,
+                "world_size": info.world_size, "tensor_parallel": info.tensor_parallel}
     if cfg.data.source == "cache":  # where the activations came from: the cache's text
         metadata["cache"] = {"path": str(store.meta.path), "text_source": store.meta.text_source,
                              "n_tokens": store.meta.n_tokens, "dtype": store.meta.dtype}

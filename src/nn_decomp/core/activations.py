@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nn_decomp.config import PENALTIES
+from nn_decomp.core.shard import NO_SHARD
 
 
 class Latents(NamedTuple):
@@ -137,6 +138,8 @@ class Activation(nn.Module):
     # True: the coder scales each token's input to norm √d_in before encoding and the reconstruction
     # back after decoding (coder.token_scale), so the activation compares tokens on one scale.
     token_norm = False
+    # this rank's share of the latents under tensor parallelism (shard.py); set by SparseCoder.set_shard
+    shard = NO_SHARD
 
     def penalty(self, pre_BLF: Tensor, latents: Latents, dec_norm_LF: Tensor) -> Tensor:
         return pre_BLF.new_zeros(())
@@ -160,7 +163,7 @@ class ReLU(Activation):
         return pre._replace(values=torch.relu(pre.values))
 
     def penalty(self, pre_BLF, latents, dec_norm_LF):
-        return self.l1_coef * (latents.values * latents.at(dec_norm_LF)).sum((-1, -2)).mean()
+        return self.l1_coef * self.shard.sum((latents.values * latents.at(dec_norm_LF)).sum((-1, -2)).mean())
 
 
 class TopK(Activation):
@@ -176,7 +179,7 @@ class TopK(Activation):
 
     def forward(self, pre_BLF: Tensor) -> Latents:
         values, indices = pre_BLF.topk(self.k, dim=-1, sorted=False)
-        values = torch.relu(values)
+        values = self.shard.top_per_row(torch.relu(values), self.k)
         return Latents(values, indices, pre_BLF.shape[-1], values != 0)
 
 
@@ -218,7 +221,8 @@ class BatchTopK(TopK):
         while True:
             cutoff_L11 = self._cutoff(values)
             b, l = (values.amin(-1) >= cutoff_L11[..., 0]).nonzero(as_tuple=True)
-            if width == n_latents or len(b) == 0:
+            # every shard searches as often as the one that searches most: each search is a collective
+            if not self.shard.any(width < n_latents and len(b) > 0):
                 break
             width = min(2 * width, n_latents)
             wider = pre_BLF[b, l].topk(width, dim=-1, sorted=False)
@@ -238,16 +242,16 @@ class BatchTopK(TopK):
 
     def _cutoff(self, candidates_BLK: Tensor) -> Tensor:
         """[1, L, 1] the smallest selected value: the (k·B)-th largest ReLU'd entry per layer, or the
-        (k·B·L)-th over all layers."""
+        (k·B·L)-th over all layers (B: the global batch, over every shard)."""
         B, L, _ = candidates_BLK.shape
         groups = L if self.per_layer else 1
         flat_GN = torch.relu(candidates_BLK).transpose(0, 1).reshape(groups, -1)
-        cutoff_G = flat_GN.topk(self.k * B * (L // groups), dim=-1, sorted=False).values.amin(-1)
+        cutoff_G = self.shard.kth_largest(flat_GN, self.k * B * self.shard.batch_ranks * (L // groups))
         return cutoff_G.expand(L).view(1, L, 1)
 
     @torch.no_grad()
     def _update_threshold(self, values_BLK: Tensor, keep_BLK: Tensor) -> None:
-        smallest_L = values_BLK.masked_fill(~keep_BLK, float("inf")).amin((0, 2)).clamp(min=0)
+        smallest_L = self.shard.amin(values_BLK.masked_fill(~keep_BLK, float("inf")).amin((0, 2)).clamp(min=0))
         if not self.per_layer:  # one selection over all layers, so one cutoff (and no inf for a layer left empty)
             smallest_L = smallest_L.amin().expand_as(smallest_L)
         first = self.threshold[:, :1] < 0
@@ -311,14 +315,15 @@ class JumpReLU(Activation):
         loss = self.sparsity_coef * self._sparsity(pre_BLF, latents, threshold, dec_norm_LF)
         if self.pre_act_coef > 0:  # dense only: elementwise is False
             pre_act = torch.relu(threshold - pre_BLF) * dec_norm_LF
-            loss = loss + self.pre_act_coef * pre_act.sum((-1, -2)).mean()
+            loss = loss + self.pre_act_coef * self.shard.sum(pre_act.sum((-1, -2)).mean())
         return loss
 
     def _sparsity(self, pre_BLF, latents, threshold, dec_norm_LF) -> Tensor:
         if self.penalty_kind == "tanh":
-            return torch.tanh(self.tanh_scale * latents.values.abs() * latents.at(dec_norm_LF)).sum((-1, -2)).mean()
+            return self.shard.sum(
+                torch.tanh(self.tanh_scale * latents.values.abs() * latents.at(dec_norm_LF)).sum((-1, -2)).mean())
         step = StepFunction.apply(latents.at(pre_BLF), threshold, self.bandwidth)
         if self.penalty_kind == "l0":
-            return step.sum((-1, -2)).mean()
-        l0_L = step.sum(-1).mean(0)
+            return self.shard.sum(step.sum((-1, -2)).mean())
+        l0_L = self.shard.batch_mean(self.shard.sum(step.sum(-1).mean(0)))  # L0 of the global batch
         return (l0_L / self.target_l0 - 1).pow(2).mean()

@@ -37,6 +37,7 @@ from nn_decomp.core import kernels
 from nn_decomp.core.activations import Activation, Latents
 from nn_decomp.config import TYING
 from nn_decomp.core.molt import LowRankTransforms
+from nn_decomp.core.shard import NO_SHARD, LatentShard
 
 
 class CoderOutput(NamedTuple):
@@ -54,6 +55,8 @@ class CoderOutput(NamedTuple):
 
 
 class SparseCoder(nn.Module):
+    shard = NO_SHARD  # this rank's share of the latents under tensor parallelism (shard.py)
+
     def __init__(self, d_in: int, d_out: int, n_latents: int, n_layers: int, activation: Activation,
                  cross_layer: bool = False, skip: bool = False, dec_init_norm: float = 0.1,
                  tied_init: bool = False, sparse_backward: bool = True, matryoshka: tuple[int, ...] = (),
@@ -106,6 +109,12 @@ class SparseCoder(nn.Module):
         if hasattr(activation, "init_threshold"):
             activation.init_threshold(S, Fl)
         self._pre_workspace: Tensor | None = None
+
+    def set_shard(self, shard: LatentShard) -> None:
+        """Make this coder (of n_latents = F / shard.size) one shard of a tensor-parallel dictionary:
+        selection and sums over latents then span every shard."""
+        assert shard.size == 1 or (self.transforms is None and not self.matryoshka), "config.validate refuses these"
+        self.shard = self.activation.shard = shard
 
     # --- decoder geometry -------------------------------------------------------------------
 
@@ -259,6 +268,7 @@ class SparseCoder(nn.Module):
                     out_BLD[:, j] += self.decode_source(latents, i, w[:, 0], self.W_dec_scale[i, :, j])
                 else:  # per_target: source i's latents through target j's shared matrix
                     out_BLD[:, j] += self.decode_source(latents, i, self.W_dec[j][:, 0])
+        out_BLD = self.shard.sum(out_BLD)  # tensor parallel: each shard decoded its own latents
         if not bias:
             return out_BLD
         out_BLD = out_BLD + self.b_dec

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from nn_decomp.core.activations import Activation, Latents
+from nn_decomp.core.shard import NO_SHARD, LatentShard
 
 
 class Entries(NamedTuple):
@@ -193,10 +194,11 @@ def fused_topk_encode(x_BLD: Tensor, W_enc_LFD: Tensor, b_enc_LF: Tensor, k: int
 
 
 def aux_topk_latents(pre_BLF: Tensor, dead_LF: Tensor, k_aux: int, x_BLD: Tensor, W_enc_LFD: Tensor,
-                     b_enc_LF: Tensor) -> Latents:
+                     b_enc_LF: Tensor, shard: LatentShard = NO_SHARD) -> Latents:
     """AuxK's selection (Gao et al. 2024, App. B.1): the top k_aux dead latents per token, ReLU'd,
     with the sparse backward. `pre_BLF` is the detached output of `encode_pre`. Layers with fewer
-    than k_aux dead latents pick −inf entries: value 0, no gradient (as in losses.aux_k_loss)."""
+    than k_aux dead latents pick −inf entries: value 0, no gradient (as in losses.aux_k_loss).
+    Tensor parallel: this shard's entries of the top k_aux over every shard."""
     with torch.no_grad():
         # Select among the dead columns only: a [B, n_dead] copy, not a masked [B, L, F] one (a
         # quarter of the pass when a quarter is dead); layers with fewer pad with −inf.
@@ -208,7 +210,7 @@ def aux_topk_latents(pre_BLF: Tensor, dead_LF: Tensor, k_aux: int, x_BLD: Tensor
                                                                                                sorted=False)
             values.append(v)
             indices.append(F.pad(dead_ids, pad)[i])  # padding picks (−inf): latent 0, value 0, no gradient
-        values, indices = torch.stack(values, 1).relu_(), torch.stack(indices, 1)
+        values, indices = shard.top_per_row(torch.stack(values, 1).relu_(), k_aux), torch.stack(indices, 1)
     latents = Latents(values, indices, pre_BLF.shape[-1], values != 0)
     return attach_encoder_grad(latents, x_BLD, W_enc_LFD, b_enc_LF)
 

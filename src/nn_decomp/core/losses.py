@@ -46,15 +46,17 @@ def aux_k_loss(coder: SparseCoder, pre_BLF: Tensor, residual_BLD: Tensor, dead_L
     `x_BLD` is the encoder's input (CoderOutput.x): with detached pre-activations (the coder's
     sparse backward) the gradient reaches the encoder through the selected dead latents only, and a
     MOLT's dead transforms apply to it."""
-    n_dead = int(dead_LF.sum())
+    n_dead_L = coder.shard.total(dead_LF.sum(-1))  # tensor parallel: dead latents of every shard
+    n_dead = int(n_dead_L.sum())
     if n_dead == 0:
         return pre_BLF.new_zeros(())
-    k = min(k_aux, int(dead_LF.sum(-1).max()))
+    k = min(k_aux, int(n_dead_L.max()))
     if pre_BLF.requires_grad or x_BLD is None:  # dense reference: autograd through pre_BLF
-        values, indices = torch.where(dead_LF, pre_BLF, -torch.inf).topk(k, dim=-1, sorted=False)
-        aux_latents = Latents(torch.relu(values), indices, pre_BLF.shape[-1])
+        values, indices = torch.where(dead_LF, pre_BLF, -torch.inf).topk(min(k, pre_BLF.shape[-1]), dim=-1,
+                                                                         sorted=False)
+        aux_latents = Latents(coder.shard.top_per_row(torch.relu(values), k), indices, pre_BLF.shape[-1])
     else:
-        aux_latents = aux_topk_latents(pre_BLF, dead_LF, k, x_BLD, coder.W_enc, coder.b_enc)
+        aux_latents = aux_topk_latents(pre_BLF, dead_LF, k, x_BLD, coder.W_enc, coder.b_enc, coder.shard)
     residual_hat = coder.decode(aux_latents, x_BLD, bias=False)
     scale = min(n_dead / (k_aux * coder.n_sources), 1.0)
     return scale * squared_error(residual_hat, residual_BLD.detach())
@@ -72,5 +74,5 @@ def coder_loss(coder: SparseCoder, out: CoderOutput, y_BLD: Tensor, dead_LF: Ten
         aux = aux_k_loss(coder, out.pre_acts, y_BLD - out.recon, dead_LF, k_aux, out.x)
         loss = loss + act.aux_coef * aux
     with torch.no_grad():
-        fvu_L, l0_L = fvu(out.recon, y_BLD), out.latents.l0()
+        fvu_L, l0_L = fvu(out.recon, y_BLD), coder.shard.total(out.latents.l0())
     return LossOutput(loss, recon, sparsity, aux, fvu_L, l0_L)

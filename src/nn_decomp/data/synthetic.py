@@ -136,9 +136,11 @@ class SyntheticData:
     E‖x‖² = d_in and E‖y‖² = d_out at each layer), with the ActivationsStore's interface. Batch i is a function
     of (truth_seed, seed, i) alone: peers fed from another instance see identical rows."""
 
-    def __init__(self, cfg: SyntheticDataConfig, task: str, n_layers: int, batch_size: int, seed: int, device):
+    def __init__(self, cfg: SyntheticDataConfig, task: str, n_layers: int, batch_size: int, seed: int, device,
+                 shard: tuple[int, int] = (0, 1)):
+        """shard: (data-parallel rank, ranks): batch_size is the rank's slice of ranks·batch_size rows."""
         assert task in ("sae", "transcoder", "clt", "crosscoder"), task
-        self.cfg, self.task, self.batch_size, self.device = cfg, task, batch_size, device
+        self.cfg, self.task, self.batch_size, self.device, self.shard = cfg, task, batch_size, device, shard
         self.n_layers = n_layers
         self.truth = plant(cfg, task, n_layers)
         self.generator = torch.Generator().manual_seed(STREAM_SEED + seed)
@@ -166,14 +168,17 @@ class SyntheticData:
         return x.to(self.device), y.to(self.device), draw
 
     @classmethod
-    def for_run(cls, cfg, device, batch_size: int, rank: int = 0) -> "SyntheticData":
-        """The training stream of a run config (`data=synthetic`); each data-parallel rank draws its
-        own rows (seeded by train.seed and its rank)."""
-        return cls(cfg.data, task_of(cfg.arch.name), len(cfg.arch.layers), batch_size,
-                   cfg.train.seed + 7919 * rank, device)
+    def for_run(cls, cfg, device, rank: int = 0, world_size: int = 1) -> "SyntheticData":
+        """The training stream of a run config (`data=synthetic`): train.batch_size rows per batch, or
+        data-parallel rank `rank`'s 1/world_size of them (the same global batches as one process)."""
+        return cls(cfg.data, task_of(cfg.arch.name), len(cfg.arch.layers), cfg.train.batch_size // world_size,
+                   cfg.train.seed, device, (rank, world_size))
 
     def next_batch(self) -> tuple[Tensor, Tensor]:
-        return self.rows(self.batch_size, self.generator)[:2]
+        rank, world_size = self.shard
+        x, y, _ = self.rows(self.batch_size * world_size, self.generator)
+        mine = slice(rank * self.batch_size, (rank + 1) * self.batch_size)
+        return x[mine], y[mine]
 
     def eval_rows(self, n_rows: int) -> tuple[Tensor, Tensor, Draw]:
         """A fixed held-out set, drawn from a seed no training stream uses."""

@@ -12,10 +12,13 @@ What is global and what is per rank:
 - the loss is computed on the rank's own rows (train.batch_size / N of them). For losses that are
   means over tokens given the dead-latent mask (ReLU, TopK with AuxK, JumpReLU) the averaged
   gradient is the gradient of the one-process loss on the global batch. BatchTopK selects its
-  k·B largest activations within each rank's rows, not over the global batch; its threshold is the
-  average of the ranks' estimates;
+  k·B largest activations over the global batch (core/shard.py gathers each rank's candidates);
 - FVU and L0 in the training log are averages of per-rank values; evaluation, logging and
   checkpoints are rank 0's alone.
+
+With `train.tensor_parallel=T` the W ranks form a T × (W / T) mesh: rank r holds latent shard r mod T
+of the dictionary (its TP group: the T ranks r − r mod T …, which see the same rows) and is data-parallel
+rank r // T (its DP group: the ranks of its shard, which average gradients as above).
 """
 import atexit
 import os
@@ -32,6 +35,7 @@ class DistInfo(NamedTuple):
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    tensor_parallel: int = 1
 
     @property
     def is_main(self) -> bool:
@@ -41,8 +45,47 @@ class DistInfo(NamedTuple):
     def active(self) -> bool:
         return self.world_size > 1
 
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tensor_parallel
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.tensor_parallel
+
+    @property
+    def dp_size(self) -> int:
+        return self.world_size // self.tensor_parallel
+
+    def data_shard(self) -> "DistInfo":
+        """Where this rank's rows come from: its data-parallel rank among dp_size (TP ranks share rows)."""
+        return DistInfo(self.dp_rank, self.dp_size, self.local_rank)
+
+    def tp_group(self):
+        return _mesh_groups(self)[0]
+
+    def dp_group(self):
+        """The ranks holding this rank's latents (None, the default group, without tensor parallelism)."""
+        return _mesh_groups(self)[1]
+
 
 SINGLE = DistInfo()
+
+
+_GROUPS: dict[int, tuple] = {}
+
+
+def _mesh_groups(info: DistInfo) -> tuple:
+    """(TP group, DP group) of this rank, created once per tensor_parallel size (every rank creates
+    every group, in one order, as torch.distributed requires)."""
+    T, W = info.tensor_parallel, info.world_size
+    if T == 1:
+        return None, None
+    if T not in _GROUPS:
+        tp, _ = dist.new_subgroups_by_enumeration([list(range(d * T, (d + 1) * T)) for d in range(W // T)])
+        dp, _ = dist.new_subgroups_by_enumeration([list(range(t, W, T)) for t in range(T)])
+        _GROUPS[T] = tp, dp
+    return _GROUPS[T]
 
 
 def _export_slurm_env() -> None:
@@ -82,21 +125,22 @@ def rank_device(spec: str, info: DistInfo) -> torch.device:
 
 
 def all_reduce_mean(tensors: list[Tensor], info: DistInfo) -> list[Tensor]:
-    """Average each tensor over ranks, all in one collective (flattened into one float32 buffer)."""
-    if not info.active:
+    """Average each tensor over the data-parallel ranks, all in one collective (flattened into one
+    float32 buffer)."""
+    if info.dp_size == 1:
         return tensors
     flat = torch.cat([t.detach().reshape(-1).float() for t in tensors])
-    dist.all_reduce(flat)
-    flat /= info.world_size
+    dist.all_reduce(flat, group=info.dp_group())
+    flat /= info.dp_size
     return [part.view_as(t).to(t.dtype) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
 
 def all_gather_cat(tensor: Tensor, info: DistInfo) -> Tensor:
-    """[W, *shape]: every rank's tensor, in rank order."""
-    if not info.active:
+    """[W, *shape]: every data-parallel rank's tensor, in rank order."""
+    if info.dp_size == 1:
         return tensor[None]
-    parts = [torch.empty_like(tensor) for _ in range(info.world_size)]
-    dist.all_gather(parts, tensor.contiguous())
+    parts = [torch.empty_like(tensor) for _ in range(info.dp_size)]
+    dist.all_gather(parts, tensor.contiguous(), group=info.dp_group())
     return torch.stack(parts)
 
 
