@@ -310,6 +310,8 @@ class SyntheticDataConfig(DataConfig):
         require(self.n_parents * (self.children_per_parent + 1) <= self.n_features,
                 f"data.n_parents·(children_per_parent+1) = {self.n_parents * (self.children_per_parent + 1)} "
                 f"exceeds data.n_features={self.n_features}: lower n_parents or raise n_features")
+        require(self.n_parents <= self.n_features // 2,
+                f"data.n_parents={self.n_parents}: parents come from the frequent half, at most n_features/2")
         require(0 < self.mean_l0 < self.n_features, f"data.mean_l0={self.mean_l0}: must be in (0, n_features)")
         require(0 <= self.correlation < 1 and 0 <= self.child_prob <= 1,
                 "data.correlation in [0, 1), child_prob in [0, 1]")

@@ -35,7 +35,8 @@ TRUTH_SEED, STREAM_SEED, EVAL_SEED = 1_000_000_007, 2_000_000_011, 3_000_000_019
 class Truth(NamedTuple):
     """The planted model. enc_LND: [L, N, d_in] read directions; dec_LNX: [L, N, X] write directions,
     concatenated over the layers j ≥ l a feature of layer l writes (X = (L − l)·d_out for a CLT;
-    padded with zeros to L·d_out); p_N: [N] firing probability; parent_N: [N] parent id or −1."""
+    padded with zeros to L·d_out); p_N: [N] firing probability (a child's: its parent's·child_prob);
+    parent_N: [N] parent id or −1."""
 
     enc_LND: Tensor
     dec_LNX: Tensor
@@ -76,17 +77,21 @@ def plant(cfg: SyntheticDataConfig, task: str, n_layers: int) -> Truth:
     p[order] = 1 / (torch.arange(N) + cfg.zipf_offset)
     n_children = cfg.n_parents * cfg.children_per_parent
     assert cfg.n_parents + n_children <= N, "n_parents·(children_per_parent + 1) exceeds n_features"
-    # parents among the frequent half, children anywhere else
-    perm = torch.randperm(N, generator=g)
-    parents = perm[:cfg.n_parents]
-    children = perm[cfg.n_parents:cfg.n_parents + n_children]
+    # parents among the frequent half (general features, e.g. "starts with S", are the common ones),
+    # children among the other features: a child fires at p_parent·child_prob, never alone
+    parents = order[:N // 2][torch.randperm(N // 2, generator=g)[:cfg.n_parents]]
+    is_parent = torch.zeros(N, dtype=torch.bool)
+    is_parent[parents] = True
+    others = torch.randperm(N, generator=g)
+    children = others[~is_parent[others]][:n_children]
     parent = torch.full((N,), -1, dtype=torch.long)
     parent[children] = parents.repeat_interleave(cfg.children_per_parent)
-    # scale so that the expected number of active features is mean_l0 (children: p_parent·child_prob)
-    free = parent < 0
-    p_children = p[parent[children]] * cfg.child_prob
-    scale = cfg.mean_l0 / (p[free].sum() + p_children.sum())
+    # a child's own rank is unused: its probability is its parent's times child_prob (what it fires at,
+    # so recovery's frequency terciles are by how often a feature fires)
+    p[children] = p[parent[children]] * cfg.child_prob
+    scale = cfg.mean_l0 / p.sum()  # so that the expected number of active features is mean_l0
     p = (p * scale).clamp(max=1.0)
+    p[children] = p[parent[children]] * cfg.child_prob
     group = torch.randint(max(cfg.n_groups, 1), (N,), generator=g)
     return Truth(enc, dec, skip, p, parent, group)
 
