@@ -251,7 +251,9 @@ def snapshot(trainer: Trainer) -> tuple[SparseCoder, dict] | None:
     else:
         with torch.device("meta"):  # no init to compute, and no draw from torch's RNG
             whole = build_coder(trainer.cfg, trainer.coder.d_in, trainer.coder.d_out)
-        whole.load_state_dict({k: v.clone() for k, v in state["coder"].items()}, assign=True)
+        # evaluated on rank 0's device: the whole dictionary must fit there (the training state need not)
+        device = trainer.scale_in_L.device
+        whole.load_state_dict({k: v.to(device, copy=True) for k, v in state["coder"].items()}, assign=True)
     whole.fold_scales(trainer.scale_in_L, trainer.scale_out_L)
     return whole, state
 
@@ -381,10 +383,14 @@ def init_rows(store, info: DistInfo = SINGLE) -> tuple[torch.Tensor, torch.Tenso
 def init_coder(cfg: DictConfig, rows: tuple[torch.Tensor, torch.Tensor], device,
                info: DistInfo = SINGLE) -> tuple[SparseCoder, torch.Tensor, torch.Tensor]:
     """Build the coder, then set normalisation scales and the decoder bias from `rows`
-    (`init_rows`); with several ranks rank 0's coder is broadcast to all."""
+    (`init_rows`); with several ranks rank 0's coder is broadcast to all. Tensor parallel: the whole
+    coder is built on the CPU alike on every rank (the same seed and rows) and only this rank's shard
+    goes to the device; data parallel alone: a shard of one, whose BatchTopK selects over the global batch."""
     x_NLD, y_NLD = rows
     d_in, d_out = x_NLD.shape[-1], y_NLD.shape[-1]
-    coder = build_coder(cfg, d_in, d_out).to(device)
+    sharded = info.tensor_parallel > 1
+    coder = build_coder(cfg, d_in, d_out)
+    coder = coder if sharded else coder.to(device)
     ones = torch.ones(x_NLD.shape[1], device=device)
     # a token-normalising coder scales each input itself: an input scale would only be folded wrongly
     scale_in = norm_scale(x_NLD) if cfg.train.normalize_activations and not coder.activation.token_norm else ones
@@ -397,7 +403,12 @@ def init_coder(cfg: DictConfig, rows: tuple[torch.Tensor, torch.Tensor], device,
             coder.b_dec.copy_(y_NLD.mean(0))
         elif cfg.train.b_dec_init == "geometric_median":
             coder.b_dec.copy_(torch.stack([geometric_median(y_NLD[:, i]) for i in range(y_NLD.shape[1])]))
+    if sharded:
+        distributed.broadcast_([scale_in, scale_out], info)
+        return tensor_parallel.shard_coder(coder, cfg, info, device), scale_in, scale_out
     distributed.broadcast_([*coder.parameters(), *coder.buffers(), scale_in, scale_out], info)
+    if info.active:
+        coder.set_shard(tensor_parallel.make_shard(info, device))
     return coder, scale_in, scale_out
 
 
@@ -478,14 +489,11 @@ def open_run(cfg: DictConfig, run_dir: Path, resume: bool, rows, store, device, 
     its checkpoint when `resume`, with its metadata and (rank 0) its logger."""
     torch.set_rng_state(rng_state)
     coder, scale_in, scale_out = init_coder(cfg, rows, device, info)
-    if info.tensor_parallel > 1:  # the whole coder built alike on every rank, then sliced
-        coder = tensor_parallel.shard_coder(coder, cfg, info)
-    elif info.active:  # BatchTopK's selection over the global batch
-        coder.set_shard(tensor_parallel.make_shard(info, device))
     trainer = Trainer(cfg, coder, cfg.train.n_tokens // cfg.train.batch_size, scale_in, scale_out, info)
-    if resume:
-        trainer.load_state_dict(torch.load(run_dir / "checkpoint" / TRAINER_STATE, map_location=device,
-                                           weights_only=False))
+    if resume:  # tensor parallel: the whole state stays on the CPU (mapped, not read) until sliced
+        sharded = info.tensor_parallel > 1
+        trainer.load_state_dict(torch.load(run_dir / "checkpoint" / TRAINER_STATE, weights_only=False,
+                                           map_location="cpu" if sharded else device, mmap=sharded))
     hooks_in, hooks_out = arch_hooks(cfg.arch)
     model_name = "synthetic" if cfg.data.source == "synthetic" else cfg.model.name
     metadata = {"model": model_name, "arch": cfg.arch.name, "act": type(coder.activation).__name__.lower(),

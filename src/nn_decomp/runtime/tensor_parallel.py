@@ -40,14 +40,15 @@ def make_shard(info: DistInfo, device) -> LatentShard:
     return LatentShard(info.tp_rank, info.tensor_parallel, info.tp_group(), info.dp_size, None, device)
 
 
-def shard_coder(whole: SparseCoder, cfg: DictConfig, info: DistInfo) -> SparseCoder:
-    """This rank's shard of `whole`: a coder of n_latents / T latents holding its slice of every
-    sharded entry, its selection and sums spanning the shards."""
+def shard_coder(whole: SparseCoder, cfg: DictConfig, info: DistInfo, device) -> SparseCoder:
+    """This rank's shard of `whole`, on `device`: a coder of n_latents / T latents holding its slice
+    of every sharded entry, its selection and sums spanning the shards."""
     dims = latent_dims(cfg, whole.d_in, whole.d_out, info.tensor_parallel)
     with torch.device("meta"):
         coder = build_coder(with_latents(cfg, whole.n_latents // info.tensor_parallel), whole.d_in, whole.d_out)
     coder.load_state_dict({k: shard_of(v, dims.get(k), info) for k, v in whole.state_dict().items()}, assign=True)
-    coder.set_shard(make_shard(info, whole.b_dec.device))
+    coder = coder.to(device)
+    coder.set_shard(make_shard(info, device))
     return coder
 
 
@@ -76,12 +77,12 @@ def shard_state(state: dict, names: list[str], dims: dict[str, int], info: DistI
 
 
 def gather_state(state: dict, names: list[str], dims: dict[str, int], info: DistInfo) -> dict | None:
-    """The one-process trainer state on rank 0 (None on the other TP ranks of the first DP group,
-    which must call this too)."""
+    """The one-process trainer state on rank 0, its sharded entries on the CPU (None on the other TP
+    ranks of the first DP group, which must call this too)."""
     def gather(t: Tensor, dim: int) -> Tensor | None:
         parts = [torch.empty_like(t) for _ in range(info.tensor_parallel)] if info.is_main else None
         dist.gather(t.contiguous(), parts, dst=0, group=info.tp_group())
-        return torch.cat(parts, dim) if info.is_main else None
+        return torch.cat(parts, dim).cpu() if info.is_main else None  # the device holds one whole entry at a time
 
     whole = _map_state(state, names, dims, gather)
     return whole if info.is_main else None
