@@ -21,10 +21,10 @@ LOGGED = ("loss", "recon", "sparsity", "aux", "nmse", "l0", "dead_fraction", "to
 PER_RANK = ("nmse", "l0")  # data parallel logs the mean of the ranks' values (runtime/distributed.py)
 
 
-def torchrun(n_ranks: int, out: Path, *overrides: str) -> None:
+def torchrun(n_ranks: int, out: Path, phase: str) -> None:
     env = os.environ | {"OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n_ranks}",
-                           "tp_worker.py", str(out), *overrides], cwd=TESTS, env=env, capture_output=True, text=True,
+                           "tp_worker.py", str(out), phase], cwd=TESTS, env=env, capture_output=True, text=True,
                           timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
 
@@ -59,9 +59,8 @@ def assert_same_run(got: Path, want: Path, name: str, keys: tuple[str, ...] = LO
 
 def test_tensor_parallel_follows_one_process_and_resumes_across_world_sizes(tmp_path, one_thread):
     """Dead latents appear after 2 steps (train.dead_tokens=128), so AuxK's selection across shards runs."""
-    torchrun(4, tmp_path / "mesh", "train.max_steps=8")  # TP = 2 × DP = 2, stopped at step 8 ...
-    torchrun(2, tmp_path / "mesh", "train.resume=true")  # ... resumed on 2 ranks (TP = 2, no DP)
-    torchrun(2, tmp_path / "tp2")
+    torchrun(4, tmp_path, "mesh")  # TP = 2 × DP = 2, stopped at step 8 ...
+    torchrun(2, tmp_path, "pair")  # ... resumed on 2 ranks (TP = 2, no DP); and TP = 2 from the start
     for arch, act in TP_RUNS:
         name = f"{arch}_{act}"
         train(run_cfg(arch, act), tmp_path / "one" / name)

@@ -1,7 +1,8 @@
 """Run by tests/test_tensor_parallel.py under torchrun: trains every (arch, act) of TP_RUNS with
-train.tensor_parallel=2 on the world torchrun gives (2 ranks: TP=2; 4 ranks: TP=2 × DP=2).
+train.tensor_parallel=2 on the world torchrun gives (2 ranks: TP = 2; 4 ranks: TP = 2 × DP = 2).
 
-    torchrun --nproc-per-node=W tests/tp_worker.py OUT_DIR [override ...]
+    torchrun --nproc-per-node=4 tests/tp_worker.py OUT_DIR mesh   # OUT_DIR/mesh: TP = 2 × DP = 2 to step 8
+    torchrun --nproc-per-node=2 tests/tp_worker.py OUT_DIR pair   # OUT_DIR/mesh resumed on 2; OUT_DIR/tp2
 """
 import sys
 from pathlib import Path
@@ -21,6 +22,11 @@ def run_cfg(arch: str, act: str, *overrides: str):
 
 
 if __name__ == "__main__":
-    out, overrides = Path(sys.argv[1]), sys.argv[2:]
-    for arch, act in TP_RUNS:
-        train(run_cfg(arch, act, "train.tensor_parallel=2", *overrides), out / f"{arch}_{act}")
+    out = Path(sys.argv[1])
+    if sys.argv[2] == "mesh":  # 4 ranks: TP = 2 × DP = 2, stopped at step 8
+        phases = [(out / "mesh", ["train.max_steps=8"])]
+    else:  # 2 ranks (TP = 2): the mesh's runs resumed, and runs from the start
+        phases = [(out / "mesh", ["train.resume=true"]), (out / "tp2", [])]
+    for run_dir, overrides in phases:
+        for arch, act in TP_RUNS:
+            train(run_cfg(arch, act, "train.tensor_parallel=2", *overrides), run_dir / f"{arch}_{act}")
