@@ -1,6 +1,8 @@
 import pytest
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+from helpers import tiny_lm_with_tokenizer
+
 
 @pytest.fixture
 def tiny_model() -> HookedTransformer:
@@ -14,11 +16,4 @@ def tiny_model() -> HookedTransformer:
 def tiny_lm() -> HookedTransformer:
     """A 3-layer random model with SmolLM2's real tokenizer, so the whole text → tokens →
     activations path runs as in production, in seconds."""
-    from transformers import AutoTokenizer
-
-    from nn_decomp.models import smollm2_dir, tiny_model
-
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir())
-    model = tiny_model(n_layers=3, d_model=32, d_mlp=64, d_vocab=len(tokenizer), n_ctx=64)
-    model.set_tokenizer(tokenizer)
-    return model
+    return tiny_lm_with_tokenizer()

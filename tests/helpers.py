@@ -27,6 +27,18 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+def tiny_lm_with_tokenizer():
+    """A 3-layer random model (the same weights in every process) with SmolLM2's real tokenizer."""
+    from transformers import AutoTokenizer
+
+    from nn_decomp.models import smollm2_dir, tiny_model
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir())
+    model = tiny_model(n_layers=3, d_model=32, d_mlp=64, d_vocab=len(tokenizer), n_ctx=64)
+    model.set_tokenizer(tokenizer)
+    return model
+
+
 def compose_cfg(*overrides: str) -> DictConfig:
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose("config", overrides=list(overrides))

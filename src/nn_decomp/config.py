@@ -251,7 +251,8 @@ class DataConfig:
     """source=cache: chunks the background reader keeps loaded ahead of the trainer (per rank)."""
     background: bool = False
     """An LM source: run the LM in a child process that writes batches into a shared-memory ring
-    (background.py), so generation overlaps training. The same batches as without. CPU LMs only."""
+    (background.py), so generation overlaps training. The same batches as without. A CUDA LM's process
+    is spawned and loads its own copy of the LM."""
     background_slots: int | None = None
     """data.background: batches the ring holds (the child waits when all are full). Default: one
     buffer refill's worth (background.BackgroundStore)."""
@@ -613,11 +614,6 @@ def validate(cfg: DictConfig) -> None:
         device = str(OmegaConf.select(cfg, key, default="auto"))
         require(not device.startswith("cuda") or torch.cuda.is_available(),
                 f"{key}={device}: this machine has no CUDA device; use {key}=cpu or auto")
-    lm_device = str(OmegaConf.select(cfg, "model.device", default="cpu"))
-    require(not cfg.data.get("background") or not (lm_device.startswith("cuda") or
-                                                    lm_device == "auto" and torch.cuda.is_available()),
-            "data.background=true forks the LM's process, which a CUDA LM cannot survive: use it with "
-            "model.device=cpu, or data.background=false")
 
 
 def register_configs() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import math
 import time
@@ -362,13 +363,17 @@ def setup(cfg: DictConfig, model: HookedTransformer | None = None, info: DistInf
         store = SyntheticData.for_run(cfg, device, rows.rank, rows.world_size)
         eval_set = store.eval_rows(cfg.train.eval_tokens)[:2] if info.is_main else None
         return None, store, eval_set, device
-    from nn_decomp.data.store import lm_stores  # imports transformer_lens and datasets (~10 s): cache runs skip it
+    from nn_decomp.data.store import lm_stores, lm_train_store  # transformer_lens, datasets: ~10 s, cache runs skip it
 
     lm = lm_stores(cfg, model, device, cfg.train.batch_size // rows.world_size, rows)
     eval_set = take_tokens(lm.eval, cfg.train.eval_tokens) if info.is_main else None
     if not cfg.data.background:
         return lm.model, lm.train, eval_set, device
-    store = BackgroundStore(lm.train, cfg.data.background_slots, cfg.data.background_threads)
+    # a CUDA LM cannot be forked: a spawned process loads its own copy and builds the same store
+    lm_on_gpu = next(lm.model.parameters()).device.type == "cuda"
+    batch_size = cfg.train.batch_size // rows.world_size
+    recipe = functools.partial(lm_train_store, cfg, batch_size, rows, device) if lm_on_gpu else None
+    store = BackgroundStore(lm.train, cfg.data.background_slots, cfg.data.background_threads, recipe)
     return lm.model, store, eval_set, device
 
 
@@ -468,7 +473,7 @@ def train_together(cfgs: list[DictConfig], run_dirs: list[Path], model: HookedTr
             f"{info.world_size} (torchrun --nproc-per-node, or SLURM tasks)")
     info = info._replace(tensor_parallel=tp)
     start = time.time()
-    model, store, eval_set, device = setup(jobs[0][1], model, info)
+    _, store, eval_set, device = setup(jobs[0][1], model, info)
     try:
         rows = init_rows(store, info)
         rng_state = torch.get_rng_state()  # each coder is initialised from the state a lone run has

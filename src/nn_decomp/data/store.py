@@ -208,3 +208,11 @@ def lm_stores(cfg: DictConfig, model: HookedTransformer | None, device: torch.de
     return LMStores(model, store(train_texts, cfg.train.seed, batch_size, buffer_tokens or cfg.data.buffer_tokens,
                                  info.rank, info.world_size),
                     store(eval_texts, cfg.train.seed + 1, cfg.train.batch_size, cfg.data.buffer_tokens))
+
+
+def lm_train_store(cfg: DictConfig, batch_size: int, info: DistInfo, device: torch.device) -> ActivationsStore:
+    """The training store `lm_stores` gives this rank, its LM loaded here: what a spawned background
+    process (background.py) runs, as `functools.partial(lm_train_store, cfg, batch_size, info, device)`."""
+    if device.type == "cuda":  # a spawned process starts on GPU 0: "cuda" must mean this rank's
+        torch.cuda.set_device(device)
+    return lm_stores(cfg, None, device, batch_size, info).train
