@@ -39,12 +39,12 @@ def assert_same_run(got: Path, want: Path, name: str, keys: tuple[str, ...] = LO
     assert [r["step"] for r in got_rows] == [r["step"] for r in want_rows] == list(range(1, 17)), name
     for key in keys:
         torch.testing.assert_close(torch.tensor([float(r[key]) for r in got_rows]),
-                                   torch.tensor([float(r[key]) for r in want_rows]), rtol=1e-4, atol=1e-5,
+                                   torch.tensor([float(r[key]) for r in want_rows]), rtol=1e-5, atol=1e-6,
                                    msg=f"{name} {key}")
     got_state, want_state = (torch.load(d / "checkpoint" / TRAINER_STATE, weights_only=False) for d in (got, want))
     assert got_state["coder"].keys() == want_state["coder"].keys()
     for entry, tensor in want_state["coder"].items():
-        torch.testing.assert_close(got_state["coder"][entry], tensor, rtol=1e-4, atol=1e-5, msg=f"{name} {entry}")
+        torch.testing.assert_close(got_state["coder"][entry], tensor, rtol=1e-5, atol=1e-6, msg=f"{name} {entry}")
     for i, moments in want_state["optimizer"]["state"].items():
         for key, tensor in moments.items():
             torch.testing.assert_close(got_state["optimizer"]["state"][i][key], tensor, rtol=1e-3, atol=1e-7,
