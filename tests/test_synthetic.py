@@ -29,6 +29,12 @@ def test_planted_statistics():
     free = (parent < 0).nonzero()[:, 0]
     rate = on[:, free].float().mean(0)
     assert rate.max() > 20 * rate.min()
+    # parents come from the frequent half; p_N is what every feature fires at, children included
+    p = data.truth.p_N
+    parents = parent[children].unique()
+    more_frequent = (p[parent < 0][None] > p[parents][:, None]).sum(-1)  # rank among the non-children
+    assert (more_frequent < len(p) // 2).all()
+    torch.testing.assert_close(on.float().mean(0), p, atol=0.006, rtol=0.1)
 
 
 def test_streams_are_identical_for_a_seed_and_apart_from_eval_and_init():
