@@ -7,7 +7,6 @@ import sys
 from itertools import islice
 from pathlib import Path
 
-import pytest
 import torch
 
 from helpers import arch_act_cfg

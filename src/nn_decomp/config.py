@@ -99,7 +99,7 @@ class ArchConfig:
                     f"arch.n_latents={self.n_latents} leaves rank {ranks[0]} of arch.molt_ranks={ranks} no transform: "
                     "raise arch.n_latents or drop the largest ranks")
         else:
-            require(not ranks, f"arch.molt_ranks is arch=molt's: use arch=molt or drop it")
+            require(not ranks, "arch.molt_ranks is arch=molt's: use arch=molt or drop it")
         require(sorted(set(self.layers)) == list(self.layers),
                 f"arch.layers={self.layers}: give distinct increasing layers")
 
