@@ -1,6 +1,6 @@
-"""Tensor parallelism (`train.tensor_parallel`), on CPU with gloo: TP = 2 and TP = 2 × DP = 2 follow
-the one-process loss curve and end at its weights for TopK, BatchTopK, JumpReLU and ReLU, for a
-transcoder and a CLT; a run on 4 ranks resumes on 2; checkpoints are in the one-process layout."""
+"""Tensor parallelism (`train.tensor_parallel`), on CPU with gloo: TP = 2 × DP = 2, then TP = 2 after a
+resume on 2 ranks, follow the one-process loss curve and end at its weights for TopK, BatchTopK,
+JumpReLU and ReLU, for a transcoder and a CLT; checkpoints are in the one-process layout."""
 import json
 import os
 import subprocess
@@ -34,12 +34,14 @@ def logged(run_dir: Path, split: str = "train") -> list[dict]:
     return [r for r in rows if r["split"] == split]
 
 
-def assert_same_run(got: Path, want: Path, name: str, keys: tuple[str, ...] = LOGGED) -> None:
+def assert_same_run(got: Path, want: Path, name: str) -> None:
     got_rows, want_rows = logged(got), logged(want)
-    assert [r["step"] for r in got_rows] == [r["step"] for r in want_rows] == list(range(1, 17)), name
-    for key in keys:
-        torch.testing.assert_close(torch.tensor([float(r[key]) for r in got_rows]),
-                                   torch.tensor([float(r[key]) for r in want_rows]), rtol=1e-5, atol=1e-6,
+    assert [r["step"] for r in got_rows] == [r["step"] for r in want_rows] == list(range(1, 13)), name
+    for key in LOGGED:
+        # the data-parallel steps (1–6) log the mean of the ranks' FVU and L0 (runtime/distributed.py)
+        rows = slice(6, None) if key in PER_RANK else slice(None)
+        torch.testing.assert_close(torch.tensor([float(r[key]) for r in got_rows[rows]]),
+                                   torch.tensor([float(r[key]) for r in want_rows[rows]]), rtol=1e-5, atol=1e-6,
                                    msg=f"{name} {key}")
     got_state, want_state = (torch.load(d / "checkpoint" / TRAINER_STATE, weights_only=False) for d in (got, want))
     assert got_state["coder"].keys() == want_state["coder"].keys()
@@ -58,18 +60,17 @@ def assert_same_run(got: Path, want: Path, name: str, keys: tuple[str, ...] = LO
 
 
 def test_tensor_parallel_follows_one_process_and_resumes_across_world_sizes(tmp_path, one_thread):
-    """Dead latents appear after 2 steps (train.dead_tokens=128), so AuxK's selection across shards runs."""
-    torchrun(4, tmp_path, "mesh")  # TP = 2 × DP = 2, stopped at step 8 ...
-    torchrun(2, tmp_path, "pair")  # ... resumed on 2 ranks (TP = 2, no DP); and TP = 2 from the start
+    """Steps 1–6 on TP = 2 × DP = 2, steps 7–12 resumed on TP = 2 alone, against one process. Dead
+    latents appear after 2 steps (train.dead_tokens=128), so AuxK's selection across shards runs."""
+    torchrun(4, tmp_path / "tp", "mesh")
+    torchrun(2, tmp_path / "tp", "resume")
     for arch, act in TP_RUNS:
         name = f"{arch}_{act}"
         train(run_cfg(arch, act), tmp_path / "one" / name)
         if act in ("topk", "batchtopk"):
             assert any(r["aux"] > 0 for r in logged(tmp_path / "one" / name)), name
-        assert_same_run(tmp_path / "tp2" / name, tmp_path / "one" / name, f"tp2 {name}")
-        assert_same_run(tmp_path / "mesh" / name, tmp_path / "one" / name, f"mesh {name}",
-                        tuple(k for k in LOGGED if k not in PER_RANK))
-        meta = json.loads((tmp_path / "tp2" / name / "checkpoint" / "metadata.json").read_text())
+        assert_same_run(tmp_path / "tp" / name, tmp_path / "one" / name, name)
+        meta = json.loads((tmp_path / "tp" / name / "checkpoint" / "metadata.json").read_text())
         assert meta["world_size"] == 2 and meta["tensor_parallel"] == 2 and meta["n_latents"] == 64
 
 

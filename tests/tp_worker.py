@@ -1,8 +1,8 @@
 """Run by tests/test_tensor_parallel.py under torchrun: trains every (arch, act) of TP_RUNS with
 train.tensor_parallel=2 on the world torchrun gives (2 ranks: TP = 2; 4 ranks: TP = 2 × DP = 2).
 
-    torchrun --nproc-per-node=4 tests/tp_worker.py OUT_DIR mesh   # OUT_DIR/mesh: TP = 2 × DP = 2 to step 8
-    torchrun --nproc-per-node=2 tests/tp_worker.py OUT_DIR pair   # OUT_DIR/mesh resumed on 2; OUT_DIR/tp2
+    torchrun --nproc-per-node=4 tests/tp_worker.py OUT_DIR mesh     # TP = 2 × DP = 2 to step 6
+    torchrun --nproc-per-node=2 tests/tp_worker.py OUT_DIR resume   # resumed on 2 ranks: TP = 2
 """
 import sys
 from pathlib import Path
@@ -12,8 +12,8 @@ from nn_decomp.train import train
 
 TP_RUNS = [(arch, act) for arch in ("transcoder", "clt") for act in ("topk", "batchtopk", "jumprelu", "relu")]
 TINY = ["data=synthetic", "data.n_features=48", "data.d_in=16", "data.d_out=16", "data.n_parents=2",
-        "data.mean_l0=3", "train.n_tokens=1024", "train.batch_size=64", "train.warmup_steps=2", "train.log_every=1",
-        "train.eval_every=8", "train.eval_tokens=256", "train.checkpoint_every=4", "train.dead_tokens=128",
+        "data.mean_l0=3", "train.n_tokens=768", "train.batch_size=64", "train.warmup_steps=2", "train.log_every=1",
+        "train.eval_every=6", "train.eval_tokens=256", "train.checkpoint_every=3", "train.dead_tokens=128",
         "train.device=cpu", "model.device=cpu"]
 
 
@@ -23,10 +23,7 @@ def run_cfg(arch: str, act: str, *overrides: str):
 
 if __name__ == "__main__":
     out = Path(sys.argv[1])
-    if sys.argv[2] == "mesh":  # 4 ranks: TP = 2 × DP = 2, stopped at step 8
-        phases = [(out / "mesh", ["train.max_steps=8"])]
-    else:  # 2 ranks (TP = 2): the mesh's runs resumed, and runs from the start
-        phases = [(out / "mesh", ["train.resume=true"]), (out / "tp2", [])]
-    for run_dir, overrides in phases:
-        for arch, act in TP_RUNS:
-            train(run_cfg(arch, act, "train.tensor_parallel=2", *overrides), run_dir / f"{arch}_{act}")
+    # 4 ranks: TP = 2 × DP = 2, stopped at step 6; 2 ranks: the same runs resumed (TP = 2, no DP)
+    overrides = ["train.max_steps=6"] if sys.argv[2] == "mesh" else ["train.resume=true"]
+    for arch, act in TP_RUNS:
+        train(run_cfg(arch, act, "train.tensor_parallel=2", *overrides), out / f"{arch}_{act}")
