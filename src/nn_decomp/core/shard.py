@@ -21,12 +21,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+@torch.no_grad()
+def _all_reduced(t: Tensor, group, op=dist.ReduceOp.SUM) -> Tensor:
+    """A reduced copy of t (t itself is left as it is)."""
+    t = t.clone()
+    dist.all_reduce(t, op=op, group=group)
+    return t
+
+
 class _SumOverShards(torch.autograd.Function):
     @staticmethod
     def forward(ctx, t: Tensor, group) -> Tensor:
-        t = t.clone()
-        dist.all_reduce(t, group=group)
-        return t
+        return _all_reduced(t, group)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -56,20 +62,12 @@ class LatentShard:
         afterwards, a loss nonlinear in it gets its one-process gradient."""
         if self.batch_ranks == 1:
             return t
-        with torch.no_grad():
-            mean = t.clone()
-            dist.all_reduce(mean, group=self.batch_group)
-            mean /= self.n_batch_ranks
+        mean = _all_reduced(t, self.batch_group) / self.n_batch_ranks
         return t + (mean - t).detach()
 
-    @torch.no_grad()
     def total(self, t: Tensor) -> Tensor:
         """Σ over the shards of a statistic (no gradient)."""
-        if self.size == 1:
-            return t
-        t = t.clone()
-        dist.all_reduce(t, group=self.group)
-        return t
+        return _all_reduced(t, self.group) if self.size > 1 else t
 
     @torch.no_grad()
     def _gather(self, t: Tensor, group, n: int) -> Tensor:
@@ -106,14 +104,9 @@ class LatentShard:
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.batch_group)
         return bool(t)
 
-    @torch.no_grad()
     def amin(self, t: Tensor) -> Tensor:
-        """Elementwise minimum over every rank."""
-        if self.n_batch_ranks == 1:
-            return t
-        t = t.clone()
-        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.batch_group)
-        return t
+        """Elementwise minimum over every rank (no gradient)."""
+        return _all_reduced(t, self.batch_group, dist.ReduceOp.MIN) if self.n_batch_ranks > 1 else t
 
 
 NO_SHARD = LatentShard()
