@@ -1,6 +1,7 @@
 """Activation caches (cache.py) on a tiny LM: the file holds exactly the store's activations, the
 reader is a seeded function of the batch index (so skip is free and ranks split it), training from
 a cache never touches the LM, and bad or foreign caches fail naming the file and the difference."""
+import dataclasses
 import hashlib
 import json
 import os
@@ -320,6 +321,16 @@ def test_corrupted_chunk_fails_naming_the_file_and_the_rows(caches, tmp_path):
         raw.write(bytes(b ^ 0xFF for b in raw.read(8)))
     with pytest.raises(CacheError, match=f"{path}.*rows 640:768 of train/"):
         train(cached_train_cfg(path), tmp_path / "run")  # 24 batches read: every chunk
+
+
+@pytest.mark.parametrize("name", ["nn_decomp.activations/1", "nn_decomp.core.activations/1"])
+def test_a_cache_written_under_either_name_of_the_format_reads(name, caches, tmp_path):
+    """Caches built before the package regroup carry the first name, those built since the second."""
+    path = tmp_path / "named.h5"
+    path.write_bytes(caches["float16"].read_bytes())
+    with h5py.File(path, "r+") as f:
+        f.attrs["format"] = name
+    assert read_meta(path) == dataclasses.replace(read_meta(caches["float16"]), path=path)
 
 
 def test_missing_or_foreign_file_fails_naming_it(tmp_path, no_training):

@@ -42,7 +42,9 @@ from nn_decomp.config import CacheConfig, UsageError, arch_hooks, require, valid
 from nn_decomp.runtime.distributed import SINGLE, DistInfo, rank_device
 from nn_decomp.runtime.jobs import exit_on_usage_error
 
-FORMAT = "nn_decomp.core.activations/1"
+FORMAT = "nn_decomp.activations/1"  # a file format's name, not a module path: never renamed
+# The same format under the name that the package regroup (76d6700) wrote by mistake: still readable.
+READABLE_FORMATS = (FORMAT, "nn_decomp.core.activations/1")
 BUILD = "python -m nn_decomp.cache"
 FLOAT16_MAX = 65504.0
 
@@ -121,7 +123,7 @@ def read_meta(path: str | Path) -> CacheMeta:
     try:
         with h5py.File(path, "r") as f:
             a = f.attrs
-            if a.get("format") != FORMAT:
+            if a.get("format") not in READABLE_FORMATS:
                 raise CacheError(f"{path} is not an nn_decomp activation cache (format {a.get('format')!r}, "
                                  f"expected {FORMAT!r}); build one with `{BUILD}`")
             hooks = {key: [str(h) for h in a[key]] for key in ("hooks", "hooks_in", "hooks_out")}
