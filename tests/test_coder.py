@@ -4,10 +4,11 @@ import copy
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from helpers import ACTS, ARCHS, MULTI_LAYER, arch_act_cfg, make_coder, one_thread  # noqa: F401
 from nn_decomp.core.activations import Latents
-from nn_decomp.runtime.checkpoint import build_coder
+from nn_decomp.runtime.checkpoint import build_coder, unit_norm_decoder
 from nn_decomp.core.losses import coder_loss
 from nn_decomp.train import Trainer
 
@@ -110,6 +111,32 @@ def test_trainer_steps_decrease_the_loss_on_a_fixed_batch(arch, act):
     if coder.activation.unit_norm_decoder and arch != "molt":  # a MOLT's maps have no norm to fix
         concatenated = torch.stack([w.flatten(1).norm(dim=1) for w in coder.W_dec])
         torch.testing.assert_close(concatenated.detach(), torch.ones(n_sources(arch), F))
+
+
+@pytest.mark.parametrize("arch, setting, unit", [
+    ("sae", "null", True), ("crosscoder", "null", True), ("transcoder", "null", False),
+    ("skip_transcoder", "null", False), ("clt", "null", False), ("transcoder", "true", True), ("sae", "false", False)])
+def test_decoder_norm_is_held_at_one_for_autoencoders_and_free_for_transcoders(arch, setting, unit):
+    cfg, coder = fresh_coder(arch, "topk", f"arch.unit_norm_decoder={setting}", "train.optimizer.lr=3e-2")
+    _, _, L = dims(arch)
+    trainer = Trainer(cfg, coder, total_steps=5, scale_in_L=torch.ones(L), scale_out_L=torch.ones(L))
+    norms = lambda: torch.stack([w.flatten(1).norm(dim=1) for w in coder.W_dec]).detach()  # noqa: E731
+    start = torch.full((n_sources(arch), F), 1.0 if unit else cfg.arch.dec_init_norm)
+    torch.testing.assert_close(norms(), start)
+    for _ in range(5):
+        trainer.train_step(*batch(arch, n=64))
+    assert coder.activation.unit_norm_decoder == unit
+    if unit:
+        torch.testing.assert_close(norms(), start)
+    else:
+        assert (norms() - start).abs().max() > 1e-2
+
+
+def test_a_checkpoint_older_than_unit_norm_decoder_keeps_what_it_was_trained_with():
+    cfg, _ = fresh_coder("transcoder", "topk")
+    arch = OmegaConf.masked_copy(cfg.arch, [k for k in cfg.arch if k != "unit_norm_decoder"])
+    assert unit_norm_decoder(arch, True) and not unit_norm_decoder(cfg.arch, True)
+    assert not unit_norm_decoder(arch, False)
 
 
 def test_parallel_decoder_gradient_is_projected_out():

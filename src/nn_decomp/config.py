@@ -12,6 +12,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 ARCHS = ("sae", "transcoder", "skip_transcoder", "clt", "crosscoder", "molt")
 MULTI_LAYER = ("clt", "crosscoder")  # the archs that cover several layers
+TRANSCODERS = ("transcoder", "skip_transcoder", "clt")  # per-latent writes into another space than they read
 CHECKPOINT_ONLY = ("crosscoder", "molt")  # archs no export format holds: our checkpoint is theirs
 DECODER_NORMS = ("concat", "sum")
 TYING = ("none", "per_source", "per_target")  # arch.decoder_tying (coder.py reads it from here)
@@ -41,6 +42,13 @@ class ArchConfig:
     """Latents per layer (a crosscoder's are shared by its layers; a MOLT's are its transforms)."""
     dec_init_norm: float = 0.1
     """Initial norm of each decoder vector (concatenated over target layers for a CLT)."""
+    unit_norm_decoder: bool | None = None
+    """Renormalise every decoder vector to norm 1 after each step (and project its gradient off it).
+    null: yes for an autoencoder (sae, crosscoder) whose activation compares or counts latents (TopK,
+    BatchTopK, JumpReLU l0/target: Gao et al., sparsify), no for a transcoder, skip transcoder or CLT,
+    whose writes live in another space than their reads (sparsify's transcoders keep the norm free;
+    exp_005: TopK transcoder 0.81 → 0.96 mean max-cos freed); MOLT keeps its activation's choice.
+    true / false force it (true with ReLU or tanh-JumpReLU: their penalty then sees norm 1)."""
     skip: bool = False
     """A learned linear map x → y per layer added to the reconstruction (arch=skip_transcoder sets it;
     a CLT may have one too)."""

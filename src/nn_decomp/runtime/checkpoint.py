@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 
 from nn_decomp.core.coder import SparseCoder
-from nn_decomp.config import molt_groups
+from nn_decomp.config import TRANSCODERS, molt_groups
 
 WEIGHTS, CONFIG, METADATA, TRAINER_STATE = "dictionary.safetensors", "config.yaml", "metadata.json", "trainer_state.pt"
 
@@ -26,6 +26,7 @@ def build_coder(cfg: DictConfig, d_in: int, d_out: int) -> SparseCoder:
     act = instantiate(cfg.act)
     arch = cfg.arch
     get = arch.get  # checkpoints older than a key lack it: its default
+    act.unit_norm_decoder = unit_norm_decoder(arch, act.unit_norm_decoder)
     return SparseCoder(d_in, d_out, arch.n_latents, len(arch.layers), act,
                        cross_layer=arch.name == "clt", crosscoder=arch.name == "crosscoder",
                        transforms=tuple(molt_groups(arch.n_latents, list(arch.molt_ranks))) if arch.name == "molt" else (),
@@ -34,6 +35,16 @@ def build_coder(cfg: DictConfig, d_in: int, d_out: int) -> SparseCoder:
                        matryoshka=tuple(get("matryoshka", ())), decoder_tying=get("decoder_tying", "none"),
                        per_target_scale=get("per_target_scale", False), feature_offset=get("feature_offset", False),
                        feature_scale=get("feature_scale", False))
+
+
+def unit_norm_decoder(arch: DictConfig, activation_wants: bool) -> bool:
+    """arch.unit_norm_decoder resolved (config.py: the rule). A checkpoint older than the key keeps the
+    activation's choice, which is what it was trained with."""
+    if "unit_norm_decoder" not in arch:
+        return activation_wants
+    if arch.unit_norm_decoder is None:
+        return activation_wants and arch.name not in TRANSCODERS
+    return arch.unit_norm_decoder
 
 
 def siblings(out: Path) -> tuple[Path, Path]:
