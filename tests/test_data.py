@@ -25,9 +25,22 @@ DOCS = ["10 11 12", "20 21", "30 31 32 33"]  # stream: 10 11 12 2 20 21 2 30 31 
 def test_token_contexts_packs_with_bos_and_eos_separators():
     tokenizer = FakeTokenizer()
     rows = list(token_contexts(DOCS, tokenizer, context_size=4, tokenizer_batch=2))
-    assert tokenizer.calls == [2, 1]
+    assert tokenizer.calls == [1, 2]
     assert torch.stack(rows).tolist() == [[1, 10, 11, 12], [1, 2, 20, 21], [1, 2, 30, 31], [1, 32, 33, 2]]
     assert all(r.dtype == torch.long for r in rows)
+
+
+def test_token_contexts_tokenizes_1_2_4_documents_up_to_the_batch_and_yields_the_same_rows():
+    docs = [" ".join(str(10 * d + w) for w in range(d + 1)) for d in range(1, 8)]
+    rows = {}
+    for batch in (1, 2, 64):
+        tokenizer = FakeTokenizer()
+        gen = token_contexts(docs, tokenizer, context_size=3, tokenizer_batch=batch)
+        next(gen)
+        assert tokenizer.calls == [1]  # the first row after one document
+        rows[batch] = [r.tolist() for r in [*gen]]
+        assert tokenizer.calls == {1: [1] * 7, 2: [1, 2, 2, 2], 64: [1, 2, 4]}[batch]
+    assert rows[1] == rows[2] == rows[64] and len(rows[1]) > 10
 
 
 def test_token_contexts_without_bos_drops_partial_chunk():
