@@ -37,7 +37,7 @@ SCALES = list(SIZES)  # the scales this experiment has sizes for
 # (θ₀ = 3, θ at the base lr), ReLU's L1.
 JUMPRELU_TARGETS = "8,16,32,64,128"
 JUMPRELU_TANH = ["act.penalty=tanh", "act.init_threshold=3", "act.threshold_lr_scale=1",
-                 "act.sparsity_coef=0.01,0.03,0.1,0.3,1"]
+                 "act.sparsity_coef=0.01,0.03,0.1,0.3,1,3,10"]
 RELU_COEFS = "1,3,4,5,6,7,10,30,100"
 CLT = ["arch=clt", "arch.layers=[0,1,2]"]
 MATRYOSHKA = "[128,512]"
