@@ -190,12 +190,13 @@ def test_token_normalising_dictionary_writes_what_its_forward_gives(model, token
     with replacement_model(model, d):
         _, seen = record(model, tokens, ins + outs)
     x_NLD = torch.stack([seen[h] for h in ins], 2).reshape(-1, L, 32)
-    recon_NLD = coder(x_NLD).recon
+    out = coder(x_NLD)
+    recon_NLD = out.recon
     for j in range(L):
         torch.testing.assert_close(seen[outs[j]].reshape(-1, 32), recon_NLD[:, j], atol=1e-4, rtol=1e-4)
     # The encoding ignores a token's scale, the write follows it: on every row with no pre-activation
     # at its threshold's rounding edge (the rescaled row may round across it: measured once, 1 entry in 7000).
-    out, plain = coder(x_NLD), coder(x_NLD * 3.0)
+    plain = coder(x_NLD * 3.0)
     clear_N = ((out.pre_acts - coder.activation.threshold).abs() > 1e-5).flatten(1).all(1)
     assert clear_N.float().mean() > 0.9
     torch.testing.assert_close(plain.recon[clear_N], 3.0 * recon_NLD[clear_N], atol=1e-4, rtol=1e-4)
