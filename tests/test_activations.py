@@ -38,6 +38,28 @@ def test_step_function_forward_and_gradients():
     torch.testing.assert_close(theta.grad, torch.tensor([[-20.0, -15.0]]))
 
 
+def test_straight_through_to_input_gives_z_the_negated_kernel_gradient():
+    # ste_to_input (Anthropic, Jan 2025): the jump's pseudo-derivative also reaches z, +(θ/ε)·K·g for
+    # JumpReLU and +(1/ε)·K·g for the step, per entry; θ's gradient is unchanged.
+    for fn, theta_grad, jump in ((JumpReLUFunction, [[-10.0, -15.0]], torch.tensor([[2.5, 5.0]])),
+                                 (StepFunction, [[-20.0, -15.0]], torch.tensor([[5.0, 5.0]]))):
+        z, theta = Z.clone().requires_grad_(), THETA.clone().requires_grad_()
+        fn.apply(z, theta, EPS, True).backward(G)
+        in_window = ((Z - THETA).abs() < EPS / 2).float()  # latent 0: tokens 0, 1; latent 1: tokens 1, 2
+        through_gate = (Z > THETA).float() * G if fn is JumpReLUFunction else 0
+        torch.testing.assert_close(z.grad, through_gate + jump * in_window * G)
+        torch.testing.assert_close(theta.grad, torch.tensor(theta_grad))
+    # the L0 penalty then lowers the pre-activations in the band (their gradient is positive)
+    act = JumpReLU(1.0, "l0", EPS, init_threshold=0.5, tanh_scale=4.0, pre_act_coef=0.0, ste_to_input=True)
+    act.init_threshold(1, 2)
+    with torch.no_grad():
+        act.log_threshold.copy_(THETA.log())
+    assert not act.elementwise  # z needs autograd: the dense backward
+    z = Z.clone().requires_grad_()
+    act.penalty(z, act(z), torch.ones(1, 2)).backward()
+    torch.testing.assert_close(z.grad, 5.0 * ((Z - THETA).abs() < EPS / 2).float() / Z.shape[0])
+
+
 def test_jumprelu_module_gradient_reaches_log_threshold():
     act = JumpReLU(sparsity_coef=0.0, penalty="l0", bandwidth=EPS, init_threshold=0.5, tanh_scale=4.0,
                    pre_act_coef=0.0)

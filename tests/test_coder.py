@@ -132,6 +132,21 @@ def test_decoder_norm_is_held_at_one_for_autoencoders_and_free_for_transcoders(a
         assert (norms() - start).abs().max() > 1e-2
 
 
+def test_sparsity_warmup_weighs_the_penalty_linearly_from_zero_to_one():
+    cfg, coder = fresh_coder("sae", "relu", "train.sparsity_warmup_steps=3")
+    trainer = Trainer(cfg, coder, total_steps=6, scale_in_L=torch.ones(1), scale_out_L=torch.ones(1))
+    x, y = batch("sae", n=64)
+    weights = []
+    for _ in range(6):
+        weights.append(trainer.sparsity_weight())
+        trainer.train_step(x, y)
+    assert weights == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    out = coder(x)
+    full, half = coder_loss(coder, out, y, None), coder_loss(coder, out, y, None, sparsity_weight=0.5)
+    assert full.sparsity.item() > 0 and half.sparsity.item() == full.sparsity.item()  # reported unweighted
+    assert half.loss.item() == pytest.approx(full.recon.item() + 0.5 * full.sparsity.item())
+
+
 def test_a_checkpoint_older_than_unit_norm_decoder_keeps_what_it_was_trained_with():
     cfg, _ = fresh_coder("transcoder", "topk")
     arch = OmegaConf.masked_copy(cfg.arch, [k for k in cfg.arch if k != "unit_norm_decoder"])

@@ -201,6 +201,9 @@ class JumpReLUConfig:
     more latents alive but changes recovery little at 2M tokens, so it is off by default)."""
     k_aux: int | None = None
     """Dead latents used by the AuxK loss; null means d_out // 2."""
+    ste_to_input: bool = False
+    """The straight-through pseudo-derivatives reach the pre-activations (so the encoder), not θ alone
+    (Anthropic, January 2025; SAELens' jumprelu_ste_to_input). Needs the dense backward."""
     threshold_lr_scale: float = 10.0
     """log θ's learning rate / train.optimizer.lr. Adam moves log θ by about its lr per step whatever
     the gradient's size: at 1 a 500-step run has not moved θ from 0.5 to where L0 = 8 needs it."""
@@ -349,6 +352,9 @@ class TrainConfig:
     decay: str = "linear"
     """linear | cosine."""
     grad_clip: float = 1.0
+    sparsity_warmup_steps: int = 0
+    """The sparsity penalty's weight rises linearly from 0 to 1 over these first steps (Anthropic's April
+    2024 L1 recipe: 5 % of training; SAELens' l1/l0_warm_up_steps). 0: full weight from the first step."""
     normalize_activations: bool = True
     """Scale x and y so E‖x‖² = d while training; folded into the saved weights."""
     b_dec_init: str = "mean"
@@ -384,7 +390,8 @@ class TrainConfig:
         require(self.n_tokens >= self.batch_size, "train.n_tokens must be >= train.batch_size")
         require(min(self.log_every, self.eval_every, self.checkpoint_every, self.eval_tokens, self.dead_tokens) > 0,
                 "train.log_every, eval_every, checkpoint_every, eval_tokens and dead_tokens must be positive")
-        require(self.warmup_steps >= 0 and self.grad_clip > 0, "train.warmup_steps must be >= 0, train.grad_clip > 0")
+        require(self.warmup_steps >= 0 and self.sparsity_warmup_steps >= 0 and self.grad_clip > 0,
+                "train.warmup_steps and train.sparsity_warmup_steps must be >= 0, train.grad_clip > 0")
         check_resume(self.resume)
         require(self.tensor_parallel >= 1, f"train.tensor_parallel={self.tensor_parallel}: must be >= 1")
         require(self.tensor_parallel == 1 or self.dtype != "float16",

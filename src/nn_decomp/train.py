@@ -147,6 +147,10 @@ class Trainer:
     def dead_LF(self) -> torch.Tensor:
         return self.tokens_since_fired_LF >= self.cfg.train.dead_tokens
 
+    def sparsity_weight(self) -> float:
+        """The sparsity penalty's weight rises linearly from 0 to 1 over train.sparsity_warmup_steps."""
+        return min(1.0, (self.step + 1) / (self.cfg.train.sparsity_warmup_steps + 1))
+
     def dead_fraction(self) -> float:
         """Over the whole dictionary (tensor parallel: a collective of the TP group)."""
         return (self.coder.shard.total(self.dead_LF().sum()) / (self.coder.n_sources * self.cfg.arch.n_latents)).item()
@@ -161,7 +165,7 @@ class Trainer:
         low = self.compute_dtype != torch.float32
         with torch.autocast(x_BLD.device.type, self.compute_dtype) if low else contextlib.nullcontext():
             out = coder(x_BLD)
-            losses = coder_loss(coder, out, y_BLD, self.dead_LF())
+            losses = coder_loss(coder, out, y_BLD, self.dead_LF(), self.sparsity_weight())
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(losses.loss).backward()
         # After the average, so that every rank sees the same loss and stops at the same step.

@@ -84,38 +84,39 @@ def rectangle(x: Tensor) -> Tensor:
 
 class JumpReLUFunction(torch.autograd.Function):
     """JumpReLU_θ(z) = z·H(z−θ) with the straight-through pseudo-derivative of Rajamanoharan et
-    al. 2024 (eq. 11): ∂/∂θ = −(θ/ε)·K((z−θ)/ε), K the rectangle kernel; ∂/∂z = H(z−θ)."""
+    al. 2024 (eq. 11): ∂/∂θ = −(θ/ε)·K((z−θ)/ε), K the rectangle kernel; ∂/∂z = H(z−θ).
+    ste_to_input: the jump's pseudo-derivative reaches z too, +(θ/ε)·K (it depends on z−θ only),
+    as in Anthropic's January 2025 setup (SAELens' `jumprelu_ste_to_input`)."""
 
     @staticmethod
-    def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+    def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: float, ste_to_input: bool = False) -> Tensor:
         ctx.save_for_backward(pre, threshold)
-        ctx.bandwidth = bandwidth
+        ctx.bandwidth, ctx.ste_to_input = bandwidth, ste_to_input
         return pre * (pre > threshold)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         pre, threshold = ctx.saved_tensors
-        eps = ctx.bandwidth
-        grad_pre = (pre > threshold) * grad_out
-        grad_threshold = -(threshold / eps) * rectangle((pre - threshold) / eps) * grad_out
-        return grad_pre, _sum_to(grad_threshold, threshold.shape), None
+        jump = (threshold / ctx.bandwidth) * rectangle((pre - threshold) / ctx.bandwidth) * grad_out
+        grad_pre = (pre > threshold) * grad_out + (jump if ctx.ste_to_input else 0)
+        return grad_pre, _sum_to(-jump, threshold.shape), None, None
 
 
 class StepFunction(torch.autograd.Function):
-    """H(z−θ) with ∂/∂θ = −(1/ε)·K((z−θ)/ε) and no gradient to z (Rajamanoharan et al. eq. 12)."""
+    """H(z−θ) with ∂/∂θ = −(1/ε)·K((z−θ)/ε) and no gradient to z (Rajamanoharan et al. eq. 12);
+    with ste_to_input, ∂/∂z = +(1/ε)·K((z−θ)/ε) (Anthropic, January 2025)."""
 
     @staticmethod
-    def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+    def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: float, ste_to_input: bool = False) -> Tensor:
         ctx.save_for_backward(pre, threshold)
-        ctx.bandwidth = bandwidth
+        ctx.bandwidth, ctx.ste_to_input = bandwidth, ste_to_input
         return (pre > threshold).to(pre.dtype)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         pre, threshold = ctx.saved_tensors
-        eps = ctx.bandwidth
-        grad_threshold = -(1.0 / eps) * rectangle((pre - threshold) / eps) * grad_out
-        return None, _sum_to(grad_threshold, threshold.shape), None
+        jump = (1.0 / ctx.bandwidth) * rectangle((pre - threshold) / ctx.bandwidth) * grad_out
+        return (jump if ctx.ste_to_input else None), _sum_to(-jump, threshold.shape), None, None
 
 
 def _sum_to(grad: Tensor, shape: torch.Size) -> Tensor:
@@ -274,12 +275,16 @@ class JumpReLU(Activation):
     aux_coef > 0 adds TopK's AuxK loss (losses.aux_k_loss): the top k_aux dead latents, by
     pre-activation, reconstruct the residual, which gives a latent whose θ has passed every one of its
     pre-activations a gradient again.
+    ste_to_input: the straight-through gradients reach z (so the encoder) as well as θ (Anthropic,
+    January 2025): the sparsity penalty then pushes pre-activations below θ, not only θ above them.
     """
 
     def __init__(self, sparsity_coef: float, penalty: str, bandwidth: float, init_threshold: float,
                  tanh_scale: float, pre_act_coef: float, threshold_lr_scale: float = 1.0,
-                 target_l0: float | None = None, aux_coef: float = 0.0, k_aux: int | None = None):
+                 target_l0: float | None = None, aux_coef: float = 0.0, k_aux: int | None = None,
+                 ste_to_input: bool = False):
         super().__init__()
+        self.ste_to_input = ste_to_input
         self.aux_coef, self.k_aux, self.uses_aux_loss = aux_coef, k_aux, aux_coef > 0
         assert penalty in PENALTIES, f"act.penalty={penalty!r}: use one of {PENALTIES}"
         assert penalty != "target" or target_l0, "penalty='target' needs target_l0"
@@ -287,8 +292,9 @@ class JumpReLU(Activation):
         self.sparsity_coef, self.penalty_kind, self.bandwidth = sparsity_coef, penalty, bandwidth
         self.init_threshold_value, self.tanh_scale, self.pre_act_coef = init_threshold, tanh_scale, pre_act_coef
         self.unit_norm_decoder = penalty != "tanh"
-        # The pre-activation loss reaches every latent below θ: dense by nature, so no sparse backward.
-        self.elementwise = pre_act_coef == 0
+        # The pre-activation loss reaches every latent below θ, and the L0 penalty's straight-through
+        # gradient to z needs z with autograd (the sparse backward detaches it): dense, so no sparse backward.
+        self.elementwise = pre_act_coef == 0 and not ste_to_input
         self.log_threshold: nn.Parameter | None = None
 
     def init_threshold(self, n_layers: int, n_latents: int) -> None:
@@ -308,7 +314,7 @@ class JumpReLU(Activation):
     def forward(self, pre: Tensor | Latents) -> Latents:
         pre = as_latents(pre)
         threshold = pre.at(self.threshold.to(pre.values.dtype))
-        return pre._replace(values=JumpReLUFunction.apply(pre.values, threshold, self.bandwidth))
+        return pre._replace(values=JumpReLUFunction.apply(pre.values, threshold, self.bandwidth, self.ste_to_input))
 
     def penalty(self, pre_BLF, latents, dec_norm_LF):
         threshold = latents.at(self.threshold.to(pre_BLF.dtype))
@@ -322,7 +328,7 @@ class JumpReLU(Activation):
         if self.penalty_kind == "tanh":
             return self.shard.sum(
                 torch.tanh(self.tanh_scale * latents.values.abs() * latents.at(dec_norm_LF)).sum((-1, -2)).mean())
-        step = StepFunction.apply(latents.at(pre_BLF), threshold, self.bandwidth)
+        step = StepFunction.apply(latents.at(pre_BLF), threshold, self.bandwidth, self.ste_to_input)
         if self.penalty_kind == "l0":
             return self.shard.sum(step.sum((-1, -2)).mean())
         l0_L = self.shard.batch_mean(self.shard.sum(step.sum(-1).mean(0)))  # L0 of the global batch

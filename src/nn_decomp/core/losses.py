@@ -62,13 +62,15 @@ def aux_k_loss(coder: SparseCoder, pre_BLF: Tensor, residual_BLD: Tensor, dead_L
     return scale * squared_error(residual_hat, residual_BLD.detach())
 
 
-def coder_loss(coder: SparseCoder, out: CoderOutput, y_BLD: Tensor, dead_LF: Tensor | None) -> LossOutput:
+def coder_loss(coder: SparseCoder, out: CoderOutput, y_BLD: Tensor, dead_LF: Tensor | None,
+               sparsity_weight: float = 1.0) -> LossOutput:
+    """sparsity_weight: the penalty's warm-up factor (train.sparsity_warmup_steps); `sparsity` is reported unweighted."""
     act = coder.activation
     # Matryoshka: the mean over the nested prefixes and the whole dictionary (one term unless set).
     recon = torch.stack([squared_error(r, y_BLD) for r in (out.recon, *out.prefix_recons)]).mean()
     sparsity = act.penalty(out.pre_acts, out.latents, coder.decoder_norm())
     aux = out.recon.new_zeros(())
-    loss = recon + sparsity
+    loss = recon + sparsity_weight * sparsity
     if act.uses_aux_loss and dead_LF is not None:
         k_aux = act.k_aux or coder.d_out // 2
         aux = aux_k_loss(coder, out.pre_acts, y_BLD - out.recon, dead_LF, k_aux, out.x)
