@@ -132,6 +132,26 @@ def test_decoder_norm_is_held_at_one_for_autoencoders_and_free_for_transcoders(a
         assert (norms() - start).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("act", ["relu", "jumprelu"])
+def test_token_norm_makes_elementwise_activations_blind_to_a_token_s_scale(act):
+    # act.token_norm: each token is encoded at norm √d_in, so a loud copy of a token fires the same
+    # latents (a fixed per-latent threshold means the same for every token) and is written back loud.
+    x, _ = batch("sae", n=16)
+    scale = torch.linspace(0.2, 5.0, 16)[:, None, None]
+    loud = x * scale  # token i at 0.2 … 5 times its norm
+    _, plain = fresh_coder("sae", act)
+    _, normed = fresh_coder("sae", act, "act.token_norm=true")
+    assert normed.activation.token_norm and not plain.activation.token_norm
+    with torch.no_grad():
+        for coder in (plain, normed):  # a threshold > 0 (ReLU's is −b_enc): scale decides what passes it
+            coder.b_enc.fill_(-0.3)
+        a, b = normed(x), normed(loud)
+        torch.testing.assert_close(b.latents.dense(), a.latents.dense())
+        torch.testing.assert_close(b.recon, a.recon * scale)  # the write divided by the token's own scale
+        assert (a.latents.dense() != 0).any()
+        assert ((plain(x).latents.dense() != 0) != (plain(loud).latents.dense() != 0)).any()
+
+
 def test_sparsity_warmup_weighs_the_penalty_linearly_from_zero_to_one():
     cfg, coder = fresh_coder("sae", "relu", "train.sparsity_warmup_steps=3")
     trainer = Trainer(cfg, coder, total_steps=6, scale_in_L=torch.ones(1), scale_out_L=torch.ones(1))

@@ -54,6 +54,8 @@ def grids(scale: str) -> list[list[str]]:
             [*sizes, "arch=sae", "act=batchtopk", f"act.k={K}", "act.token_norm=false"],
             [*sizes, "arch=sae", "act=topk", f"act.k={K}", "act.token_norm=true"],
             [*sizes, "arch=sae", "act=jumprelu", f"act.target_l0={JUMPRELU_TARGETS}"],
+            # a per-latent θ fixed across tokens needs them at one norm, as BatchTopK's threshold does
+            [*sizes, "arch=sae", "act=jumprelu", f"act.target_l0={JUMPRELU_TARGETS}", "act.token_norm=true"],
             [*sizes, "arch=sae", "act=jumprelu", *JUMPRELU_TANH],
             [*sizes, "arch=sae", "act=relu", f"act.l1_coef={RELU_COEFS}"],
             [*sizes, *CLT, "act=topk,batchtopk", f"act.k={K}"],
@@ -83,13 +85,14 @@ def score_job(job: Path) -> dict:
     out = coder(rows[0])
     act = type(coder.activation).__name__
     # token normalisation named where it differs from the activation's default (BatchTopK: on)
-    token_norm = "" if cfg.act.get("token_norm") == (act == "BatchTopK") else f" token_norm={cfg.act.get('token_norm')}"
+    token_norm = "" if bool(cfg.act.get("token_norm")) == (act == "BatchTopK") else f" token_norm={cfg.act.get('token_norm')}"
+    normed = "token_norm " if cfg.act.get("token_norm") and act in ("JumpReLU", "ReLU") else ""
     matryoshka = f" matryoshka={list(cfg.arch.matryoshka)}" if cfg.arch.get("matryoshka") else ""
     topk = f"k={cfg.act.get('k')}{token_norm}{matryoshka}"
     knob = {"TopK": topk, "BatchTopK": topk,
-            "JumpReLU": (f"target={cfg.act.get('target_l0')}" if cfg.act.get("penalty") == "target"
-                         else f"{cfg.act.get('penalty')} coef={cfg.act.get('sparsity_coef')}"),
-            "ReLU": f"l1={cfg.act.get('l1_coef')}"}
+            "JumpReLU": normed + (f"target={cfg.act.get('target_l0')}" if cfg.act.get("penalty") == "target"
+                                  else f"{cfg.act.get('penalty')} coef={cfg.act.get('sparsity_coef')}"),
+            "ReLU": f"{normed}l1={cfg.act.get('l1_coef')}"}
     return {"run": f"ours {cfg.arch.name} {act} {knob[act]}", "arch": cfg.arch.name, "act": act.lower(),
             "knob": knob[act], "config": cfg,
             **score([w.flatten(1) for w in coder.W_dec], out.latents.dense(), out.recon, data, rows)}
@@ -148,6 +151,7 @@ def plot(results: list[dict], out_dir: Path) -> list[Path]:
     ax_cos.legend(fontsize=7, loc="lower left")
     ax_cos.invert_yaxis()
     for act, dial, label in (("jumprelu", "target=", "JumpReLU act.target_l0 (default)"),
+                             ("jumprelu", "token_norm target=", "JumpReLU act.target_l0, act.token_norm"),
                              ("jumprelu", "tanh coef=", "JumpReLU tanh act.sparsity_coef (θ₀ = 3)"),
                              ("relu", "l1=", "ReLU act.l1_coef")):
         sweep = sorted((r for r in results if r["act"] == act and r["arch"] == "sae" and r["knob"].startswith(dial)),
@@ -166,10 +170,12 @@ def coef(row: dict) -> float:
 
 
 def at_target_l0(results: list[dict]) -> list[dict]:
-    """The headline rows: every fixed-k run, and for each coefficient sweep the run nearest L0 = K."""
+    """The headline rows: every fixed-k run, and for each sweep (its knob's name: target, token_norm
+    target, tanh coef, l1, …) the run nearest L0 = K."""
     picked = [r for r in results if r["act"] not in ("jumprelu", "relu")]
-    for key in sorted({(r["arch"], r["act"]) for r in results if r["act"] in ("jumprelu", "relu")}):
-        sweep = [r for r in results if (r["arch"], r["act"]) == key]
+    family = lambda r: (r["arch"], r["act"], r["knob"].rsplit("=", 1)[0])  # noqa: E731
+    for key in sorted({family(r) for r in results if r["act"] in ("jumprelu", "relu")}):
+        sweep = [r for r in results if family(r) == key]
         picked.append(min(sweep, key=lambda r: abs(r["l0"] - K)))
     return picked
 

@@ -132,6 +132,10 @@ class ReLUConfig:
     _target_: str = "nn_decomp.core.activations.ReLU"
     l1_coef: float = 1.0
     """Weight of Σ f·‖W_dec‖ (data normalised to E‖x‖² = d)."""
+    token_norm: bool = False
+    """Scale each token's input to norm √d_in before encoding (and the reconstruction back), as
+    BatchTopK's act.token_norm: a fixed per-latent threshold (here −b_enc) then means the same for a
+    quiet token as for a loud one."""
 
     def __post_init__(self):
         require(self.l1_coef >= 0, f"act.l1_coef={self.l1_coef}: must be >= 0")
@@ -201,6 +205,9 @@ class JumpReLUConfig:
     more latents alive but changes recovery little at 2M tokens, so it is off by default)."""
     k_aux: int | None = None
     """Dead latents used by the AuxK loss; null means d_out // 2."""
+    token_norm: bool = False
+    """Scale each token's input to norm √d_in before encoding (and the reconstruction back), as
+    BatchTopK's act.token_norm: the per-latent θ then means the same for a quiet token as for a loud one."""
     ste_to_input: bool = False
     """The straight-through pseudo-derivatives reach the pre-activations (so the encoder), not θ alone
     (Anthropic, January 2025; SAELens' jumprelu_ste_to_input). Needs the dense backward."""

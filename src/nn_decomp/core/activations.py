@@ -152,9 +152,9 @@ class ReLU(Activation):
 
     elementwise = True
 
-    def __init__(self, l1_coef: float):
+    def __init__(self, l1_coef: float, token_norm: bool = False):
         super().__init__()
-        self.l1_coef = l1_coef
+        self.l1_coef, self.token_norm = l1_coef, token_norm
 
     def support(self, pre_BLF: Tensor) -> Tensor:
         return pre_BLF > 0
@@ -282,9 +282,9 @@ class JumpReLU(Activation):
     def __init__(self, sparsity_coef: float, penalty: str, bandwidth: float, init_threshold: float,
                  tanh_scale: float, pre_act_coef: float, threshold_lr_scale: float = 1.0,
                  target_l0: float | None = None, aux_coef: float = 0.0, k_aux: int | None = None,
-                 ste_to_input: bool = False):
+                 ste_to_input: bool = False, token_norm: bool = False):
         super().__init__()
-        self.ste_to_input = ste_to_input
+        self.ste_to_input, self.token_norm = ste_to_input, token_norm
         self.aux_coef, self.k_aux, self.uses_aux_loss = aux_coef, k_aux, aux_coef > 0
         assert penalty in PENALTIES, f"act.penalty={penalty!r}: use one of {PENALTIES}"
         assert penalty != "target" or target_l0, "penalty='target' needs target_l0"
