@@ -1,12 +1,10 @@
 """TopK/BatchTopK → JumpReLU: the threshold estimators on hand-made pre-activations, calibration by
 bisection, and a tiny trained dictionary converted at matched L0 within a few percent NMSE."""
 import json
-import shutil
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from helpers import CONF, arch_act_cfg, make_coder, one_thread  # noqa: F401  (one_thread: fixture)
 from nn_decomp.core.activations import JumpReLU
@@ -69,18 +67,18 @@ def trained(tiny_lm, tmp_path_factory):
     """Tiny TopK and BatchTopK transcoders trained long enough to be worth converting."""
     runs, threads = {}, torch.get_num_threads()
     torch.set_num_threads(1)  # tiny tensors: a second thread only adds contention
-    for act in ("topk", "batchtopk"):
-        run = tmp_path_factory.mktemp(act)
-        no_norm = ["act.token_norm=false"] * (act == "batchtopk")  # a JumpReLU has no token normalisation
+    for name, act, norm in (("topk", "topk", []), ("batchtopk", "batchtopk", ["act.token_norm=false"]),
+                            ("batchtopk_token_norm", "batchtopk", [])):  # BatchTopK's default normalises tokens
+        run = tmp_path_factory.mktemp(name)
         train(tiny_cfg("transcoder", act, "train.n_tokens=8192", "train.optimizer.lr=3e-3",
-                       "train.eval_every=1000", "train.checkpoint_every=1000", *no_norm), run, model=tiny_lm)
-        runs[act] = run / "checkpoint"
+                       "train.eval_every=1000", "train.checkpoint_every=1000", *norm), run, model=tiny_lm)
+        runs[name] = run / "checkpoint"
     torch.set_num_threads(threads)
     return runs
 
 
 @pytest.mark.parametrize("act, estimator, calibrate", [
-    ("topk", "rate", False), ("topk", "min", True), ("batchtopk", "rate", False)])
+    ("topk", "rate", False), ("topk", "min", True), ("batchtopk", "rate", False), ("batchtopk_token_norm", "rate", False)])
 def test_conversion_matches_l0_within_a_few_percent_nmse(trained, tiny_lm, tmp_path, act, estimator, calibrate,
                                                          one_thread):
     out = tmp_path / "jumprelu"
@@ -92,6 +90,7 @@ def test_conversion_matches_l0_within_a_few_percent_nmse(trained, tiny_lm, tmp_p
     assert before["nmse"] < 0.9  # the source learned something
     coder = load_dictionary(out)
     assert isinstance(coder.activation, JumpReLU)
+    assert coder.activation.token_norm == load_dictionary(trained[act]).activation.token_norm
     cfg, meta = read_config(out)
     assert cfg.act._target_.endswith("JumpReLU") and meta["act"] == "jumprelu"
     assert meta["converted_from"]["source"] == str(trained[act])
@@ -122,14 +121,6 @@ def test_bad_input_fails_with_the_fix(trained, tiny_lm, tmp_path):
     convert(convert_cfg(f"checkpoint={trained['topk']}", f"out={out}"), model=tiny_lm)
     with pytest.raises(UsageError, match="act=jumprelu; convert works on topk/batchtopk"):
         convert(convert_cfg(f"checkpoint={out}", f"out={tmp_path / 'again'}"), model=tiny_lm)
-    normed = tmp_path / "token_norm"
-    shutil.copytree(trained["batchtopk"], normed)
-    cfg = OmegaConf.load(normed / "config.yaml")
-    cfg.act.token_norm = True
-    (normed / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-    with pytest.raises(UsageError, match="normalises each token"):
-        convert(convert_cfg(f"checkpoint={normed}", f"out={tmp_path / 'normed_out'}"), model=tiny_lm)
-    assert not (tmp_path / "normed_out").exists()
     before = (out / "dictionary.safetensors").read_bytes()
     with pytest.raises(UsageError, match="overwrite=true"):
         convert(convert_cfg(f"checkpoint={trained['topk']}", f"out={out}"), model=tiny_lm)

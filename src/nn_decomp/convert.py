@@ -102,7 +102,9 @@ def fit_thresholds(coder: SparseCoder, x_NLD: Tensor, estimator: str, calibrate:
 def jumprelu_coder(source: SparseCoder, ckpt_cfg: DictConfig, thresholds_LF: Tensor) -> tuple[SparseCoder, DictConfig]:
     """A JumpReLU coder with the source's weights and the given thresholds, and its config."""
     cfg = ckpt_cfg.copy()
-    cfg.act = OmegaConf.structured(JumpReLUConfig)
+    # a token-normalising source (BatchTopK's default) keeps normalising: its pre-activations, and so
+    # the fitted thresholds, live in that space (coder.layer_pre normalises as forward does)
+    cfg.act = OmegaConf.structured(JumpReLUConfig(token_norm=source.activation.token_norm))
     coder = build_coder(cfg, source.d_in, source.d_out).to(thresholds_LF.device)
     weights = {k: v for k, v in source.state_dict().items() if not k.startswith("activation.")}
     weights["activation.log_threshold"] = thresholds_LF.log().float()
@@ -137,9 +139,6 @@ def convert(cfg: DictConfig, model=None) -> dict:
     if meta["act"] not in CONVERTIBLE:
         raise UsageError(f"{d.path} has act={meta['act']}; convert works on {'/'.join(CONVERTIBLE)} "
                          "(a jumprelu or relu dictionary exports as it is)")
-    if d.coder.activation.token_norm:
-        raise UsageError(f"{d.path} normalises each token (act.token_norm=true) and JumpReLU does not: it runs "
-                         "and exports as it is (BatchTopK infers with its threshold)")
     out = Path(cfg.out) if cfg.out else d.path.with_name(d.path.name + "_jumprelu")
     refuse_existing([out], cfg.overwrite)
     model_name = check_model_choice(cfg, [d])
