@@ -139,7 +139,7 @@ def test_token_norm_makes_elementwise_activations_blind_to_a_token_s_scale(act):
     x, _ = batch("sae", n=16)
     scale = torch.linspace(0.2, 5.0, 16)[:, None, None]
     loud = x * scale  # token i at 0.2 … 5 times its norm
-    _, plain = fresh_coder("sae", act)
+    _, plain = fresh_coder("sae", act, "act.token_norm=false")
     _, normed = fresh_coder("sae", act, "act.token_norm=true")
     assert normed.activation.token_norm and not plain.activation.token_norm
     with torch.no_grad():
@@ -172,6 +172,18 @@ def test_a_checkpoint_older_than_unit_norm_decoder_keeps_what_it_was_trained_wit
     arch = OmegaConf.masked_copy(cfg.arch, [k for k in cfg.arch if k != "unit_norm_decoder"])
     assert unit_norm_decoder(arch, True) and not unit_norm_decoder(cfg.arch, True)
     assert not unit_norm_decoder(arch, False)
+
+
+@pytest.mark.parametrize("arch, setting, normed", [
+    ("sae", "null", True), ("crosscoder", "null", True), ("transcoder", "null", False), ("skip_transcoder", "null", False),
+    ("clt", "null", False), ("molt", "null", False), ("transcoder", "true", True), ("sae", "false", False)])
+def test_jumprelu_normalises_tokens_for_autoencoders_only(arch, setting, normed):
+    cfg, coder = fresh_coder(arch, "jumprelu", f"act.token_norm={setting}")
+    assert coder.activation.token_norm is normed
+    assert (coder.token_scale(batch(arch, n=4)[0]) is not None) == normed
+    # a checkpoint written before the key (a JumpReLU that never normalised) stays as it was trained
+    act = OmegaConf.masked_copy(cfg.act, [k for k in cfg.act if k != "token_norm"])
+    assert build_coder(OmegaConf.merge(cfg, {"act": None}, {"act": act}), *dims(arch)[:2]).activation.token_norm is False
 
 
 def test_parallel_decoder_gradient_is_projected_out():

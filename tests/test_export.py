@@ -68,7 +68,9 @@ def test_saelens_export_has_the_documented_layout(tmp_path, arch, act):
     cfg = json.loads((out / SAELENS_CFG).read_text())
     w = load_file(out / SAELENS_WEIGHTS)
     assert cfg["apply_b_dec_to_input"] is False  # BatchTopK normalises each token (act.token_norm):
-    assert cfg["normalize_activations"] == ("constant_norm_rescale" if (arch, act) == ("sae", "batchtopk") else "none")
+    # BatchTopK and JumpReLU SAEs normalise each token by default (act.token_norm)
+    assert cfg["normalize_activations"] == ("constant_norm_rescale" if (arch, act) in (("sae", "batchtopk"), ("sae", "jumprelu"))
+                                            else "none")
     assert cfg["metadata"]["sae_lens_version"] >= "6.0.0" and cfg["metadata"]["hook_name"] == "blocks.2." + (
         "hook_resid_post" if arch == "sae" else "ln2.hook_normalized")
     assert w["W_enc"].shape == (12, 64) and w["W_dec"].shape == (64, 12) and w["b_dec"].shape == (12,)
@@ -119,9 +121,8 @@ def test_sae_made_by_saelens_imports_with_b_dec_subtraction_folded(tmp_path):
 
 @pytest.mark.parametrize("arch, act", SAELENS_PAIRS)
 def test_saelens_round_trip_gives_back_the_same_coder(tmp_path, arch, act):
-    # our JumpReLU has no token normalisation to import constant_norm_rescale into
-    no_norm = ["act.token_norm=false"] if act == "batchtopk" else []
-    ckpt, coder = random_checkpoint(tmp_path / "ckpt", arch, act, *no_norm)
+    # constant_norm_rescale (a BatchTopK or JumpReLU SAE's default token_norm) comes back as act.token_norm
+    ckpt, coder = random_checkpoint(tmp_path / "ckpt", arch, act)
     export(export_cfg(f"checkpoint={ckpt}", "format=saelens", f"out={tmp_path / 'sl'}"))
     back = export(export_cfg(f"from_saelens={tmp_path / 'sl'}", f"out={tmp_path / 'back'}"))
     reloaded = load_dictionary(back)
@@ -130,6 +131,8 @@ def test_saelens_round_trip_gives_back_the_same_coder(tmp_path, arch, act):
     meta = json.loads((back / "metadata.json").read_text())
     assert meta["hooks_in"] == json.loads((ckpt / "metadata.json").read_text())["hooks_in"]
     assert meta["act"] == ("jumprelu" if act == "batchtopk" else act)
+    assert reloaded.activation.token_norm == coder.activation.token_norm == ((arch, act) in (("sae", "batchtopk"),
+                                                                                         ("sae", "jumprelu")))
 
 
 def test_imported_saelens_transcoder_is_scored_by_our_evaluator(lm, tmp_path):  # noqa: F811
@@ -426,6 +429,11 @@ def test_existing_output_is_kept_unless_overwrite(tmp_path):
         import_saelens(out, ckpt)
     with pytest.raises(UsageError, match="not a SAELens SAE dir"):
         import_saelens(tmp_path, tmp_path / "x")
+    sl_cfg = json.loads((out / SAELENS_CFG).read_text())
+    (out / SAELENS_CFG).write_text(json.dumps(sl_cfg | {"normalize_activations": "expected_average_only_in"}))
+    with pytest.raises(UsageError, match="fold_activation_norm_scaling_factor"):  # only constant_norm_rescale is ours
+        import_saelens(out, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
     with pytest.raises(UsageError, match="pass out=DIR"):
         export(export_cfg(f"checkpoint={ckpt}", "format=saelens"))
     with pytest.raises(UsageError, match="format=onnx"):

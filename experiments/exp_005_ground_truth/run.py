@@ -34,10 +34,10 @@ SIZES = {
 SCALES = list(SIZES)  # the scales this experiment has sizes for
 # The sparsity dials (README: the tables): JumpReLU's target L0 (its default penalty), and the coefficient
 # sweeps that do not dial L0: JumpReLU's tanh penalty with the init that was the default before
-# (θ₀ = 3, θ at the base lr), ReLU's L1.
+# (θ₀ = 3, θ at the base lr, tokens not normalised, as it was measured), ReLU's L1.
 JUMPRELU_TARGETS = "8,16,32,64,128"
 JUMPRELU_TANH = ["act.penalty=tanh", "act.init_threshold=3", "act.threshold_lr_scale=1",
-                 "act.sparsity_coef=0.01,0.03,0.1,0.3,1,3,10"]
+                 "act.sparsity_coef=0.01,0.03,0.1,0.3,1,3,10", "act.token_norm=false"]
 RELU_COEFS = "1,3,4,5,6,7,10,30,100"
 CLT = ["arch=clt", "arch.layers=[0,1,2]"]
 MATRYOSHKA = "[128,512]"
@@ -53,9 +53,10 @@ def grids(scale: str) -> list[list[str]]:
             # the token normalisation BatchTopK needs (activations.BatchTopK), off; and on for TopK
             [*sizes, "arch=sae", "act=batchtopk", f"act.k={K}", "act.token_norm=false"],
             [*sizes, "arch=sae", "act=topk", f"act.k={K}", "act.token_norm=true"],
+            # a per-latent θ fixed across tokens needs them at one norm (JumpReLU's default on an SAE, as
+            # BatchTopK's threshold does); and without it
             [*sizes, "arch=sae", "act=jumprelu", f"act.target_l0={JUMPRELU_TARGETS}"],
-            # a per-latent θ fixed across tokens needs them at one norm, as BatchTopK's threshold does
-            [*sizes, "arch=sae", "act=jumprelu", f"act.target_l0={JUMPRELU_TARGETS}", "act.token_norm=true"],
+            [*sizes, "arch=sae", "act=jumprelu", f"act.target_l0={JUMPRELU_TARGETS}", "act.token_norm=false"],
             [*sizes, "arch=sae", "act=jumprelu", *JUMPRELU_TANH],
             [*sizes, "arch=sae", "act=relu", f"act.l1_coef={RELU_COEFS}"],
             [*sizes, *CLT, "act=topk,batchtopk", f"act.k={K}"],
@@ -84,9 +85,11 @@ def score_job(job: Path) -> dict:
     rows = data.eval_rows(cfg.train.eval_tokens)
     out = coder(rows[0])
     act = type(coder.activation).__name__
-    # token normalisation named where it differs from the activation's default (BatchTopK: on)
-    token_norm = "" if bool(cfg.act.get("token_norm")) == (act == "BatchTopK") else f" token_norm={cfg.act.get('token_norm')}"
-    normed = "token_norm " if cfg.act.get("token_norm") and act in ("JumpReLU", "ReLU") else ""
+    # token normalisation as resolved (JumpReLU's null: on for an SAE), named for TopK where it differs
+    # from the activation's default (BatchTopK: on) and for JumpReLU / ReLU wherever it is on
+    on = coder.activation.token_norm
+    token_norm = "" if on == (act == "BatchTopK") else f" token_norm={on}"
+    normed = "token_norm " if on and act in ("JumpReLU", "ReLU") else ""
     matryoshka = f" matryoshka={list(cfg.arch.matryoshka)}" if cfg.arch.get("matryoshka") else ""
     topk = f"k={cfg.act.get('k')}{token_norm}{matryoshka}"
     knob = {"TopK": topk, "BatchTopK": topk,
@@ -150,8 +153,8 @@ def plot(results: list[dict], out_dir: Path) -> list[Path]:
     ax_cos.axvline(0.9, color="grey", ls=":")
     ax_cos.legend(fontsize=7, loc="lower left")
     ax_cos.invert_yaxis()
-    for act, dial, label in (("jumprelu", "target=", "JumpReLU act.target_l0 (default)"),
-                             ("jumprelu", "token_norm target=", "JumpReLU act.target_l0, act.token_norm"),
+    for act, dial, label in (("jumprelu", "token_norm target=", "JumpReLU act.target_l0 (default: token_norm)"),
+                             ("jumprelu", "target=", "JumpReLU act.target_l0, act.token_norm=false"),
                              ("jumprelu", "tanh coef=", "JumpReLU tanh act.sparsity_coef (θ₀ = 3)"),
                              ("relu", "l1=", "ReLU act.l1_coef")):
         sweep = sorted((r for r in results if r["act"] == act and r["arch"] == "sae" and r["knob"].startswith(dial)),

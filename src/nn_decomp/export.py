@@ -167,8 +167,9 @@ def import_saelens(src: str | Path, out: str | Path, overwrite: bool = False, mo
     if architecture not in ours:
         raise UsageError(f"SAELens architecture {architecture!r} has no nn_decomp equivalent; supported: {sorted(ours)}")
     arch, act = ours[architecture]
-    if sl_cfg.get("normalize_activations", "none") != "none":
-        raise UsageError(f"{src}: normalize_activations={sl_cfg['normalize_activations']!r}; fold it into the "
+    normalize = sl_cfg.get("normalize_activations", "none")
+    if normalize not in ("none", "constant_norm_rescale"):  # the latter is our act.token_norm
+        raise UsageError(f"{src}: normalize_activations={normalize!r}; fold it into the "
                          "weights in SAELens first (sae.fold_activation_norm_scaling_factor) and save again")
     if sl_cfg.get("rescale_acts_by_decoder_norm") or get("hook_head_index") is not None \
             or sl_cfg.get("reshape_activations", "none") != "none":
@@ -192,7 +193,8 @@ def import_saelens(src: str | Path, out: str | Path, overwrite: bool = False, mo
         # SAELens: relu(pre)·(pre > θ); ours: pre·(pre > θ), θ > 0 — equal once θ ≥ the tiniest positive.
         state["activation.log_threshold"] = w["threshold"].float().clamp(min=torch.finfo(torch.float32).tiny).log()[None]
     d_in, n_latents, d_out = W_enc.shape[0], W_enc.shape[1], w["W_dec"].shape[1]
-    overrides = [f"arch={arch}", f"act={act}", f"arch.layers=[{layer}]", f"arch.n_latents={n_latents}"]
+    overrides = [f"arch={arch}", f"act={act}", f"arch.layers=[{layer}]", f"arch.n_latents={n_latents}",
+                 f"act.token_norm={str(normalize == 'constant_norm_rescale').lower()}"]
     if act == "topk":
         overrides.append(f"act.k={sl_cfg['k']}")
     cfg = compose_config(overrides)

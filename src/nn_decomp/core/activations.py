@@ -282,7 +282,7 @@ class JumpReLU(Activation):
     def __init__(self, sparsity_coef: float, penalty: str, bandwidth: float, init_threshold: float,
                  tanh_scale: float, pre_act_coef: float, threshold_lr_scale: float = 1.0,
                  target_l0: float | None = None, aux_coef: float = 0.0, k_aux: int | None = None,
-                 ste_to_input: bool = False, token_norm: bool = False):
+                 ste_to_input: bool = False, token_norm: bool | None = False):
         super().__init__()
         self.ste_to_input, self.token_norm = ste_to_input, token_norm
         self.aux_coef, self.k_aux, self.uses_aux_loss = aux_coef, k_aux, aux_coef > 0

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 
 from nn_decomp.core.coder import SparseCoder
-from nn_decomp.config import TRANSCODERS, molt_groups
+from nn_decomp.config import AUTOENCODERS, TRANSCODERS, molt_groups
 
 WEIGHTS, CONFIG, METADATA, TRAINER_STATE = "dictionary.safetensors", "config.yaml", "metadata.json", "trainer_state.pt"
 
@@ -27,6 +27,8 @@ def build_coder(cfg: DictConfig, d_in: int, d_out: int) -> SparseCoder:
     arch = cfg.arch
     get = arch.get  # checkpoints older than a key lack it: its default
     act.unit_norm_decoder = unit_norm_decoder(arch, act.unit_norm_decoder)
+    if act.token_norm is None:  # JumpReLU's null (config.py): a checkpoint older than the key has False
+        act.token_norm = arch.name in AUTOENCODERS
     return SparseCoder(d_in, d_out, arch.n_latents, len(arch.layers), act,
                        cross_layer=arch.name == "clt", crosscoder=arch.name == "crosscoder",
                        transforms=tuple(molt_groups(arch.n_latents, list(arch.molt_ranks))) if arch.name == "molt" else (),
