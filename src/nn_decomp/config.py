@@ -211,7 +211,7 @@ class JumpReLUConfig:
     BatchTopK's act.token_norm: the per-latent θ then means the same for a quiet token as for a loud one.
     null (default): on for an autoencoder (sae, crosscoder), off for a transcoder / skip transcoder / CLT /
     MOLT, whose LM input is already RMS-normalised and whose export formats (SAELens transcoders,
-    circuit-tracer) take no per-token normalisation (runtime/checkpoint.py: `token_norm`). exp_005: an SAE
+    circuit-tracer) take no per-token normalisation (resolved in runtime/checkpoint.py: `build_coder`). exp_005: an SAE
     at target 8 recovers 0.63 mean max-cos without, 0.95 with."""
     ste_to_input: bool = False
     """The straight-through pseudo-derivatives reach the pre-activations (so the encoder), not θ alone
