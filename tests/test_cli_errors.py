@@ -67,6 +67,8 @@ CASES = [  # (module, args, a fragment the one line must name)
     (TRAIN, ["data=synthetic", "data.background=true"], "data.background=true runs an LM in a child process"),
     (TRAIN, ["train.resume=true"], "train without resume first"),
     (TRAIN, ["act=relu", "act.l1_coef=-1"], "act.l1_coef=-1"),
+    (TRAIN, ["act=relu", "act.p_end=0"], "act.p_end=0"),
+    (TRAIN, ["act=relu", "act.anneal_start=1"], "act.anneal_start=1"),
     (TRAIN, ["act=topk", "act.aux_coef=-1"], "act.aux_coef=-1"),
     (TRAIN, ["act=jumprelu", "act.penalty=l2"], "act.penalty='l2'"),
     (TRAIN, ["act=jumprelu", "act.target_l0=0"], "act.target_l0=0"),

@@ -167,6 +167,18 @@ def test_sparsity_warmup_weighs_the_penalty_linearly_from_zero_to_one():
     assert half.loss.item() == pytest.approx(full.recon.item() + 0.5 * full.sparsity.item())
 
 
+def test_trainer_anneals_relus_penalty_exponent_by_the_fraction_of_training_done():
+    cfg, coder = fresh_coder("sae", "relu", "act.p_end=0.5", "act.anneal_start=0.5")
+    trainer = Trainer(cfg, coder, total_steps=4, scale_in_L=torch.ones(1), scale_out_L=torch.ones(1))
+    x, y = batch("sae", n=64)
+    for step, p in enumerate([1.0, 1.0, 1.0, 0.75]):  # p falls from 1 at step 2 of 4 to 0.5 at the end
+        with torch.no_grad():
+            out = coder(x)
+            latents = out.latents.dense() * coder.decoder_norm()
+            expected = cfg.act.l1_coef * latents.pow(p).sum((-1, -2)).mean()  # 0^p = 0: zeros add nothing
+        assert trainer.train_step(x, y).sparsity.item() == pytest.approx(expected.item(), rel=1e-5), step
+
+
 def test_a_checkpoint_older_than_unit_norm_decoder_keeps_what_it_was_trained_with():
     cfg, _ = fresh_coder("transcoder", "topk")
     arch = OmegaConf.masked_copy(cfg.arch, [k for k in cfg.arch if k != "unit_norm_decoder"])

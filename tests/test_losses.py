@@ -76,6 +76,30 @@ def test_relu_l1_penalty_is_weighted_by_decoder_norm():
     assert losses.aux.item() == 0
 
 
+def test_relu_p_annealing_schedule_and_penalty():
+    act = ReLU(l1_coef=0.5, p_end=0.25, anneal_start=0.5)
+    # p = 1 up to half of training, then linear to 0.25 at the end: 1 − 0.75·(0.75 − 0.5)/0.5 = 0.625
+    assert [act.exponent(t) for t in (0.0, 0.5, 0.75, 1.0)] == pytest.approx([1.0, 1.0, 0.625, 0.25])
+    coder = SparseCoder(2, 2, 3, 1, act)
+    # the L1 test's weights: weighted activations f·‖W_dec‖ are (5, 0, 4) and (0, 1, 2)
+    set_weights(coder, W_enc=[[[1.0, 0.0], [-1.0, 1.0], [2.0, 1.0]]], b_enc=[[0.0, 0.0, 0.0]],
+                W_dec=[[[[3.0, 4.0]], [[1.0, 0.0]], [[0.0, 2.0]]]])
+    x = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]])
+    out = coder(x)
+    assert coder_loss(coder, out, x, None, progress=0.25).sparsity.item() == pytest.approx(3.0)  # plain L1
+    # p = 0.25: token 0: 5^¼ + 4^¼, token 1: 1 + 2^¼; mean, times 0.5; the zero entries add nothing
+    expected = 0.5 * (5 ** 0.25 + 4 ** 0.25 + 1 + 2 ** 0.25) / 2
+    losses = coder_loss(coder, out, x, None, progress=1.0)
+    assert losses.sparsity.item() == pytest.approx(expected)
+    losses.loss.backward()  # a zero activation's (infinite) slope must not reach the weights as nan
+    assert all(torch.isfinite(p.grad).all() for p in coder.parameters() if p.grad is not None)
+    # d/db of 0.5·(f·‖W_dec‖)^¼ / 2 tokens for latent 2 (f = 2 then 1, ‖W_dec‖ = 2): the penalty's part
+    # of b_enc's gradient, 0.25·0.25·(4^−¾·2 + 2^−¾·2), with the reconstruction's part removed
+    coder.zero_grad()
+    coder_loss(coder, coder(x), x, None, progress=1.0).sparsity.backward()
+    assert coder.b_enc.grad[0, 2].item() == pytest.approx(0.0625 * 2 * (4 ** -0.75 + 2 ** -0.75))
+
+
 def test_relu_l1_penalty_uses_the_concatenated_clt_decoder_norm():
     coder = SparseCoder(2, 2, 1, 2, ReLU(l1_coef=0.25), cross_layer=True)
     # source 0 writes (3,0) to layer 0 and (0,4) to layer 1: concatenated norm 5 (not 3 + 4);

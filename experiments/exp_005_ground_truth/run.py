@@ -34,11 +34,15 @@ SIZES = {
 SCALES = list(SIZES)  # the scales this experiment has sizes for
 # The sparsity dials (README: the tables): JumpReLU's target L0 (its default penalty), and the coefficient
 # sweeps that do not dial L0: JumpReLU's tanh penalty with the init that was the default before
-# (θ₀ = 3, θ at the base lr, tokens not normalised, as it was measured), ReLU's L1.
+# (θ₀ = 3, θ at the base lr, tokens not normalised, as it was measured), ReLU's L1 (plain, and p-annealed).
 JUMPRELU_TARGETS = "8,16,32,64,128"
 JUMPRELU_TANH = ["act.penalty=tanh", "act.init_threshold=3", "act.threshold_lr_scale=1",
                  "act.sparsity_coef=0.01,0.03,0.1,0.3,1,3,10", "act.token_norm=false"]
 RELU_COEFS = "1,3,4,5,6,7,10,30,100"
+# ReLU with its penalty annealed from L1 towards L0 over the second half of training (p-annealing,
+# Karvonen et al. 2024) and tokens at one norm: what gets an L1-trained ReLU SAE to L0 ≈ 8
+RELU_P_END = 0.25
+RELU_PANNEAL = ["act.token_norm=true", f"act.p_end={RELU_P_END}", "act.l1_coef=0.5,1,1.5,2,3"]
 CLT = ["arch=clt", "arch.layers=[0,1,2]"]
 MATRYOSHKA = "[128,512]"
 
@@ -59,6 +63,7 @@ def grids(scale: str) -> list[list[str]]:
             [*sizes, "arch=sae", "act=jumprelu", f"act.target_l0={JUMPRELU_TARGETS}", "act.token_norm=false"],
             [*sizes, "arch=sae", "act=jumprelu", *JUMPRELU_TANH],
             [*sizes, "arch=sae", "act=relu", f"act.l1_coef={RELU_COEFS}"],
+            [*sizes, "arch=sae", "act=relu", *RELU_PANNEAL],
             [*sizes, *CLT, "act=topk,batchtopk", f"act.k={K}"],
             # Matryoshka: nested prefixes of 128 and 512 of the 2048 latents (the 64 parents fit the first)
             [*sizes, "arch=sae", "act=topk,batchtopk", f"act.k={K}", f"arch.matryoshka={MATRYOSHKA}"]]
@@ -95,7 +100,8 @@ def score_job(job: Path) -> dict:
     knob = {"TopK": topk, "BatchTopK": topk,
             "JumpReLU": normed + (f"target={cfg.act.get('target_l0')}" if cfg.act.get("penalty") == "target"
                                   else f"{cfg.act.get('penalty')} coef={cfg.act.get('sparsity_coef')}"),
-            "ReLU": f"{normed}l1={cfg.act.get('l1_coef')}"}
+            "ReLU": normed + (f"p_end={coder.activation.p_end} " if coder.activation.p_end < 1 else "")
+                    + f"l1={cfg.act.get('l1_coef')}"}
     return {"run": f"ours {cfg.arch.name} {act} {knob[act]}", "arch": cfg.arch.name, "act": act.lower(),
             "knob": knob[act], "config": cfg,
             **score([w.flatten(1) for w in coder.W_dec], out.latents.dense(), out.recon, data, rows)}
@@ -156,7 +162,9 @@ def plot(results: list[dict], out_dir: Path) -> list[Path]:
     for act, dial, label in (("jumprelu", "token_norm target=", "JumpReLU act.target_l0 (default: token_norm)"),
                              ("jumprelu", "target=", "JumpReLU act.target_l0, act.token_norm=false"),
                              ("jumprelu", "tanh coef=", "JumpReLU tanh act.sparsity_coef (θ₀ = 3)"),
-                             ("relu", "l1=", "ReLU act.l1_coef")):
+                             ("relu", "l1=", "ReLU act.l1_coef"),
+                             ("relu", f"token_norm p_end={RELU_P_END} l1=",
+                              f"ReLU act.l1_coef, p annealed to {RELU_P_END}, token_norm")):
         sweep = sorted((r for r in results if r["act"] == act and r["arch"] == "sae" and r["knob"].startswith(dial)),
                        key=coef)
         ax_l0.plot([coef(r) for r in sweep], [r["l0"] for r in sweep], "o-", label=label)

@@ -137,9 +137,15 @@ class ReLUConfig:
     """Scale each token's input to norm √d_in before encoding (and the reconstruction back), as
     BatchTopK's act.token_norm: a fixed per-latent threshold (here −b_enc) then means the same for a
     quiet token as for a loud one."""
+    p_end: float = 1.0
+    """p-annealing (Karvonen et al. 2024): the penalty becomes Σ (f·‖W_dec‖)^p, p falling linearly from
+    1 at act.anneal_start (a fraction of training) to p_end at the end; 1 = plain L1 throughout."""
+    anneal_start: float = 0.5
 
     def __post_init__(self):
         require(self.l1_coef >= 0, f"act.l1_coef={self.l1_coef}: must be >= 0")
+        require(0 < self.p_end <= 1, f"act.p_end={self.p_end}: must be in (0, 1] (1 = plain L1)")
+        require(0 <= self.anneal_start < 1, f"act.anneal_start={self.anneal_start}: must be in [0, 1)")
 
 
 @dataclass

@@ -165,7 +165,7 @@ class Trainer:
         low = self.compute_dtype != torch.float32
         with torch.autocast(x_BLD.device.type, self.compute_dtype) if low else contextlib.nullcontext():
             out = coder(x_BLD)
-            losses = coder_loss(coder, out, y_BLD, self.dead_LF(), self.sparsity_weight())
+            losses = coder_loss(coder, out, y_BLD, self.dead_LF(), self.sparsity_weight(), self.step / self.total_steps)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(losses.loss).backward()
         # After the average, so that every rank sees the same loss and stops at the same step.

@@ -142,19 +142,32 @@ class Activation(nn.Module):
     # this rank's share of the latents under tensor parallelism (shard.py); set by SparseCoder.set_shard
     shard = NO_SHARD
 
-    def penalty(self, pre_BLF: Tensor, latents: Latents, dec_norm_LF: Tensor) -> Tensor:
+    def penalty(self, pre_BLF: Tensor, latents: Latents, dec_norm_LF: Tensor, progress: float = 1.0) -> Tensor:
+        """progress: the fraction of training done, for a penalty that changes over training."""
         return pre_BLF.new_zeros(())
 
 
 class ReLU(Activation):
     """ReLU with an L1 penalty weighted by decoder norm (Anthropic, April 2024 update):
-    l1_coef · Σ_f f_i · ‖W_dec,i‖, summed over latents, averaged over tokens."""
+    l1_coef · Σ_f f_i · ‖W_dec,i‖, summed over latents, averaged over tokens.
+
+    p_end < 1 anneals the penalty to l1_coef · Σ_f (f_i · ‖W_dec,i‖)^p (Karvonen et al. 2024's
+    p-annealing; dictionary_learning's PAnnealTrainer with its Lp^p penalty): p is 1 until the fraction
+    `anneal_start` of training, then falls linearly to p_end at its end. Below 1 the penalty's slope is
+    steep for a small activation and shallow for a large one, so interference is pushed to zero without
+    shrinking the features kept, which is what an L1 penalty strong enough for a low L0 does. Unlike
+    dictionary_learning, the coefficient is not re-scaled as p falls: the sweep over l1_coef sets L0."""
 
     elementwise = True
 
-    def __init__(self, l1_coef: float, token_norm: bool = False):
+    def __init__(self, l1_coef: float, token_norm: bool = False, p_end: float = 1.0, anneal_start: float = 0.5):
         super().__init__()
-        self.l1_coef, self.token_norm = l1_coef, token_norm
+        self.l1_coef, self.token_norm, self.p_end, self.anneal_start = l1_coef, token_norm, p_end, anneal_start
+
+    def exponent(self, progress: float) -> float:
+        """p at `progress`, the fraction of training done (1 after training)."""
+        annealed = max(0.0, progress - self.anneal_start) / (1 - self.anneal_start)
+        return 1.0 - (1.0 - self.p_end) * min(1.0, annealed)
 
     def support(self, pre_BLF: Tensor) -> Tensor:
         return pre_BLF > 0
@@ -163,8 +176,13 @@ class ReLU(Activation):
         pre = as_latents(pre)
         return pre._replace(values=torch.relu(pre.values))
 
-    def penalty(self, pre_BLF, latents, dec_norm_LF):
-        return self.l1_coef * self.shard.sum((latents.values * latents.at(dec_norm_LF)).sum((-1, -2)).mean())
+    def penalty(self, pre_BLF, latents, dec_norm_LF, progress=1.0):
+        weighted = latents.values * latents.at(dec_norm_LF)
+        if (p := self.exponent(progress)) < 1:
+            # 0^p's gradient is infinite: the zeros of the dense path take no part
+            active = weighted > 0
+            weighted = torch.where(active, torch.where(active, weighted, 1.0).pow(p), 0.0)
+        return self.l1_coef * self.shard.sum(weighted.sum((-1, -2)).mean())
 
 
 class TopK(Activation):
@@ -316,7 +334,7 @@ class JumpReLU(Activation):
         threshold = pre.at(self.threshold.to(pre.values.dtype))
         return pre._replace(values=JumpReLUFunction.apply(pre.values, threshold, self.bandwidth, self.ste_to_input))
 
-    def penalty(self, pre_BLF, latents, dec_norm_LF):
+    def penalty(self, pre_BLF, latents, dec_norm_LF, progress=1.0):
         threshold = latents.at(self.threshold.to(pre_BLF.dtype))
         loss = self.sparsity_coef * self._sparsity(pre_BLF, latents, threshold, dec_norm_LF)
         if self.pre_act_coef > 0:  # dense only: elementwise is False

@@ -63,12 +63,13 @@ def aux_k_loss(coder: SparseCoder, pre_BLF: Tensor, residual_BLD: Tensor, dead_L
 
 
 def coder_loss(coder: SparseCoder, out: CoderOutput, y_BLD: Tensor, dead_LF: Tensor | None,
-               sparsity_weight: float = 1.0) -> LossOutput:
-    """sparsity_weight: the penalty's warm-up factor (train.sparsity_warmup_steps); `sparsity` is reported unweighted."""
+               sparsity_weight: float = 1.0, progress: float = 1.0) -> LossOutput:
+    """sparsity_weight: the penalty's warm-up factor (train.sparsity_warmup_steps); `sparsity` is reported
+    unweighted. progress: the fraction of training done (ReLU's p-annealing)."""
     act = coder.activation
     # Matryoshka: the mean over the nested prefixes and the whole dictionary (one term unless set).
     recon = torch.stack([squared_error(r, y_BLD) for r in (out.recon, *out.prefix_recons)]).mean()
-    sparsity = act.penalty(out.pre_acts, out.latents, coder.decoder_norm())
+    sparsity = act.penalty(out.pre_acts, out.latents, coder.decoder_norm(), progress)
     aux = out.recon.new_zeros(())
     loss = recon + sparsity_weight * sparsity
     if act.uses_aux_loss and dead_LF is not None:
