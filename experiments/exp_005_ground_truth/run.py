@@ -41,8 +41,8 @@ JUMPRELU_TANH = ["act.penalty=tanh", "act.init_threshold=3", "act.threshold_lr_s
 RELU_COEFS = "1,3,4,5,6,7,10,30,100"
 # ReLU with its penalty annealed from L1 towards L0 over the second half of training (p-annealing,
 # Karvonen et al. 2024) and tokens at one norm: what gets an L1-trained ReLU SAE to L0 ≈ 8
-RELU_P_END = 0.25
-RELU_PANNEAL = ["act.token_norm=true", f"act.p_end={RELU_P_END}", "act.l1_coef=0.5,1,1.5,2,3"]
+RELU_P_END = 0.5
+RELU_PANNEAL = ["act.token_norm=true", f"act.p_end={RELU_P_END}", "act.l1_coef=0.5,1,2,2.5,3,4"]
 CLT = ["arch=clt", "arch.layers=[0,1,2]"]
 MATRYOSHKA = "[128,512]"
 
@@ -100,7 +100,7 @@ def score_job(job: Path) -> dict:
     knob = {"TopK": topk, "BatchTopK": topk,
             "JumpReLU": normed + (f"target={cfg.act.get('target_l0')}" if cfg.act.get("penalty") == "target"
                                   else f"{cfg.act.get('penalty')} coef={cfg.act.get('sparsity_coef')}"),
-            "ReLU": normed + (f"p_end={coder.activation.p_end} " if coder.activation.p_end < 1 else "")
+            "ReLU": normed + (f"p_end={cfg.act.p_end} " if cfg.act.get("p_end", 1.0) < 1 else "")
                     + f"l1={cfg.act.get('l1_coef')}"}
     return {"run": f"ours {cfg.arch.name} {act} {knob[act]}", "arch": cfg.arch.name, "act": act.lower(),
             "knob": knob[act], "config": cfg,
