@@ -40,7 +40,7 @@ JUMPRELU_TANH = ["act.penalty=tanh", "act.init_threshold=3", "act.threshold_lr_s
                  "act.sparsity_coef=0.01,0.03,0.1,0.3,1,3,10", "act.token_norm=false"]
 RELU_COEFS = "1,3,4,5,6,7,10,30,100"
 # ReLU with its penalty annealed from L1 towards L0 over the second half of training (p-annealing,
-# Karvonen et al. 2024) and tokens at one norm: what gets an L1-trained ReLU SAE to L0 ≈ 8
+# Karvonen et al. 2024) and tokens at one norm: what gets a ReLU SAE to 0.9 recovery near L0 ≈ 9
 RELU_P_END = 0.5
 RELU_PANNEAL = ["act.token_norm=true", f"act.p_end={RELU_P_END}", "act.l1_coef=0.5,1,2,2.5,3,4"]
 CLT = ["arch=clt", "arch.layers=[0,1,2]"]
@@ -95,13 +95,13 @@ def score_job(job: Path) -> dict:
     on = coder.activation.token_norm
     token_norm = "" if on == (act == "BatchTopK") else f" token_norm={on}"
     normed = "token_norm " if on and act in ("JumpReLU", "ReLU") else ""
+    p_end = cfg.act.get("p_end", 1.0)  # ReLU's; absent from runs older than the key
     matryoshka = f" matryoshka={list(cfg.arch.matryoshka)}" if cfg.arch.get("matryoshka") else ""
     topk = f"k={cfg.act.get('k')}{token_norm}{matryoshka}"
     knob = {"TopK": topk, "BatchTopK": topk,
             "JumpReLU": normed + (f"target={cfg.act.get('target_l0')}" if cfg.act.get("penalty") == "target"
                                   else f"{cfg.act.get('penalty')} coef={cfg.act.get('sparsity_coef')}"),
-            "ReLU": normed + (f"p_end={cfg.act.p_end} " if cfg.act.get("p_end", 1.0) < 1 else "")
-                    + f"l1={cfg.act.get('l1_coef')}"}
+            "ReLU": normed + (f"p_end={p_end} " if p_end < 1 else "") + f"l1={cfg.act.get('l1_coef')}"}
     return {"run": f"ours {cfg.arch.name} {act} {knob[act]}", "arch": cfg.arch.name, "act": act.lower(),
             "knob": knob[act], "config": cfg,
             **score([w.flatten(1) for w in coder.W_dec], out.latents.dense(), out.recon, data, rows)}
