@@ -17,7 +17,8 @@ from helpers import CONF, arch_act_cfg
 from nn_decomp.core.activations import Latents
 from nn_decomp.runtime.checkpoint import build_coder, save_checkpoint
 from nn_decomp.evaluate import (EVAL_JSON, DENSITY_PNG, DownstreamStats, ReconstructionStats, UsageError,
-                                ce_recovered, evaluate, excluded_token_ids, heldout_contexts, mean_activations)
+                                ce_recovered, clustered_stderr, evaluate, excluded_token_ids, heldout_contexts,
+                                mean_activations, paired_difference)
 from nn_decomp.analysis.patching import HookedDictionary
 from test_patching import mlp_clt, mlp_transcoder, relu_lm
 
@@ -77,17 +78,39 @@ def test_reconstruction_metrics_on_hand_computed_values():
 
 
 def test_downstream_stats_on_hand_computed_values():
-    stats = DownstreamStats()
-    logp_clean = torch.tensor([[0.6, 0.4]]).log()
-    logp = torch.tensor([[0.25, 0.75]]).log()
-    targets = torch.tensor([0])
-    stats.add_clean(logp_clean, targets)
-    stats.add("splice", logp_clean, logp, targets)
-    assert stats.mean("clean", "ce") == pytest.approx(-math.log(0.6))
-    assert stats.mean("splice", "ce") == pytest.approx(math.log(4))
-    assert stats.mean("splice", "kl") == pytest.approx(0.6 * math.log(0.6 / 0.25) + 0.4 * math.log(0.4 / 0.75))
-    assert stats.mean("splice", "top1") == 0.0
+    stats = DownstreamStats(n_contexts=2)
+    logp_clean = torch.tensor([[0.6, 0.4], [0.5, 0.5], [0.9, 0.1]]).log()
+    logp = torch.tensor([[0.25, 0.75], [0.5, 0.5], [0.9, 0.1]]).log()
+    targets, context = torch.tensor([0, 1, 0]), torch.tensor([0, 1, 1])
+    stats.add_clean(logp_clean, targets, context)
+    stats.add("splice", logp_clean, logp, targets, context)
+    kl0 = 0.6 * math.log(0.6 / 0.25) + 0.4 * math.log(0.4 / 0.75)  # the other two tokens: KL 0
+    assert stats.mean("clean", "ce") == pytest.approx(-(math.log(0.6) + math.log(0.5) + math.log(0.9)) / 3)
+    assert stats.mean("splice", "ce") == pytest.approx((math.log(4) - math.log(0.5) - math.log(0.9)) / 3)
+    assert stats.mean("splice", "kl") == pytest.approx(kl0 / 3)
+    assert stats.mean("splice", "top1") == pytest.approx(2 / 3)
+    # clusters: context 0 holds KL sum kl0 over 1 token, context 1 sum 0 over 2; mean m = kl0 / 3;
+    # residuals kl0 − m·1 = 2m, 0 − m·2 = −2m; SE = √(2/1 · 8m²) / 3 = 4m / 3
+    assert stats.stderr("splice", "kl") == pytest.approx(4 * kl0 / 9)
     assert ce_recovered(ce_clean=2.0, ce_patched=3.0, ce_ablated=4.0) == 0.5
+
+
+def test_clustered_stderr_is_the_plain_stderr_for_one_token_per_context():
+    values = torch.tensor([1.0, 3.0, 2.0, 6.0], dtype=torch.float64)
+    # the ratio estimator with n_c = 1 is the sample mean; C/(C−1)·Σr²/C² = sample variance / C
+    assert clustered_stderr(values, torch.ones(4, dtype=torch.float64)) == pytest.approx(values.std().item() / 2)
+    assert math.isnan(clustered_stderr(values[:1], torch.ones(1, dtype=torch.float64)))
+
+
+def test_paired_difference_cancels_what_both_models_share():
+    base = {"n_scored_tokens": [2, 2, 2], "ce_clean": [1.0, 2.0, 3.0]}
+    a = {"per_context": base | {"replacement_kl": [1.0, 5.0, 9.0]}}
+    b = {"per_context": base | {"replacement_kl": [0.8, 4.8, 8.8]}}  # a constant 0.2 per context worse
+    diff, se = paired_difference(a, b, "replacement_kl")
+    assert diff == pytest.approx(0.6 / 6) and se == pytest.approx(0, abs=1e-12)
+    other = {"per_context": base | {"ce_clean": [1.0, 2.0, 4.0], "replacement_kl": [0.8, 4.8, 8.8]}}
+    with pytest.raises(UsageError, match="different tokens"):
+        paired_difference(a, other, "replacement_kl")
 
 
 # --- exact and useless dictionaries ------------------------------------------------------------
@@ -153,6 +176,17 @@ def test_clt_with_cross_layer_writes_is_scored_per_layer_and_as_a_whole(lm, tmp_
     assert result["decoder_parameters"] == sum(w.numel() for w in coder.W_dec)
     assert result["active_decoder_parameters"] == pytest.approx(
         sum(l0 * (L - i) * d_out for i, l0 in enumerate(result["l0_per_layer"])))
+    # per-context sums add up to the means; against the exact CLT on the same tokens (KL 0 in every
+    # context) the paired difference is this CLT's KL, with this CLT's standard error
+    pc = result["per_context"]
+    n_C = torch.tensor(pc["n_scored_tokens"], dtype=torch.float64)
+    assert len(n_C) == result["n_contexts"] and n_C.sum() == result["n_scored_tokens"]
+    assert sum(pc["replacement_kl"]) / n_C.sum().item() == pytest.approx(result["replacement_kl"])
+    assert 0 < result["replacement_kl_stderr"] < result["replacement_kl"]
+    exact = evaluate(eval_cfg(f"checkpoint={save(mlp_clt(lm), tmp_path / 'exact')}"), model=lm)
+    diff, se = paired_difference(result, exact, "replacement_kl")
+    assert diff == pytest.approx(result["replacement_kl"], abs=1e-6)
+    assert se == pytest.approx(result["replacement_kl_stderr"], rel=1e-3)
 
 
 def test_exact_crosscoder_is_scored_per_layer_and_replaces_the_stream_exactly(lm, tmp_path):

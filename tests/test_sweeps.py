@@ -299,7 +299,8 @@ def test_exp_003_smoke(root, one_thread):
     out = root / "outputs" / "exp_003_all_layers_patching" / "smoke"
     assert_png(out / "all_layers_patching.png")
     values = numbers(out / "all_layers_patching.csv", ["mean_l0_per_module", "active_latents_per_mlp",
-                                                        "active_decoder_params", "replacement_ce", "replacement_kl"])
+                                                        "active_decoder_params", "replacement_ce", "replacement_kl",
+                                                        "kl_minus_transcoders", "kl_minus_transcoders_stderr"])
     with open(out / "all_layers_patching.csv") as f:
         families = [r["family"] for r in csv.DictReader(f)]
     by_family = dict(zip(families, values))  # one k at smoke: the CLT, the tied CLT, the transcoder set
@@ -308,6 +309,9 @@ def test_exp_003_smoke(root, one_thread):
     assert transcoders[1] == transcoders[0]
     # a tied latent writes one vector (+ its learned per-target scales): fewer parameters per latent
     assert tied[2] / tied[0] < clt[2] / clt[0]
+    # paired with the transcoders on the same tokens: the mean difference is the difference of means
+    assert transcoders[5:] == [0, 0]
+    assert clt[5] == pytest.approx(clt[4] - transcoders[4]) and clt[6] > 0
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from nn_decomp.runtime.checkpoint import load_dictionary
-from nn_decomp.evaluate import EVAL_JSON
+from nn_decomp.evaluate import EVAL_JSON, paired_difference
 from nn_decomp.analysis.sweeps import (Experiment, evaluate_checkpoints, evaluation_model, number, pyplot, report_written,
                               save_figure, write_points)
 
@@ -23,7 +23,8 @@ KS = {"smoke": [8], "cpu": [8, 16, 32], "cpu_2m": [12, 32], "gpu": [16, 32, 64, 
 SCALES = list(BLOCKS)  # the scales this experiment has sizes for
 COLUMNS = ["family", "k", "layers", "mean_l0_per_module", "active_latents_per_mlp", "active_decoder_params",
            "replacement_ce", "replacement_kl", "replacement_top1_agreement", "replacement_ce_recovered_zero",
-           "ce_clean", "n_tokens", "eval_json"]
+           "ce_clean", "replacement_ce_stderr", "replacement_kl_stderr", "ce_minus_transcoders",
+           "ce_minus_transcoders_stderr", "kl_minus_transcoders", "kl_minus_transcoders_stderr", "n_tokens", "eval_json"]
 X_AXES = [("mean_l0_per_module", "mean L0 per module"),
           ("active_latents_per_mlp", "active latents per MLP reconstruction\n(CLT: incl. cross-layer writes)"),
           ("active_decoder_params", "active decoder parameters per token")]
@@ -70,7 +71,7 @@ def point(family: str, k: int, eval_json: Path) -> dict:
     ev = json.loads(eval_json.read_text())
     per_latent = [n for path in ev["checkpoints"] for n in load_dictionary(path).decoder_params()[:, 0].tolist()]
     return {"family": family, "k": k, "layers": ev["layers"], **sparsity_costs(ev, family.startswith("clt"), per_latent),
-            **{key: number(ev.get(key)) for key in COLUMNS[6:11]}, "n_tokens": ev["n_tokens"],
+            **{key: number(ev.get(key)) for key in COLUMNS[6:13]}, "n_tokens": ev["n_tokens"],
             "eval_json": str(eval_json)}
 
 
@@ -85,6 +86,20 @@ def evaluate_replacements(exp: Experiment, rows: list[dict], scale: str, plot_on
             evaluate_checkpoints(ckpts, exp.analysis, model, out=None if clt else out)
         if (out / EVAL_JSON).exists():
             points.append(point(family, k, out / EVAL_JSON))
+    return compared_with_transcoders(points, KS[scale][-1])
+
+
+def compared_with_transcoders(points: list[dict], k: int) -> list[dict]:
+    """Each replacement model's CE and KL minus those of the per-layer transcoders at k, token by token
+    on the same contexts, with the context-clustered standard error (evaluations written before
+    eval.json had per-context sums are left blank)."""
+    evals = {id(p): json.loads(Path(p["eval_json"]).read_text()) for p in points}
+    base = next((evals[id(p)] for p in points if p["family"] == "transcoders" and p["k"] == k), None)
+    for p in points:
+        for m in ("ce", "kl"):
+            comparable = base is not None and "per_context" in base and "per_context" in evals[id(p)]
+            diff, se = paired_difference(evals[id(p)], base, f"replacement_{m}") if comparable else (None, None)
+            p[f"{m}_minus_transcoders"], p[f"{m}_minus_transcoders_stderr"] = diff, se
     return points
 
 

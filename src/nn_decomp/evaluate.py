@@ -50,6 +50,9 @@ CE_RECOVERED_DEFINITION = (
     "(CE_ablated − CE_patched) / (CE_ablated − CE_clean). *_zero: hook_out ablated to 0; *_mean: "
     "to its mean over the held-out tokens. 1 = as good as the clean model, 0 = no better than ablating.")
 KL_DEFINITION = "KL(clean ‖ patched) of next-token distributions, nats per scored token."
+STDERR_DEFINITION = ("*_stderr: standard error of the mean over scored tokens, clustered by context (the contexts "
+                     "are the independent samples); per_context: each context's sums, for paired comparisons.")
+REPLACEMENT_METRICS = {"ce": "ce", "kl": "kl", "top1_agreement": "top1"}
 POSITIONS = ("Scored positions: every token but BOS/EOS/pad ones (and the last of each context); "
              "those positions are also left unpatched.")
 
@@ -206,30 +209,59 @@ class ReconstructionStats:
                 "dense_fraction": as_list((density_LF > dense_threshold).double().mean(-1))}
 
 
+def clustered_stderr(sums_C: Tensor, n_C: Tensor) -> float:
+    """Standard error of the per-token mean Σ sums / Σ n when tokens come in clusters (contexts): the
+    tokens of one context are not independent, so the clusters are the samples (the ratio
+    estimator's sandwich form, with the C/(C−1) correction). sums_C may hold paired differences of
+    two models on the same contexts."""
+    C, total = len(n_C), n_C.sum()
+    if C < 2:
+        return math.nan
+    resid_C = sums_C - sums_C.sum() / total * n_C
+    return (C / (C - 1) * resid_C.pow(2).sum()).sqrt().item() / total.item()
+
+
+def paired_difference(eval_a: dict, eval_b: dict, metric: str) -> tuple[float, float]:
+    """Mean of `metric` (a key of eval.json's per_context, e.g. "replacement_kl") for model a minus model
+    b on the same scored tokens, and its context-clustered standard error: what is hard in a context is
+    hard for both, and cancels."""
+    a, b = eval_a["per_context"], eval_b["per_context"]
+    if a["n_scored_tokens"] != b["n_scored_tokens"] or not torch.allclose(
+            torch.tensor(a["ce_clean"]), torch.tensor(b["ce_clean"]), rtol=1e-4):
+        raise UsageError("the two evaluations scored different tokens: evaluate both with the same eval.n_tokens "
+                         "and eval.context_size, on checkpoints of the same data")
+    n_C = torch.tensor(a["n_scored_tokens"], dtype=torch.float64)
+    diff_C = torch.tensor(a[metric], dtype=torch.float64) - torch.tensor(b[metric], dtype=torch.float64)
+    return (diff_C.sum() / n_C.sum()).item(), clustered_stderr(diff_C, n_C)
+
+
 class DownstreamStats:
-    """Running sums of CE, KL(clean ‖ patched) and top-1 agreement per patch setting."""
+    """Per-context sums of CE, KL(clean ‖ patched) and top-1 agreement per patch setting: each
+    metric's mean over scored tokens, and its standard error clustered by context."""
 
-    def __init__(self):
-        self.n = 0
-        self.sums: dict[str, dict[str, float]] = {}
+    def __init__(self, n_contexts: int):
+        self.n_C = torch.zeros(n_contexts, dtype=torch.float64)
+        self.sums: dict[str, dict[str, Tensor]] = {}
 
-    def add_clean(self, logp_clean_NV: Tensor, targets_N: Tensor) -> None:
-        self.n += len(targets_N)
-        self._add("clean", {"ce": -logp_clean_NV.gather(-1, targets_N[:, None]).sum().item()})
+    def add_clean(self, logp_clean_NV: Tensor, targets_N: Tensor, context_N: Tensor) -> None:
+        self.n_C.index_add_(0, context_N.cpu(), torch.ones(len(context_N), dtype=torch.float64))
+        self._add("clean", context_N, {"ce": -logp_clean_NV.gather(-1, targets_N[:, None])[:, 0]})
 
-    def add(self, name: str, logp_clean_NV: Tensor, logp_NV: Tensor, targets_N: Tensor) -> None:
-        kl = (logp_clean_NV.exp() * (logp_clean_NV - logp_NV)).sum()
-        agree = (logp_clean_NV.argmax(-1) == logp_NV.argmax(-1)).sum()
-        self._add(name, {"ce": -logp_NV.gather(-1, targets_N[:, None]).sum().item(), "kl": kl.item(),
-                         "top1": agree.item()})
+    def add(self, name: str, logp_clean_NV: Tensor, logp_NV: Tensor, targets_N: Tensor, context_N: Tensor) -> None:
+        kl_N = (logp_clean_NV.exp() * (logp_clean_NV - logp_NV)).sum(-1)
+        agree_N = logp_clean_NV.argmax(-1) == logp_NV.argmax(-1)
+        self._add(name, context_N, {"ce": -logp_NV.gather(-1, targets_N[:, None])[:, 0], "kl": kl_N, "top1": agree_N})
 
-    def _add(self, name: str, values: dict[str, float]) -> None:
-        sums = self.sums.setdefault(name, dict.fromkeys(values, 0.0))
-        for k, v in values.items():
-            sums[k] += v
+    def _add(self, name: str, context_N: Tensor, values: dict[str, Tensor]) -> None:
+        sums = self.sums.setdefault(name, {k: torch.zeros_like(self.n_C) for k in values})
+        for k, v_N in values.items():
+            sums[k].index_add_(0, context_N.cpu(), v_N.cpu().double())
 
     def mean(self, name: str, key: str) -> float:
-        return self.sums[name][key] / self.n
+        return (self.sums[name][key].sum() / self.n_C.sum()).item()
+
+    def stderr(self, name: str, key: str) -> float:
+        return clustered_stderr(self.sums[name][key], self.n_C)
 
 
 def ce_recovered(ce_clean: float, ce_patched: float, ce_ablated: float) -> float:
@@ -280,12 +312,12 @@ def evaluate_dictionaries(model: HookedTransformer, dictionaries: list[HookedDic
     outs = [h for d in dictionaries for h in d.hooks_out]
     recon = [ReconstructionStats(d.coder.n_layers, d.coder.n_sources, d.coder.n_latents, d.coder.d_out, device)
              for d in dictionaries]
-    down = DownstreamStats()
+    down = DownstreamStats(len(contexts_CT))
     means = mean_activations(model, contexts_CT, outs, exclude_ids, batch_contexts) if downstream else None
     targets = covered_layers(dictionaries)
     exclude = torch.tensor(exclude_ids, device=device)
-    for tokens_BT in tqdm(contexts_CT.split(batch_contexts), desc="eval", mininterval=5):
-        tokens_BT = tokens_BT.to(device)
+    for first in tqdm(range(0, len(contexts_CT), batch_contexts), desc="eval", mininterval=5):
+        tokens_BT = contexts_CT[first:first + batch_contexts].to(device)
         keep_BT = ~torch.isin(tokens_BT, exclude)
         stop = None if downstream else max(hook_layer(h) for h in hooks) + 1
         logits, cache = model.run_with_cache(tokens_BT, names_filter=hooks, stop_at_layer=stop)
@@ -298,19 +330,20 @@ def evaluate_dictionaries(model: HookedTransformer, dictionaries: list[HookedDic
             continue
         scored_BT = keep_BT[:, :-1]
         targets_N = tokens_BT[:, 1:][scored_BT]
+        context_N = (first + torch.arange(len(tokens_BT), device=device))[:, None].expand_as(scored_BT)[scored_BT]
 
         def logp(logits_BTV: Tensor) -> Tensor:
             return torch.log_softmax(logits_BTV[:, :-1][scored_BT].float(), dim=-1)
 
         logp_clean = logp(logits)
         del logits
-        down.add_clean(logp_clean, targets_N)
+        down.add_clean(logp_clean, targets_N, context_N)
         settings = [(f"{mode}/{layer}", [d], mode, [layer]) for d, layer in targets for mode in ("splice", "zero", "mean")]
         if len(targets) > 1:
             settings += [(f"{mode}/all", dictionaries, mode, None) for mode in ("splice", "zero", "mean")]
         for name, ds, mode, layers in settings:
             with patched(model, ds, mode, layers=layers, means=means, positions_BT=keep_BT, clean=cache):
-                down.add(name, logp_clean, logp(model(tokens_BT)), targets_N)
+                down.add(name, logp_clean, logp(model(tokens_BT)), targets_N, context_N)
     metrics = summarise(dictionaries, recon, down if downstream else None, dense_threshold)
     return Evaluation(metrics, [s.fires_LF for s in recon])
 
@@ -361,13 +394,19 @@ def downstream_summary(dictionaries: list[HookedDictionary], down: DownstreamSta
     key = "all" if len(layers) > 1 else layers[0]  # one layer: the replacement model is the splice
     ce_rep, zero_all, mean_all = (down.mean(f"{m}/{key}", "ce") for m in ("splice", "zero", "mean"))
     avg = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    rep = f"splice/{key}"
     return {
         "ce_recovered_definition": CE_RECOVERED_DEFINITION, "kl_definition": KL_DEFINITION,
-        "n_scored_tokens": down.n, "ce_clean": ce_clean,
+        "stderr_definition": STDERR_DEFINITION, "n_scored_tokens": int(down.n_C.sum()), "ce_clean": ce_clean,
         **{k: avg(v) for k, v in per.items()},
         **{f"{k}_per_layer": v for k, v in per.items()},
-        "replacement_ce": ce_rep, "replacement_kl": down.mean(f"splice/{key}", "kl"),
-        "replacement_top1_agreement": down.mean(f"splice/{key}", "top1"),
+        "replacement_ce": ce_rep, "replacement_kl": down.mean(rep, "kl"),
+        "replacement_top1_agreement": down.mean(rep, "top1"),
+        **{f"replacement_{m}_stderr": down.stderr(rep, k) for m, k in REPLACEMENT_METRICS.items()},
+        "ce_clean_stderr": down.stderr("clean", "ce"),
+        # per-context sums: two models evaluated on the same contexts compare pairwise (paired_difference)
+        "per_context": {"n_scored_tokens": down.n_C.tolist(), "ce_clean": down.sums["clean"]["ce"].tolist(),
+                        **{f"replacement_{m}": down.sums[rep][k].tolist() for m, k in REPLACEMENT_METRICS.items()}},
         "replacement_ce_zero_ablated": zero_all, "replacement_ce_mean_ablated": mean_all,
         "replacement_ce_recovered_zero": ce_recovered(ce_clean, ce_rep, zero_all),
         "replacement_ce_recovered_mean": ce_recovered(ce_clean, ce_rep, mean_all),
