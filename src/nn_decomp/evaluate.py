@@ -13,7 +13,8 @@ out and left unpatched):
   spliced, zero-ablated and mean-ablated, CE loss recovered against each ablation and
   KL(clean ‖ spliced); and the all-layers replacement model (every covered output replaced at once,
   each layer encoded from the patched stream; a crosscoder's from the clean one, patching.py): CE,
-  KL, top-1 agreement with the clean model.
+  KL, top-1 agreement with the clean model, each with its standard error clustered by context, and
+  each context's sums (`per_context`), for `paired_difference` of two models on the same tokens.
 
 `evaluate(cfg)` is the plain function tests call; `main` only adds Hydra.
 """
