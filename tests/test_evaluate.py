@@ -164,7 +164,8 @@ def test_replacement_by_exact_transcoder_set_or_clt_is_the_clean_model(lm, tmp_p
 
 
 def test_clt_with_cross_layer_writes_is_scored_per_layer_and_as_a_whole(lm, tmp_path):
-    result = evaluate(eval_cfg(f"checkpoint={save(mlp_clt(lm, cross_scale=0.02), tmp_path / 'clt')}"), model=lm)
+    path = save(mlp_clt(lm, cross_scale=0.02), tmp_path / "clt")
+    result = evaluate(eval_cfg(f"checkpoint={path}"), model=lm)
     assert result["nmse_per_layer"][0] < 1e-8 < result["nmse_per_layer"][2]  # layer 0 has no earlier source
     assert result["kl_spliced_per_layer"][0] < 1e-6 < result["replacement_kl"]
     assert result["replacement_top1_agreement"] < 1
@@ -187,6 +188,11 @@ def test_clt_with_cross_layer_writes_is_scored_per_layer_and_as_a_whole(lm, tmp_
     diff, se = paired_difference(result, exact, "replacement_kl")
     assert diff == pytest.approx(result["replacement_kl"], abs=1e-6)
     assert se == pytest.approx(result["replacement_kl_stderr"], rel=1e-3)
+    # eval.per_layer=false: the same replacement on the same tokens, without the per-layer splices
+    alone = evaluate(eval_cfg(f"checkpoint={path}", "eval.per_layer=false", f"out={tmp_path / 'alone'}"), model=lm)
+    assert "kl_spliced_per_layer" not in alone and "ce_spliced" not in alone
+    for key in ("replacement_ce", "replacement_kl", "replacement_ce_recovered_mean", "replacement_kl_stderr"):
+        assert alone[key] == pytest.approx(result[key], rel=1e-6)
 
 
 def test_exact_crosscoder_is_scored_per_layer_and_replaces_the_stream_exactly(lm, tmp_path):

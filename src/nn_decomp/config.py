@@ -474,6 +474,9 @@ class EvalSettings:
     """A latent firing on more than this fraction of tokens counts as dense."""
     downstream: bool = True
     """Run the CE/KL metrics (patched forward passes of the full LM)."""
+    per_layer: bool = True
+    """Also splice / ablate each covered layer alone (3 patched passes per layer and batch); false: the
+    all-layers replacement only (3 passes per batch), for a larger sample at the same cost."""
     context_size: int | None = None
     """Tokens per context; null: the checkpoint's data.context_size."""
 
@@ -575,6 +578,8 @@ class AnalysisConfig:
     """Held-out tokens for `nn_decomp.evaluate` (its eval.n_tokens)."""
     eval_batch_contexts: int = 8
     """Contexts per LM forward pass in evaluations."""
+    eval_per_layer: bool = True
+    """Evaluations splice each layer alone too (eval.per_layer); false: the replacement model only."""
     eval_lm_layers: int | None = None
     """Cut the LM to its first blocks for downstream metrics (smoke only: the CE values are then
     meaningless); null evaluates with the whole LM."""

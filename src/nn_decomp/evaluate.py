@@ -302,8 +302,9 @@ class Evaluation(NamedTuple):
 @torch.no_grad()
 def evaluate_dictionaries(model: HookedTransformer, dictionaries: list[HookedDictionary], contexts_CT: Tensor,
                           exclude_ids: list[int], batch_contexts: int = 8, dense_threshold: float = 0.1,
-                          downstream: bool = True) -> Evaluation:
-    """All metrics for `dictionaries` (one, or per-layer transcoders) on `contexts_CT`."""
+                          downstream: bool = True, per_layer: bool = True) -> Evaluation:
+    """All metrics for `dictionaries` (one, or per-layer transcoders) on `contexts_CT`; per_layer=False
+    leaves out the splices and ablations of each layer alone (one covered layer: it is the replacement)."""
     from nn_decomp.data.store import hook_layer
 
     device = model.cfg.device
@@ -339,7 +340,8 @@ def evaluate_dictionaries(model: HookedTransformer, dictionaries: list[HookedDic
         logp_clean = logp(logits)
         del logits
         down.add_clean(logp_clean, targets_N, context_N)
-        settings = [(f"{mode}/{layer}", [d], mode, [layer]) for d, layer in targets for mode in ("splice", "zero", "mean")]
+        settings = [(f"{mode}/{layer}", [d], mode, [layer]) for d, layer in targets for mode in ("splice", "zero", "mean")
+                    if per_layer or len(targets) == 1]
         if len(targets) > 1:
             settings += [(f"{mode}/all", dictionaries, mode, None) for mode in ("splice", "zero", "mean")]
         for name, ds, mode, layers in settings:
@@ -383,7 +385,7 @@ def downstream_summary(dictionaries: list[HookedDictionary], down: DownstreamSta
     layers = [layer for _, layer in covered_layers(dictionaries)]
     per = {k: [] for k in ("ce_spliced", "ce_zero_ablated", "ce_mean_ablated", "ce_recovered_zero",
                            "ce_recovered_mean", "kl_spliced", "top1_agreement_spliced")}
-    for layer in layers:
+    for layer in (layer for layer in layers if f"splice/{layer}" in down.sums):  # eval.per_layer=false: none
         ce, zero, mean = (down.mean(f"{m}/{layer}", "ce") for m in ("splice", "zero", "mean"))
         per["ce_spliced"].append(ce)
         per["ce_zero_ablated"].append(zero)
@@ -399,8 +401,8 @@ def downstream_summary(dictionaries: list[HookedDictionary], down: DownstreamSta
     return {
         "ce_recovered_definition": CE_RECOVERED_DEFINITION, "kl_definition": KL_DEFINITION,
         "stderr_definition": STDERR_DEFINITION, "n_scored_tokens": int(down.n_C.sum()), "ce_clean": ce_clean,
-        **{k: avg(v) for k, v in per.items()},
-        **{f"{k}_per_layer": v for k, v in per.items()},
+        **{k: avg(v) for k, v in per.items() if v},
+        **{f"{k}_per_layer": v for k, v in per.items() if v},
         "replacement_ce": ce_rep, "replacement_kl": down.mean(rep, "kl"),
         "replacement_top1_agreement": down.mean(rep, "top1"),
         **{f"replacement_{m}_stderr": down.stderr(rep, k) for m, k in REPLACEMENT_METRICS.items()},
@@ -491,7 +493,7 @@ def evaluate(cfg: DictConfig, model: HookedTransformer | None = None) -> dict:
                          f"pass eval.context_size={model.cfg.n_ctx}")
     contexts = heldout_contexts(text_config(ckpt_cfg, meta), model.tokenizer, ev.n_tokens, context_size)
     result, fires = evaluate_dictionaries(model, dictionaries, contexts, exclude_ids, ev.batch_contexts,
-                                          ev.dense_threshold, ev.downstream)
+                                          ev.dense_threshold, ev.downstream, ev.per_layer)
     result = {"checkpoints": [str(d.path) for d in dictionaries], "model": model_name,
               "arch": meta["arch"] if len(dictionaries) == 1 else f"{meta['arch']}_set",
               "act": meta["act"], "layers": [layer for d in dictionaries for layer in d.layers],

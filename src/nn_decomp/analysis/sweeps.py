@@ -126,7 +126,8 @@ def evaluate_checkpoints(checkpoints: Sequence[Path], analysis: AnalysisConfig, 
     from nn_decomp.evaluate import evaluate
 
     cfg = compose_config("evaluate", ["overwrite=true", f"eval.n_tokens={analysis.eval_tokens}",
-                                      f"eval.batch_contexts={analysis.eval_batch_contexts}"])
+                                      f"eval.batch_contexts={analysis.eval_batch_contexts}",
+                                      f"eval.per_layer={analysis.eval_per_layer}"])
     # Paths set here, not as overrides: sweep subdirs hold Hydra's special characters (= , ' {).
     paths = [str(Path(c).resolve()) for c in checkpoints]
     if len(paths) == 1 and out is None:
