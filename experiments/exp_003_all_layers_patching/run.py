@@ -111,7 +111,8 @@ def plot(points: list[dict], out_dir: Path) -> list[Path]:
             ax = axes[row][col]
             for family in sorted({p["family"] for p in points}):
                 series = sorted((p for p in points if p["family"] == family), key=lambda p: p[x])
-                ax.plot([p[x] for p in series], [p[y] for p in series], "o-", label=family)
+                ax.errorbar([p[x] for p in series], [p[y] for p in series], yerr=[p[f"{y}_stderr"] for p in series],
+                            fmt="o-", capsize=3, label=family)
                 for p in series:
                     ax.annotate(f"k={p['k']}", (p[x], p[y]), fontsize=7, textcoords="offset points", xytext=(3, 3))
             if y == "replacement_ce" and points:
@@ -120,7 +121,8 @@ def plot(points: list[dict], out_dir: Path) -> list[Path]:
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
     layers = points[0]["layers"] if points else []
-    fig.suptitle(f"all MLPs of layers {layers} replaced at once: per-layer transcoders vs one CLT")
+    fig.suptitle(f"all MLPs of layers {layers} replaced at once: per-layer transcoders vs one CLT "
+                 "(bars: ± 1 standard error, clustered by context)")
     return [save_figure(fig, out_dir / "all_layers_patching.png"),
             write_points(points, out_dir / "all_layers_patching.csv", COLUMNS)]
 
