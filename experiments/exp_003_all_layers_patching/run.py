@@ -24,7 +24,8 @@ SCALES = list(BLOCKS)  # the scales this experiment has sizes for
 COLUMNS = ["family", "k", "layers", "mean_l0_per_module", "active_latents_per_mlp", "active_decoder_params",
            "replacement_ce", "replacement_kl", "replacement_top1_agreement", "replacement_ce_recovered_zero",
            "ce_clean", "replacement_ce_stderr", "replacement_kl_stderr", "ce_minus_transcoders",
-           "ce_minus_transcoders_stderr", "kl_minus_transcoders", "kl_minus_transcoders_stderr", "n_tokens", "eval_json"]
+           "ce_minus_transcoders_stderr", "kl_minus_transcoders", "kl_minus_transcoders_stderr",
+           "top1_agreement_minus_transcoders", "top1_agreement_minus_transcoders_stderr", "n_tokens", "eval_json"]
 X_AXES = [("mean_l0_per_module", "mean L0 per module"),
           ("active_latents_per_mlp", "active latents per MLP reconstruction\n(CLT: incl. cross-layer writes)"),
           ("active_decoder_params", "active decoder parameters per token")]
@@ -90,13 +91,13 @@ def evaluate_replacements(exp: Experiment, rows: list[dict], scale: str, plot_on
 
 
 def compared_with_transcoders(points: list[dict], k: int) -> list[dict]:
-    """Each replacement model's CE and KL minus those of the per-layer transcoders at k, token by token
+    """Each replacement model's CE, KL and top-1 agreement minus the per-layer transcoders' at k, token by token
     on the same contexts, with the context-clustered standard error (evaluations written before
     eval.json had per-context sums are left blank)."""
     evals = {id(p): json.loads(Path(p["eval_json"]).read_text()) for p in points}
     base = next((evals[id(p)] for p in points if p["family"] == "transcoders" and p["k"] == k), None)
     for p in points:
-        for m in ("ce", "kl"):
+        for m in ("ce", "kl", "top1_agreement"):
             comparable = base is not None and "per_context" in base and "per_context" in evals[id(p)]
             diff, se = paired_difference(evals[id(p)], base, f"replacement_{m}") if comparable else (None, None)
             p[f"{m}_minus_transcoders"], p[f"{m}_minus_transcoders_stderr"] = diff, se
