@@ -88,7 +88,7 @@ def test_downstream_stats_on_hand_computed_values():
     assert stats.mean("clean", "ce") == pytest.approx(-(math.log(0.6) + math.log(0.5) + math.log(0.9)) / 3)
     assert stats.mean("splice", "ce") == pytest.approx((math.log(4) - math.log(0.5) - math.log(0.9)) / 3)
     assert stats.mean("splice", "kl") == pytest.approx(kl0 / 3)
-    assert stats.mean("splice", "top1") == pytest.approx(2 / 3)
+    assert stats.mean("splice", "top1_agreement") == pytest.approx(2 / 3)
     # clusters: context 0 holds KL sum kl0 over 1 token, context 1 sum 0 over 2; mean m = kl0 / 3;
     # residuals kl0 − m·1 = 2m, 0 − m·2 = −2m; SE = √(2/1 · 8m²) / 3 = 4m / 3
     assert stats.stderr("splice", "kl") == pytest.approx(4 * kl0 / 9)

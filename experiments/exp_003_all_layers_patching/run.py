@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from nn_decomp.runtime.checkpoint import load_dictionary
-from nn_decomp.evaluate import EVAL_JSON, paired_difference
+from nn_decomp.evaluate import EVAL_JSON, REPLACEMENT_METRICS, paired_difference
 from nn_decomp.analysis.sweeps import (Experiment, evaluate_checkpoints, evaluation_model, number, pyplot, report_written,
                               save_figure, write_points)
 
@@ -68,8 +68,7 @@ def sparsity_costs(ev: dict, cross_layer: bool, params_per_latent: list[int]) ->
             "active_decoder_params": sum(a * p for a, p in zip(l0, params_per_latent))}
 
 
-def point(family: str, k: int, eval_json: Path) -> dict:
-    ev = json.loads(eval_json.read_text())
+def point(family: str, k: int, eval_json: Path, ev: dict) -> dict:
     per_latent = [n for path in ev["checkpoints"] for n in load_dictionary(path).decoder_params()[:, 0].tolist()]
     return {"family": family, "k": k, "layers": ev["layers"], **sparsity_costs(ev, family.startswith("clt"), per_latent),
             **{key: number(ev.get(key)) for key in COLUMNS[6:13]}, "n_tokens": ev["n_tokens"],
@@ -77,7 +76,7 @@ def point(family: str, k: int, eval_json: Path) -> dict:
 
 
 def evaluate_replacements(exp: Experiment, rows: list[dict], scale: str, plot_only: bool) -> list[dict]:
-    model, points = None, []
+    model, points, evals = None, [], []
     for family, k, jobs in replacements(rows, BLOCKS[scale], KS[scale]):
         ckpts = [exp.sweep_dir / job / "checkpoint" for job in jobs]
         clt = family.startswith("clt")
@@ -86,20 +85,20 @@ def evaluate_replacements(exp: Experiment, rows: list[dict], scale: str, plot_on
             model = model or evaluation_model(exp.analysis, ckpts[0])
             evaluate_checkpoints(ckpts, exp.analysis, model, out=None if clt else out)
         if (out / EVAL_JSON).exists():
-            points.append(point(family, k, out / EVAL_JSON))
-    return compared_with_transcoders(points, KS[scale][-1])
+            evals.append(json.loads((out / EVAL_JSON).read_text()))
+            points.append(point(family, k, out / EVAL_JSON, evals[-1]))
+    return compared_with_transcoders(points, evals, KS[scale][-1])
 
 
-def compared_with_transcoders(points: list[dict], k: int) -> list[dict]:
-    """Each replacement model's CE, KL and top-1 agreement minus the per-layer transcoders' at k, token by token
-    on the same contexts, with the context-clustered standard error (evaluations written before
-    eval.json had per-context sums are left blank)."""
-    evals = {id(p): json.loads(Path(p["eval_json"]).read_text()) for p in points}
-    base = next((evals[id(p)] for p in points if p["family"] == "transcoders" and p["k"] == k), None)
-    for p in points:
-        for m in ("ce", "kl", "top1_agreement"):
-            comparable = base is not None and "per_context" in base and "per_context" in evals[id(p)]
-            diff, se = paired_difference(evals[id(p)], base, f"replacement_{m}") if comparable else (None, None)
+def compared_with_transcoders(points: list[dict], evals: list[dict], k: int) -> list[dict]:
+    """Each replacement model's CE, KL and top-1 agreement (`evals`: its eval.json) minus the per-layer
+    transcoders' at k, token by token on the same contexts, with the context-clustered standard error
+    (evaluations written before eval.json had per-context sums are left blank)."""
+    base = next((ev for p, ev in zip(points, evals) if p["family"] == "transcoders" and p["k"] == k), None)
+    for p, ev in zip(points, evals):
+        comparable = base is not None and "per_context" in base and "per_context" in ev
+        for m in REPLACEMENT_METRICS:
+            diff, se = paired_difference(ev, base, f"replacement_{m}") if comparable else (None, None)
             p[f"{m}_minus_transcoders"], p[f"{m}_minus_transcoders_stderr"] = diff, se
     return points
 

@@ -53,7 +53,7 @@ CE_RECOVERED_DEFINITION = (
 KL_DEFINITION = "KL(clean ‖ patched) of next-token distributions, nats per scored token."
 STDERR_DEFINITION = ("*_stderr: standard error of the mean over scored tokens, clustered by context (the contexts "
                      "are the independent samples); per_context: each context's sums, for paired comparisons.")
-REPLACEMENT_METRICS = {"ce": "ce", "kl": "kl", "top1_agreement": "top1"}
+REPLACEMENT_METRICS = ("ce", "kl", "top1_agreement")
 POSITIONS = ("Scored positions: every token but BOS/EOS/pad ones (and the last of each context); "
              "those positions are also left unpatched.")
 
@@ -251,7 +251,8 @@ class DownstreamStats:
     def add(self, name: str, logp_clean_NV: Tensor, logp_NV: Tensor, targets_N: Tensor, context_N: Tensor) -> None:
         kl_N = (logp_clean_NV.exp() * (logp_clean_NV - logp_NV)).sum(-1)
         agree_N = logp_clean_NV.argmax(-1) == logp_NV.argmax(-1)
-        self._add(name, context_N, {"ce": -logp_NV.gather(-1, targets_N[:, None])[:, 0], "kl": kl_N, "top1": agree_N})
+        self._add(name, context_N, {"ce": -logp_NV.gather(-1, targets_N[:, None])[:, 0], "kl": kl_N,
+                                    "top1_agreement": agree_N})
 
     def _add(self, name: str, context_N: Tensor, values: dict[str, Tensor]) -> None:
         sums = self.sums.setdefault(name, {k: torch.zeros_like(self.n_C) for k in values})
@@ -393,7 +394,7 @@ def downstream_summary(dictionaries: list[HookedDictionary], down: DownstreamSta
         per["ce_recovered_zero"].append(ce_recovered(ce_clean, ce, zero))
         per["ce_recovered_mean"].append(ce_recovered(ce_clean, ce, mean))
         per["kl_spliced"].append(down.mean(f"splice/{layer}", "kl"))
-        per["top1_agreement_spliced"].append(down.mean(f"splice/{layer}", "top1"))
+        per["top1_agreement_spliced"].append(down.mean(f"splice/{layer}", "top1_agreement"))
     key = "all" if len(layers) > 1 else layers[0]  # one layer: the replacement model is the splice
     ce_rep, zero_all, mean_all = (down.mean(f"{m}/{key}", "ce") for m in ("splice", "zero", "mean"))
     avg = lambda xs: sum(xs) / len(xs)  # noqa: E731
@@ -404,12 +405,12 @@ def downstream_summary(dictionaries: list[HookedDictionary], down: DownstreamSta
         **{k: avg(v) for k, v in per.items() if v},
         **{f"{k}_per_layer": v for k, v in per.items() if v},
         "replacement_ce": ce_rep, "replacement_kl": down.mean(rep, "kl"),
-        "replacement_top1_agreement": down.mean(rep, "top1"),
-        **{f"replacement_{m}_stderr": down.stderr(rep, k) for m, k in REPLACEMENT_METRICS.items()},
+        "replacement_top1_agreement": down.mean(rep, "top1_agreement"),
+        **{f"replacement_{m}_stderr": down.stderr(rep, m) for m in REPLACEMENT_METRICS},
         "ce_clean_stderr": down.stderr("clean", "ce"),
         # per-context sums: two models evaluated on the same contexts compare pairwise (paired_difference)
         "per_context": {"n_scored_tokens": down.n_C.tolist(), "ce_clean": down.sums["clean"]["ce"].tolist(),
-                        **{f"replacement_{m}": down.sums[rep][k].tolist() for m, k in REPLACEMENT_METRICS.items()}},
+                        **{f"replacement_{m}": down.sums[rep][m].tolist() for m in REPLACEMENT_METRICS}},
         "replacement_ce_zero_ablated": zero_all, "replacement_ce_mean_ablated": mean_all,
         "replacement_ce_recovered_zero": ce_recovered(ce_clean, ce_rep, zero_all),
         "replacement_ce_recovered_mean": ce_recovered(ce_clean, ce_rep, mean_all),
