@@ -360,5 +360,7 @@ def test_exp_005_smoke(root, one_thread):
     assert ours == {("sae", "topk"), ("sae", "batchtopk"), ("transcoder", "topk"), ("transcoder", "batchtopk"),
                     ("sae", "jumprelu"), ("sae", "relu"), ("clt", "batchtopk")}
     assert any(r["run"].startswith("saelens batchtopk") for r in rows)
+    # the warmed-up p-annealed ReLU is its own family, its warm-up half of the 8 steps
+    assert {r["knob"] for r in rows if r["act"] == "relu"} == {"l1=1.0", "p_end=0.5 warmup=4 l1=1.0"}
     for r in rows:
         assert 0 <= float(r["mean_max_cos"]) <= 1 and float(r["l0"]) > 0 and float(r["fvu"]) > 0

@@ -40,9 +40,17 @@ JUMPRELU_TANH = ["act.penalty=tanh", "act.init_threshold=3", "act.threshold_lr_s
                  "act.sparsity_coef=0.01,0.03,0.1,0.3,1,3,10", "act.token_norm=false"]
 RELU_COEFS = "1,3,4,5,6,7,10,30,100"
 # ReLU with its penalty annealed from L1 towards L0 over the second half of training (p-annealing,
-# Karvonen et al. 2024) and tokens at one norm: what gets a ReLU SAE to 0.9 recovery near L0 ≈ 9
+# Karvonen et al. 2024) and tokens at one norm; and the same with the penalty's weight warmed up from 0
+# over the first half, while p is still 1: what gets a ReLU SAE to 0.9 recovery at L0 ≈ 8
 RELU_P_END = 0.5
 RELU_PANNEAL = ["act.token_norm=true", f"act.p_end={RELU_P_END}", "act.l1_coef=0.5,1,2,2.5,3,4"]
+RELU_WARMED = ["act.token_norm=true", f"act.p_end={RELU_P_END}", "act.l1_coef=1,2,3,3.5,4"]
+
+
+def half_of_training(sizes: list[str]) -> str:
+    """train.sparsity_warmup_steps over the first half of a scale's steps."""
+    size = dict(s.split("=") for s in sizes)
+    return f"train.sparsity_warmup_steps={int(size['train.n_tokens']) // int(size['train.batch_size']) // 2}"
 CLT = ["arch=clt", "arch.layers=[0,1,2]"]
 MATRYOSHKA = "[128,512]"
 
@@ -52,7 +60,8 @@ def grids(scale: str) -> list[list[str]]:
     if scale == "smoke":
         return [[*sizes, "arch=sae,transcoder", "act=topk,batchtopk", "act.k=2"],
                 [*sizes, "arch=sae", "act=batchtopk", "act.k=2", "arch.matryoshka=[8,32]"],
-                [*sizes, "arch=sae", "act=jumprelu,relu"], [*sizes, *CLT, "act=batchtopk", "act.k=2"]]
+                [*sizes, "arch=sae", "act=jumprelu,relu"], [*sizes, *CLT, "act=batchtopk", "act.k=2"],
+                [*sizes, "arch=sae", "act=relu", f"act.p_end={RELU_P_END}", half_of_training(sizes)]]
     return [[*sizes, "arch=sae,transcoder,skip_transcoder", "act=topk,batchtopk", f"act.k={K}"],
             # the token normalisation BatchTopK needs (activations.BatchTopK), off; and on for TopK
             [*sizes, "arch=sae", "act=batchtopk", f"act.k={K}", "act.token_norm=false"],
@@ -64,6 +73,7 @@ def grids(scale: str) -> list[list[str]]:
             [*sizes, "arch=sae", "act=jumprelu", *JUMPRELU_TANH],
             [*sizes, "arch=sae", "act=relu", f"act.l1_coef={RELU_COEFS}"],
             [*sizes, "arch=sae", "act=relu", *RELU_PANNEAL],
+            [*sizes, "arch=sae", "act=relu", *RELU_WARMED, half_of_training(sizes)],
             [*sizes, *CLT, "act=topk,batchtopk", f"act.k={K}"],
             # Matryoshka: nested prefixes of 128 and 512 of the 2048 latents (the 64 parents fit the first)
             [*sizes, "arch=sae", "act=topk,batchtopk", f"act.k={K}", f"arch.matryoshka={MATRYOSHKA}"]]
@@ -96,12 +106,13 @@ def score_job(job: Path) -> dict:
     token_norm = "" if on == (act == "BatchTopK") else f" token_norm={on}"
     normed = "token_norm " if on and act in ("JumpReLU", "ReLU") else ""
     p_end = cfg.act.get("p_end", 1.0)  # ReLU's; absent from runs older than the key
+    warmup = f"warmup={cfg.train.sparsity_warmup_steps} " if cfg.train.get("sparsity_warmup_steps") else ""
     matryoshka = f" matryoshka={list(cfg.arch.matryoshka)}" if cfg.arch.get("matryoshka") else ""
     topk = f"k={cfg.act.get('k')}{token_norm}{matryoshka}"
     knob = {"TopK": topk, "BatchTopK": topk,
             "JumpReLU": normed + (f"target={cfg.act.get('target_l0')}" if cfg.act.get("penalty") == "target"
                                   else f"{cfg.act.get('penalty')} coef={cfg.act.get('sparsity_coef')}"),
-            "ReLU": normed + (f"p_end={p_end} " if p_end < 1 else "") + f"l1={cfg.act.get('l1_coef')}"}
+            "ReLU": normed + (f"p_end={p_end} " if p_end < 1 else "") + warmup + f"l1={cfg.act.get('l1_coef')}"}
     return {"run": f"ours {cfg.arch.name} {act} {knob[act]}", "arch": cfg.arch.name, "act": act.lower(),
             "knob": knob[act], "config": cfg,
             **score([w.flatten(1) for w in coder.W_dec], out.latents.dense(), out.recon, data, rows)}
@@ -164,7 +175,9 @@ def plot(results: list[dict], out_dir: Path) -> list[Path]:
                              ("jumprelu", "tanh coef=", "JumpReLU tanh act.sparsity_coef (θ₀ = 3)"),
                              ("relu", "l1=", "ReLU act.l1_coef"),
                              ("relu", f"token_norm p_end={RELU_P_END} l1=",
-                              f"ReLU act.l1_coef, p annealed to {RELU_P_END}, token_norm")):
+                              f"ReLU act.l1_coef, p annealed to {RELU_P_END}, token_norm"),
+                             ("relu", f"token_norm p_end={RELU_P_END} warmup=",
+                              "the same, penalty warmed up over the first half")):
         sweep = sorted((r for r in results if r["act"] == act and r["arch"] == "sae" and r["knob"].startswith(dial)),
                        key=coef)
         ax_l0.plot([coef(r) for r in sweep], [r["l0"] for r in sweep], "o-", label=label)
