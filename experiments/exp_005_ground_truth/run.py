@@ -45,14 +45,14 @@ RELU_COEFS = "1,3,4,5,6,7,10,30,100"
 RELU_P_END = 0.5
 RELU_PANNEAL = ["act.token_norm=true", f"act.p_end={RELU_P_END}", "act.l1_coef=0.5,1,2,2.5,3,4"]
 RELU_WARMED = ["act.token_norm=true", f"act.p_end={RELU_P_END}", "act.l1_coef=1,2,3,3.5,4"]
+CLT = ["arch=clt", "arch.layers=[0,1,2]"]
+MATRYOSHKA = "[128,512]"
 
 
 def half_of_training(sizes: list[str]) -> str:
     """train.sparsity_warmup_steps over the first half of a scale's steps."""
     size = dict(s.split("=") for s in sizes)
     return f"train.sparsity_warmup_steps={int(size['train.n_tokens']) // int(size['train.batch_size']) // 2}"
-CLT = ["arch=clt", "arch.layers=[0,1,2]"]
-MATRYOSHKA = "[128,512]"
 
 
 def grids(scale: str) -> list[list[str]]:
