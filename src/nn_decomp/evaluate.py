@@ -404,8 +404,7 @@ def downstream_summary(dictionaries: list[HookedDictionary], down: DownstreamSta
         "stderr_definition": STDERR_DEFINITION, "n_scored_tokens": int(down.n_C.sum()), "ce_clean": ce_clean,
         **{k: avg(v) for k, v in per.items() if v},
         **{f"{k}_per_layer": v for k, v in per.items() if v},
-        "replacement_ce": ce_rep, "replacement_kl": down.mean(rep, "kl"),
-        "replacement_top1_agreement": down.mean(rep, "top1_agreement"),
+        **{f"replacement_{m}": down.mean(rep, m) for m in REPLACEMENT_METRICS},
         **{f"replacement_{m}_stderr": down.stderr(rep, m) for m in REPLACEMENT_METRICS},
         "ce_clean_stderr": down.stderr("clean", "ce"),
         # per-context sums: two models evaluated on the same contexts compare pairwise (paired_difference)
