@@ -12,8 +12,8 @@ from safetensors.torch import load_file, save_file
 from helpers import ACTS, ARCHS, MULTI_LAYER, arch_act_cfg
 from nn_decomp.core import kernels
 from nn_decomp import train as train_module
-from nn_decomp.runtime.checkpoint import (TRAINER_STATE, WEIGHTS, build_coder, load_dictionary, read_config, recover_dir,
-                                  save_checkpoint, siblings)
+from nn_decomp.runtime.checkpoint import TRAINER_STATE, WEIGHTS, build_coder, load_dictionary, read_config, save_checkpoint
+from nn_decomp.runtime.files import recover_dir, siblings
 from nn_decomp.config import UsageError
 from nn_decomp.train import evaluate_coder, run_summary, setup, train
 

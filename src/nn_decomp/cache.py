@@ -22,7 +22,6 @@ resumed run seeks straight to its batch, and data-parallel ranks split the strea
 its streams' chunks, and the concatenation over ranks is the one-process batch.
 """
 import json
-import os
 import queue
 import threading
 import warnings
@@ -40,6 +39,7 @@ from tqdm import tqdm
 
 from nn_decomp.config import CacheConfig, UsageError, arch_hooks, require, validate
 from nn_decomp.runtime.distributed import SINGLE, DistInfo, rank_device
+from nn_decomp.runtime.files import replacing
 from nn_decomp.runtime.jobs import exit_on_usage_error
 
 FORMAT = "nn_decomp.activations/1"  # a file format's name, not a module path: never renamed
@@ -176,25 +176,17 @@ def build_cache(cfg: DictConfig, model=None) -> CacheMeta:
     hooks_in, hooks_out = arch_hooks(cfg.arch)
     path = Path(cc.path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with h5py.File(tmp, "w") as f:
-            n_tokens, sq_sums = _write_split(f, "train", lm.train, n_chunks, cc, hooks_in, hooks_out)
-            n_eval, _ = _write_split(f, "eval", lm.eval, n_eval_batches, cc, hooks_in, hooks_out)
-            mean_sq = {h: s / n_tokens for h, s in sq_sums.items()}
-            for hook, value in mean_sq.items():
-                f[f"train/{escape(hook)}"].attrs["mean_sq_norm"] = value
-            data = OmegaConf.to_container(cfg.data, resolve=True)
-            f.attrs.update(format=FORMAT, model=cfg.model.name, hooks=list(sq_sums), hooks_in=hooks_in,
-                           hooks_out=hooks_out, n_tokens=n_tokens, n_eval=n_eval, dtype=cc.dtype,
-                           chunk_rows=cc.chunk_rows, mean_sq_norm=json.dumps(mean_sq), text_source=json.dumps(data),
-                           context_size=cfg.data.context_size, prepend_bos=cfg.data.prepend_bos, seed=cfg.train.seed)
-        with open(tmp, "rb") as written:  # on disk before it is published
-            os.fsync(written.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with replacing(path) as tmp, h5py.File(tmp, "w") as f:
+        n_tokens, sq_sums = _write_split(f, "train", lm.train, n_chunks, cc, hooks_in, hooks_out)
+        n_eval, _ = _write_split(f, "eval", lm.eval, n_eval_batches, cc, hooks_in, hooks_out)
+        mean_sq = {h: s / n_tokens for h, s in sq_sums.items()}
+        for hook, value in mean_sq.items():
+            f[f"train/{escape(hook)}"].attrs["mean_sq_norm"] = value
+        data = OmegaConf.to_container(cfg.data, resolve=True)
+        f.attrs.update(format=FORMAT, model=cfg.model.name, hooks=list(sq_sums), hooks_in=hooks_in,
+                       hooks_out=hooks_out, n_tokens=n_tokens, n_eval=n_eval, dtype=cc.dtype,
+                       chunk_rows=cc.chunk_rows, mean_sq_norm=json.dumps(mean_sq), text_source=json.dumps(data),
+                       context_size=cfg.data.context_size, prepend_bos=cfg.data.prepend_bos, seed=cfg.train.seed)
     return read_meta(path)
 
 

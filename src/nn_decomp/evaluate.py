@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
@@ -37,6 +36,7 @@ import nn_decomp.config  # noqa: F401  (registers base_evaluate and the model sc
 from nn_decomp.core.activations import Latents
 from nn_decomp.runtime.checkpoint import read_config
 from nn_decomp.config import UsageError
+from nn_decomp.runtime.files import refuse_existing, replacing, write_atomic
 from nn_decomp.runtime.jobs import exit_on_usage_error
 from nn_decomp.analysis.patching import HookedDictionary, check_disjoint_outputs, patched
 
@@ -117,18 +117,6 @@ def check_compatible(model: HookedTransformer, dictionaries: list[HookedDictiona
                 if cache[h].shape[-1] != width:
                     raise UsageError(f"{d.path} expects width {width} at {h} but {model.cfg.model_name} has "
                                      f"{cache[h].shape[-1]}: it was trained on another model")
-
-
-def refuse_existing(paths: list[Path], overwrite: bool) -> None:
-    existing = [str(p) for p in paths if p.exists()]
-    if existing and not overwrite:
-        raise UsageError(f"{existing[0]} exists; pass overwrite=true to replace it, or out=DIR to write elsewhere")
-
-
-def write_text_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def excluded_token_ids(tokenizer) -> list[int]:
@@ -439,10 +427,9 @@ def plot_density(dictionaries: list[HookedDictionary], result: dict, fires: list
                  f"in {result['n_tokens']} tokens", fontsize=8)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with replacing(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def table(result: dict) -> str:
@@ -504,7 +491,7 @@ def evaluate(cfg: DictConfig, model: HookedTransformer | None = None) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     plot_density(dictionaries, result, fires, out_dir / DENSITY_PNG)
     result["density_histogram"] = str(out_dir / DENSITY_PNG)
-    write_text_atomically(out_dir / EVAL_JSON, json.dumps(result, indent=2))
+    write_atomic(out_dir / EVAL_JSON, json.dumps(result, indent=2))
     print(table(result))
     print(f"wrote {out_dir / EVAL_JSON}")
     return result

@@ -26,7 +26,8 @@ from tqdm import tqdm
 from nn_decomp.runtime import distributed, tensor_parallel
 from nn_decomp.data.background import BackgroundStore
 from nn_decomp.cache import open_cache
-from nn_decomp.runtime.checkpoint import TRAINER_STATE, build_coder, recover_dir, save_checkpoint
+from nn_decomp.runtime.checkpoint import TRAINER_STATE, build_coder, save_checkpoint
+from nn_decomp.runtime.files import recover_dir
 from nn_decomp.config import CHECKPOINT_ONLY, arch_hooks, require, validate
 from nn_decomp.core.coder import SparseCoder
 from nn_decomp.runtime.distributed import SINGLE, DistInfo

@@ -1,13 +1,11 @@
 """Checkpoints that load without Hydra: `dictionary.safetensors` (normalisation folded in),
 `config.yaml` (the resolved run config), `metadata.json`, and `trainer_state.pt` for resume.
 
-A checkpoint directory is replaced whole (`publish_dir`): written and synced to a temporary sibling,
-then swapped in by rename. A crash at any point leaves a complete checkpoint that `recover_dir` puts
-back in place: the previous one, or the new one once it was fully written.
+A checkpoint directory is replaced whole (runtime/files.py `publish_dir`): written and synced to a
+temporary sibling, then swapped in by rename. A crash at any point leaves a complete checkpoint that
+`recover_dir` puts back in place: the previous one, or the new one once it was fully written.
 """
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -17,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from nn_decomp.core.coder import SparseCoder
 from nn_decomp.config import AUTOENCODERS, TRANSCODERS, molt_groups
+from nn_decomp.runtime.files import fresh_tmp, publish_dir
 
 WEIGHTS, CONFIG, METADATA, TRAINER_STATE = "dictionary.safetensors", "config.yaml", "metadata.json", "trainer_state.pt"
 
@@ -47,61 +46,6 @@ def unit_norm_decoder(arch: DictConfig, activation_wants: bool) -> bool:
     if arch.unit_norm_decoder is None:
         return activation_wants and arch.name not in TRANSCODERS
     return arch.unit_norm_decoder
-
-
-def siblings(out: Path) -> tuple[Path, Path]:
-    """(`out`.tmp, `out`.old): where the next version is written, where the previous one waits."""
-    return out.with_name(out.name + ".tmp"), out.with_name(out.name + ".old")
-
-
-def fresh_tmp(out: Path) -> Path:
-    """An empty `out`.tmp to write the next version of `out` into (after recovering a crashed swap,
-    so that `out` exists whenever a .tmp is only partly written)."""
-    recover_dir(out)
-    tmp, _ = siblings(out)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def sync(path: Path) -> None:
-    """fsync a file or a directory (its entries), so that a rename after it cannot outlive its data."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def publish_dir(tmp: Path, out: Path) -> None:
-    """Swap the fully written `tmp` in as `out`: sync tmp's files, `out` → `out`.old, tmp → `out`,
-    remove `out`.old. Between the two renames only .old and a complete .tmp exist (recover_dir).
-    Files get the mode the umask allows (safetensors writes 0600: others on a cluster could not read)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    for f in tmp.iterdir():
-        f.chmod(0o666 & ~mask)
-        sync(f)
-    sync(tmp)
-    _, old = siblings(out)
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    sync(out.parent)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def recover_dir(out: Path) -> None:
-    """Undo a crash inside publish_dir: with `out` missing but `out`.old present, the crash fell
-    between the renames, and `out`.tmp (synced before `out` moved) is the newer complete version."""
-    out = Path(out)
-    tmp, old = siblings(out)
-    if not out.exists() and old.exists():
-        (tmp if tmp.exists() else old).rename(out)
-        sync(out.parent)
-    if out.exists():
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def save_checkpoint(path: Path, coder: SparseCoder, cfg: DictConfig, metadata: dict,

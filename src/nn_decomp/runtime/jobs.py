@@ -39,6 +39,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from nn_decomp.config import AnalysisConfig, UsageError, check_resume, require
+from nn_decomp.runtime.files import write_atomic
 
 STATUS_JSON = "status.json"
 log = logging.getLogger(__name__)
@@ -52,10 +53,7 @@ def read_status(job_dir: Path) -> dict:
 
 
 def write_status(job_dir: Path, status: dict) -> None:
-    path = Path(job_dir) / STATUS_JSON
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(status, indent=2))
-    os.replace(tmp, path)
+    write_atomic(Path(job_dir) / STATUS_JSON, json.dumps(status, indent=2))
 
 
 def is_first_rank() -> bool:
