@@ -9,9 +9,9 @@ from hydra import compose, initialize_config_dir
 from helpers import CONF, arch_act_cfg, make_coder, one_thread  # noqa: F401  (one_thread: fixture)
 from nn_decomp.core.activations import JumpReLU
 from nn_decomp.runtime.checkpoint import load_dictionary, read_config
-from nn_decomp.convert import (calibrate_scale, convert, fit_thresholds, jumprelu_coder, min_thresholds,
-                               rate_thresholds)
-from nn_decomp.evaluate import UsageError
+from nn_decomp.analysis.conversion import (calibrate_scale, convert, fit_thresholds, jumprelu_coder, min_thresholds,
+                                           rate_thresholds)
+from nn_decomp.config import UsageError
 from nn_decomp.train import evaluate_coder, setup, train
 from test_evaluate import run_cli
 from test_train import tiny_cfg

@@ -16,10 +16,12 @@ from hydra import compose, initialize_config_dir
 from helpers import CONF, arch_act_cfg
 from nn_decomp.core.activations import Latents
 from nn_decomp.runtime.checkpoint import build_coder, save_checkpoint
-from nn_decomp.evaluate import (EVAL_JSON, DENSITY_PNG, DownstreamStats, ReconstructionStats, UsageError,
-                                ce_recovered, clustered_stderr, evaluate, excluded_token_ids, heldout_contexts,
-                                mean_activations, paired_difference)
-from nn_decomp.analysis.patching import HookedDictionary
+from nn_decomp.analysis.evaluation import DENSITY_PNG, EVAL_JSON, evaluate, mean_activations
+from nn_decomp.analysis.metrics import (DownstreamStats, ReconstructionStats, ce_recovered, clustered_stderr,
+                                        paired_difference)
+from nn_decomp.config import UsageError
+from nn_decomp.data.heldout import excluded_token_ids, heldout_contexts
+from nn_decomp.dictionaries import HookedDictionary
 from test_patching import mlp_clt, mlp_transcoder, relu_lm
 
 REPO = Path(__file__).resolve().parents[1]

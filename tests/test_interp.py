@@ -14,7 +14,7 @@ from helpers import make_coder, one_thread  # noqa: F401  (fixture)
 from nn_decomp.data.text import token_contexts
 from nn_decomp.analysis.interp import (Example, InterpConfig, OfflineJudge, OpenAIJudge, ablation_effect, ablation_kl,
                               analyse, feature_acts, render, scan, write_report)
-from nn_decomp.analysis.patching import HookedDictionary
+from nn_decomp.dictionaries import HookedDictionary
 
 TEXT = ("The committee met on Monday to discuss the budget. Members argued about taxes, schools and roads, "
         "and the chairman promised a vote before the end of the month. ") * 3

@@ -12,7 +12,8 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 from helpers import ACTS, make_coder
 from nn_decomp.core.activations import ReLU
 from nn_decomp.core.coder import SparseCoder
-from nn_decomp.analysis.patching import HookedDictionary, layer_latents, patched, replacement_model
+from nn_decomp.analysis.patching import patched, replacement_model
+from nn_decomp.dictionaries import HookedDictionary
 
 HOOK_IN, HOOK_OUT = "blocks.{}.ln2.hook_normalized", "blocks.{}.hook_mlp_out"
 
@@ -90,14 +91,14 @@ def record(model, tokens, names, fwd_hooks_ctx=None):
 
 
 @pytest.mark.parametrize("act", ACTS)
-def test_layer_latents_equal_the_coders_encoding(act):
+def test_encode_layer_equals_the_coders_encoding(act):
     coder = make_coder("clt", act, d_in=12, d_out=12, n_latents=64).eval()
     if act == "batchtopk":  # eval mode uses the estimated threshold
         coder.activation.threshold.uniform_(0, 0.3)
     x_NLD = torch.randn(20, 3, 12)
     reference = coder.encode(x_NLD).dense()
     for i in range(3):
-        torch.testing.assert_close(layer_latents(coder, x_NLD[:, i], i).dense()[:, 0], reference[:, i])
+        torch.testing.assert_close(coder.encode_layer(x_NLD[:, i], i).dense()[:, 0], reference[:, i])
 
 
 @torch.no_grad()
@@ -174,32 +175,53 @@ def test_clt_replacement_encodes_each_layer_from_the_patched_stream(model, token
     assert not torch.allclose(teacher[:, 2], recon_NLD[:, 2], atol=1e-3)
 
 
+VARIANTS = [("transcoder", ()), ("skip_transcoder", ()), ("molt", ()), ("clt", ()), ("clt", ("arch.skip=true",)),
+            ("clt", ("arch.decoder_tying=per_source", "arch.per_target_scale=true")),
+            ("clt", ("arch.decoder_tying=per_target",)), ("clt", ("arch.feature_offset=true", "arch.feature_scale=true")),
+            ("transcoder", ("act.token_norm=true",)), ("clt", ("act.token_norm=true",))]
+
+
 @torch.no_grad()
-@pytest.mark.parametrize("arch", ["clt", "skip_transcoder", "molt"])
-def test_token_normalising_dictionary_writes_what_its_forward_gives(model, tokens, arch):
-    """BatchTopK with act.token_norm encodes x·√d/‖x‖ and divides its write by the same factor of its
-    target layer's input (skip term, MOLT's maps of x included): the patched pass writes exactly
-    coder(x).recon."""
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("arch,overrides", VARIANTS)
+def test_replacement_model_writes_what_the_coders_forward_gives(model, tokens, arch, overrides, act):
+    """Patching has no decode of its own: in the replacement model every hook_out gets exactly
+    coder(x).recon of the inputs that same patched pass produced (core/coder.py encode_layer /
+    decode_layer vs forward), for every architecture, tying, feature offset / scale, token
+    normalisation and activation."""
     L = 3 if arch == "clt" else 1
-    coder = make_coder(arch, "batchtopk", d_in=32, d_out=32, n_latents=64, n_layers=3).eval()
-    assert coder.activation.token_norm
-    coder.activation.threshold.uniform_(0, 0.3)
+    coder = make_coder(arch, act, d_in=32, d_out=32, n_latents=64, n_layers=3, overrides=overrides).eval()
+    if act == "batchtopk":  # eval mode uses the estimated threshold
+        coder.activation.threshold.uniform_(0, 0.3)
+    for p in (coder.feature_offset, coder.feature_scale):
+        if p is not None:
+            p.add_(0.1 * torch.randn(p.shape))
+    if coder.W_dec_scale is not None:
+        coder.W_dec_scale.uniform_(0.5, 1.5)
     layers = list(range(L)) if arch == "clt" else [1]
     ins, outs = [HOOK_IN.format(i) for i in layers], [HOOK_OUT.format(i) for i in layers]
-    d = HookedDictionary(coder, ins, outs, layers, "relu_lm")
-    with replacement_model(model, d):
+    with replacement_model(model, HookedDictionary(coder, ins, outs, layers, "relu_lm")):
         _, seen = record(model, tokens, ins + outs)
-    x_NLD = torch.stack([seen[h] for h in ins], 2).reshape(-1, L, 32)
-    out = coder(x_NLD)
-    recon_NLD = out.recon
+    recon_NLD = coder(torch.stack([seen[h] for h in ins], 2).reshape(-1, L, 32)).recon
     for j in range(L):
         torch.testing.assert_close(seen[outs[j]].reshape(-1, 32), recon_NLD[:, j], atol=1e-4, rtol=1e-4)
-    # The encoding ignores a token's scale, the write follows it: on every row with no pre-activation
-    # at its threshold's rounding edge (the rescaled row may round across it: measured once, 1 entry in 7000).
+
+
+@torch.no_grad()
+def test_token_normalising_dictionary_write_follows_the_tokens_scale(model, tokens):
+    """BatchTopK with act.token_norm encodes x·√d/‖x‖ and divides its write by the same factor of its
+    target layer's input: the encoding ignores a token's scale, the write follows it."""
+    coder = make_coder("clt", "batchtopk", d_in=32, d_out=32, n_latents=64, n_layers=3).eval()
+    assert coder.activation.token_norm
+    coder.activation.threshold.uniform_(0, 0.3)
+    x_NLD = torch.randn(36, 3, 32)
+    out = coder(x_NLD)
+    # on every row with no pre-activation at its threshold's rounding edge (the rescaled row may round
+    # across it: measured once, 1 entry in 7000)
     plain = coder(x_NLD * 3.0)
     clear_N = ((out.pre_acts - coder.activation.threshold).abs() > 1e-5).flatten(1).all(1)
     assert clear_N.float().mean() > 0.9
-    torch.testing.assert_close(plain.recon[clear_N], 3.0 * recon_NLD[clear_N], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(plain.recon[clear_N], 3.0 * out.recon[clear_N], atol=1e-4, rtol=1e-4)
 
 
 @torch.no_grad()

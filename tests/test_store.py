@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from nn_decomp.config import UsageError
-from nn_decomp.data.store import ActivationsStore, check_hooks, hook_layer
+from nn_decomp.data.hooks import check_hooks, hook_layer
+from nn_decomp.data.store import ActivationsStore
 
 BOS = 0
 LN2 = [f"blocks.{i}.ln2.hook_normalized" for i in range(3)]

@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 from nn_decomp.runtime.checkpoint import load_dictionary
-from nn_decomp.evaluate import EVAL_JSON, REPLACEMENT_METRICS, paired_difference
+from nn_decomp.analysis.evaluation import EVAL_JSON
+from nn_decomp.analysis.metrics import REPLACEMENT_METRICS, paired_difference
 from nn_decomp.analysis.sweeps import (Experiment, evaluate_checkpoints, evaluation_model, number, pyplot, report_written,
                               save_figure, write_points)
 

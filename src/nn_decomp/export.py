@@ -46,10 +46,9 @@ import nn_decomp.config  # noqa: F401  (registers base_export)
 from nn_decomp.runtime.checkpoint import build_coder, read_config, save_checkpoint
 from nn_decomp.runtime.files import fresh_tmp, publish_dir
 from nn_decomp.config import CHECKPOINT_ONLY, UsageError
-from nn_decomp.evaluate import checkpoint_list, load_dictionaries
+from nn_decomp.dictionaries import HookedDictionary, checkpoint_list, load_dictionaries
 from nn_decomp.runtime.files import refuse_existing
 from nn_decomp.runtime.jobs import exit_on_usage_error
-from nn_decomp.analysis.patching import HookedDictionary
 
 FORMATS = ("saelens", "circuit_tracer", "hf_model")
 SAELENS_CFG, SAELENS_WEIGHTS = "cfg.json", "sae_weights.safetensors"
@@ -180,7 +179,7 @@ def import_saelens(src: str | Path, out: str | Path, overwrite: bool = False, mo
     hook_out = get("hook_name_out") if arch != "sae" else hook_in
     if not hook_in or not hook_out:
         raise UsageError(f"{src}/{SAELENS_CFG} lacks metadata.hook_name{'_out' if hook_in else ''}: add it")
-    from nn_decomp.data.store import hook_layer  # imports transformer_lens: only here
+    from nn_decomp.data.hooks import hook_layer
 
     layer = hook_layer(hook_in)
     w = load_file(src / SAELENS_WEIGHTS)

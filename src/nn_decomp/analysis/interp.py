@@ -9,6 +9,7 @@ Judges: `OfflineJudge` uses only the examples' tokens (no network: the default, 
 run); `OpenAIJudge` asks an OpenAI-compatible chat endpoint (URL, model, API key from an env var).
 """
 import base64
+import csv
 import html
 import json
 import math
@@ -28,8 +29,10 @@ from transformer_lens import HookedTransformer
 
 from nn_decomp.core.activations import Latents
 from nn_decomp.config import InterpConfig
-from nn_decomp.analysis.patching import HookedDictionary
-from nn_decomp.data.store import hook_layer
+from nn_decomp.data.heldout import excluded_token_ids, heldout_contexts, text_config
+from nn_decomp.dictionaries import HookedDictionary
+from nn_decomp.runtime.checkpoint import read_config
+from nn_decomp.data.hooks import hook_layer
 
 
 # --- scanning ------------------------------------------------------------------------------------
@@ -434,8 +437,6 @@ def dashboard_html(report: Report, title: str, histogram_png: Path | None = None
 
 def write_report(report: Report, out_dir: Path, title: str) -> list[Path]:
     """dashboard.html, density.png, features.csv and summary.json in out_dir."""
-    import csv
-
     out_dir.mkdir(parents=True, exist_ok=True)
     hist = density_histogram(report.density, out_dir / "density.png")
     page = out_dir / "dashboard.html"
@@ -452,10 +453,8 @@ def write_report(report: Report, out_dir: Path, title: str) -> list[Path]:
 
 
 def load_report_inputs(checkpoint: Path, model: HookedTransformer, n_tokens: int):
-    """The dictionary and held-out contexts of its run (evaluate's helpers), plus excluded ids."""
-    from nn_decomp.runtime.checkpoint import read_config
-    from nn_decomp.evaluate import excluded_token_ids, heldout_contexts
-
+    """The dictionary and held-out contexts of its run, plus excluded ids."""
     d = HookedDictionary.load(checkpoint, model.cfg.device)
-    ckpt_cfg, _ = read_config(checkpoint)
-    return d, heldout_contexts(ckpt_cfg, model.tokenizer, n_tokens), excluded_token_ids(model.tokenizer)
+    ckpt_cfg, meta = read_config(checkpoint)
+    contexts = heldout_contexts(text_config(ckpt_cfg, meta), model.tokenizer, n_tokens)
+    return d, contexts, excluded_token_ids(model.tokenizer)

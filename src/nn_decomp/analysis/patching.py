@@ -21,18 +21,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from nn_decomp.core.activations import Latents
-from nn_decomp.runtime.checkpoint import load_dictionary, read_config
 from nn_decomp.core.coder import SparseCoder
+from nn_decomp.dictionaries import HookedDictionary, check_disjoint_outputs
 
 if TYPE_CHECKING:  # transformer_lens takes seconds to import; export and CLI errors never need it
     from transformer_lens import HookedTransformer
@@ -40,78 +36,27 @@ if TYPE_CHECKING:  # transformer_lens takes seconds to import; export and CLI er
 MODES = ("splice", "zero", "mean")
 
 
-@dataclass
-class HookedDictionary:
-    """A coder and where it sits in the model: it reads `hooks_in[i]` and writes `hooks_out[i]` for
-    each covered model layer `layers[i]` (one entry unless a CLT)."""
-
-    coder: SparseCoder
-    hooks_in: list[str]
-    hooks_out: list[str]
-    layers: list[int]
-    model_name: str
-    path: Path | None = None
-
-    @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "HookedDictionary":
-        _, meta = read_config(path)
-        return cls(load_dictionary(path, device), list(meta["hooks_in"]), list(meta["hooks_out"]),
-                   list(meta["layers"]), meta["model"], Path(path))
-
-
-def layer_latents(coder: SparseCoder, x_ND: Tensor, i: int) -> Latents:
-    """Latents [N, 1, ·] of source layer i alone, as `coder.encode` gives them in eval mode.
-
-    ReLU and TopK act row by row, so the module applies as is; threshold activations (JumpReLU,
-    and BatchTopK at inference) use layer i's own per-latent thresholds."""
-    act = coder.activation
-    pre_N1F = coder.layer_pre(x_ND, i)[:, None]
-    threshold_LF = getattr(act, "threshold", None)
-    if threshold_LF is None:
-        return act(pre_N1F)
-    assert not act.training, "put the coder in eval mode: BatchTopK selects per batch while training"
-    # JumpReLU's θ = exp(·) > 0; BatchTopK's threshold is −1 until estimated, and its eval clamps at 0.
-    threshold_F = threshold_LF[i].to(pre_N1F.dtype).clamp(min=0)
-    return Latents(pre_N1F * (pre_N1F > threshold_F), None, coder.n_latents)
-
-
-def decode_source(latents: Latents, w_FD: Tensor) -> Tensor:
-    """[N, D] write of one source layer's latents through one decoder slice decoder(i)[:, j−i]."""
-    values_NK = latents.values[:, 0]
-    if latents.indices is None:
-        return values_NK @ w_FD
-    return F.embedding_bag(latents.indices[:, 0], w_FD, per_sample_weights=values_NK, mode="sum")
-
-
 def target_sources(d: HookedDictionary, j: int) -> list[int]:
     """Source layers (indices into d.layers) that write to target index j."""
-    return list(range(j + 1)) if d.coder.cross_layer else [j]
+    return list(d.coder.sources(j))
 
 
 # --- hook functions (bound with functools.partial) -------------------------------------------
 
 def _read_input(act_BTD: Tensor, hook, *, cache: dict, key: tuple, coder: SparseCoder, i: int) -> None:
     x_ND = act_BTD.reshape(-1, act_BTD.shape[-1]).to(coder.W_enc.dtype)
-    cache[key] = (x_ND, coder.feature_values(layer_latents(coder, x_ND, i), slice(i, i + 1)))
+    cache[key] = (x_ND, coder.encode_layer(x_ND, i))
 
 
 def _write_output(act_BTD: Tensor, hook, *, cache: dict, d_idx: int, coder: SparseCoder, j: int,
                   decoders: dict[int, Tensor], positions_BT: Tensor | None, clear: bool) -> Tensor:
-    missing = [i for i in decoders if (d_idx, i) not in cache]
+    sources = coder.sources(j)
+    missing = [i for i in sources if (d_idx, i) not in cache]
     if missing:
         raise RuntimeError(f"{hook.name}: the dictionary's input for source index {missing} did not run "
                            "before its output hook; hook_in must come before hook_out in the forward pass")
-    recon_ND = coder.b_dec[j].expand(act_BTD.shape[:-1].numel(), -1).clone()
-    for i, w_FD in decoders.items():
-        recon_ND += decode_source(cache[(d_idx, i)][1], w_FD)
-    x_ND = cache[(d_idx, j)][0]  # target j's own input: its token scale maps the write back
-    if coder.transforms is not None:
-        latents = cache[(d_idx, j)][1]
-        recon_ND += coder.transforms(latents, coder.normalized(x_ND), latents.indices is not None)
-    if coder.W_skip is not None:
-        recon_ND += coder.normalized(x_ND) @ coder.W_skip[j]
-    if (s_N1 := coder.token_scale(x_ND)) is not None:
-        recon_ND /= s_N1
+    latents = {i: cache[(d_idx, i)][1] for i in sources}
+    recon_ND = coder.decode_layer(latents, cache[(d_idx, j)][0], j, decoders)
     if clear:  # the last target of this dictionary: its inputs are not needed again this pass
         for key in [k for k in cache if k[0] == d_idx]:
             del cache[key]
@@ -163,13 +108,9 @@ def splice_hooks(dictionaries: Sequence[HookedDictionary], layers: Sequence[int]
             rank = 0 if d.hooks_in[i] in written else 2
             ranked.append((rank, d.hooks_in[i], partial(_read_input, cache=cache, key=(d_idx, i),
                                                         coder=d.coder, i=i)))
-        # tying expanded once per dictionary (a MOLT has no decoder vectors: _write_output applies its maps)
-        expanded = {i: d.coder.decoder(i).detach() for i in needed} if d.coder.transforms is None else {}
         for j in targets:
-            # Contiguous copies of the decoder slices this target reads, made once per context.
-            decoders = {i: w[:, j - i].contiguous() for i, w in expanded.items() if i in target_sources(d, j)}
             ranked.append((1, d.hooks_out[j], partial(
-                _write_output, cache=cache, d_idx=d_idx, coder=d.coder, j=j, decoders=decoders,
+                _write_output, cache=cache, d_idx=d_idx, coder=d.coder, j=j, decoders=d.coder.layer_decoders(j),
                 positions_BT=positions_BT, clear=j == targets[-1])))
     return [(name, fn) for _, name, fn in sorted(ranked, key=lambda r: r[0])]
 
@@ -220,13 +161,3 @@ def replacement_model(model: HookedTransformer, dictionaries: HookedDictionary |
                       positions_BT: Tensor | None = None):
     """Every covered MLP (hook_out) replaced at once: `patched(..., "splice")` over all layers."""
     return patched(model, dictionaries, "splice", positions_BT=positions_BT)
-
-
-def check_disjoint_outputs(dictionaries: Sequence[HookedDictionary]) -> None:
-    seen: dict[str, Path | None] = {}
-    for d in dictionaries:
-        for hook in d.hooks_out:
-            if hook in seen:
-                raise ValueError(f"{hook} is written by two dictionaries ({seen[hook]} and {d.path}); "
-                                 "pass one dictionary per layer")
-            seen[hook] = d.path

@@ -18,8 +18,10 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
+from nn_decomp.analysis.evaluation import evaluate
 from nn_decomp.collect import collect, summary, write_table
 from nn_decomp.config import AnalysisConfig  # importing config registers the schemas the configs start from
+from nn_decomp.runtime.checkpoint import read_config
 from nn_decomp.runtime.jobs import analysis_config, run_cli
 
 CONF = Path(__file__).resolve().parents[3] / "conf"
@@ -111,8 +113,7 @@ class Experiment:
 def evaluation_model(analysis: AnalysisConfig, checkpoint: Path, device: str = "auto"):
     """The LM `checkpoint` was trained on, loaded once for every evaluation of an experiment (cut
     to `analysis.eval_lm_layers` blocks at scale=smoke)."""
-    from nn_decomp.runtime.checkpoint import read_config
-    from nn_decomp.models import load_model
+    from nn_decomp.models import load_model  # transformer_lens: seconds, only when an LM is needed
 
     _, meta = read_config(checkpoint)
     cache_dir = OmegaConf.select(compose_config("config", []), "paths.cache_dir")  # this machine's
@@ -123,8 +124,6 @@ def evaluate_checkpoints(checkpoints: Sequence[Path], analysis: AnalysisConfig, 
                          out: Path | None = None) -> dict:
     """`python -m nn_decomp.evaluate checkpoint=A` (or `checkpoints=[A,B,..] out=DIR` for a set
     of per-layer transcoders), through its Python API with a shared `model`; returns eval.json."""
-    from nn_decomp.evaluate import evaluate
-
     cfg = compose_config("evaluate", ["overwrite=true", f"eval.n_tokens={analysis.eval_tokens}",
                                       f"eval.batch_contexts={analysis.eval_batch_contexts}",
                                       f"eval.per_layer={analysis.eval_per_layer}"])

@@ -142,6 +142,10 @@ class Activation(nn.Module):
     # this rank's share of the latents under tensor parallelism (shard.py); set by SparseCoder.set_shard
     shard = NO_SHARD
 
+    # forward(pre, layers=slice(None)): `layers` names the source layers pre's L axis holds, so that
+    # per-layer parameters (thresholds) apply to the right ones: the replacement model encodes one
+    # layer at a time (SparseCoder.encode_layer).
+
     def penalty(self, pre_BLF: Tensor, latents: Latents, dec_norm_LF: Tensor, progress: float = 1.0) -> Tensor:
         """progress: the fraction of training done, for a penalty that changes over training."""
         return pre_BLF.new_zeros(())
@@ -172,7 +176,7 @@ class ReLU(Activation):
     def support(self, pre_BLF: Tensor) -> Tensor:
         return pre_BLF > 0
 
-    def forward(self, pre: Tensor | Latents) -> Latents:
+    def forward(self, pre: Tensor | Latents, layers: slice = slice(None)) -> Latents:
         pre = as_latents(pre)
         return pre._replace(values=torch.relu(pre.values))
 
@@ -196,7 +200,7 @@ class TopK(Activation):
         super().__init__()
         self.k, self.k_aux, self.aux_coef, self.token_norm = k, k_aux, aux_coef, token_norm
 
-    def forward(self, pre_BLF: Tensor) -> Latents:
+    def forward(self, pre_BLF: Tensor, layers: slice = slice(None)) -> Latents:
         values, indices = pre_BLF.topk(self.k, dim=-1, sorted=False)
         values = self.shard.top_per_row(torch.relu(values), self.k)
         return Latents(values, indices, pre_BLF.shape[-1], values != 0)
@@ -226,9 +230,10 @@ class BatchTopK(TopK):
     def init_threshold(self, n_layers: int, n_latents: int) -> None:
         self.threshold = torch.full((n_layers, n_latents), -1.0)
 
-    def forward(self, pre_BLF: Tensor) -> Latents:
-        if not self.training:
-            return dense_to_sparse(pre_BLF * (pre_BLF > self.threshold.clamp(min=0)))
+    def forward(self, pre_BLF: Tensor, layers: slice = slice(None)) -> Latents:
+        if not self.training:  # the threshold is −1 until estimated: clamped, every positive entry passes
+            return dense_to_sparse(pre_BLF * (pre_BLF > self.threshold[layers].clamp(min=0)))
+        assert layers == slice(None), "BatchTopK selects over every layer of a batch while training"
         # The batch's k·B largest are found among each row's top candidates rather than by one
         # top-k over all B·F entries (2× the step on CPU). Exact: a row whose every candidate
         # clears the cutoff might hold more, so such rows alone search twice as wide, until none
@@ -329,9 +334,9 @@ class JumpReLU(Activation):
         # Each entry costs a gradient dot in the decoder: a whole band below θ doubled them.
         return pre_BLF > (self.threshold - 0.51 * self.bandwidth).to(pre_BLF.dtype)
 
-    def forward(self, pre: Tensor | Latents) -> Latents:
+    def forward(self, pre: Tensor | Latents, layers: slice = slice(None)) -> Latents:
         pre = as_latents(pre)
-        threshold = pre.at(self.threshold.to(pre.values.dtype))
+        threshold = pre.at(self.threshold[layers].to(pre.values.dtype))
         return pre._replace(values=JumpReLUFunction.apply(pre.values, threshold, self.bandwidth, self.ste_to_input))
 
     def penalty(self, pre_BLF, latents, dec_norm_LF, progress=1.0):

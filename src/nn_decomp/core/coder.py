@@ -164,6 +164,15 @@ class SparseCoder(nn.Module):
             return self.W_dec[i] * self.W_dec_scale[i, :, i:, None]
         return torch.cat([self.W_dec[j] for j in range(i, self.n_layers)], 1)
 
+    def decoder_to(self, i: int, j: int) -> Tensor:
+        """[F, D] what each latent of source layer i writes to target j ≥ i: `decoder(i)[:, j − i]`,
+        without expanding the other targets."""
+        if self.decoder_tying == "none":
+            return self.W_dec[i][:, j - i]
+        if self.decoder_tying == "per_source":
+            return self.W_dec[i][:, 0] * self.W_dec_scale[i, :, j, None]
+        return self.W_dec[j][:, 0]
+
     def decoders(self) -> list[Tensor]:
         """`decoder(i)` for every source layer i."""
         return [self.decoder(i) for i in range(self.n_sources)]
@@ -285,6 +294,44 @@ class SparseCoder(nn.Module):
             return values @ w_FX
         grad_mask = None if latents.grad_mask is None else latents.grad_mask[:, i]
         return kernels.decode_source(latents.indices[:, i], values, w_FX, grad_mask)
+
+    # --- one layer at a time: the replacement model (analysis/patching.py) ---------------------
+    # A replacement model encodes layer j from the stream as the replacements before j left it, so
+    # the coder runs layer by layer. These give exactly what `forward` gives in eval mode on the same
+    # inputs (tests/test_patching.py asserts it for every architecture and activation).
+
+    def sources(self, j: int) -> range:
+        """The source layers that write to target layer j."""
+        return range(j + 1) if self.cross_layer else range(j, j + 1)
+
+    def encode_layer(self, x_ND: Tensor, i: int) -> Latents:
+        """[N, 1, ·] latents of source layer i alone from raw inputs, as `encode` gives them in eval
+        mode (a BatchTopK uses its threshold)."""
+        return self.activation(self.layer_pre(x_ND, i)[:, None], layers=slice(i, i + 1))
+
+    def layer_decoders(self, j: int) -> dict[int, Tensor]:
+        """{i: [F, D]} the (contiguous) decoder slice each source i writes to target j through, tying
+        expanded: made once per forward pass, not once per hook call."""
+        if self.transforms is not None:
+            return {}
+        return {i: self.decoder_to(i, j).detach().contiguous() for i in self.sources(j)}
+
+    def decode_layer(self, latents: dict[int, Latents], x_ND: Tensor, j: int,
+                     decoders: dict[int, Tensor] | None = None) -> Tensor:
+        """[N, D_out] raw reconstruction of target j from `encode_layer`'s latents of its sources
+        ({i: latents}) and target j's own raw input x_ND (the token scale and skip connection read it)."""
+        decoders = self.layer_decoders(j) if decoders is None else decoders
+        values = {i: self.feature_values(latents[i], slice(i, i + 1)) for i in self.sources(j)}
+        recon_ND = self.b_dec[j].expand(len(x_ND), -1).clone()
+        for i, w_FD in decoders.items():
+            recon_ND += self.decode_source(values[i], 0, w_FD)
+        if self.transforms is not None:
+            recon_ND += self.transforms(values[j], self.normalized(x_ND), values[j].indices is not None)
+        if self.W_skip is not None:
+            recon_ND += self.normalized(x_ND) @ self.W_skip[j]
+        if (s_N1 := self.token_scale(x_ND)) is not None:
+            recon_ND /= s_N1
+        return recon_ND
 
     def forward(self, x_BLD: Tensor) -> CoderOutput:
         """Reconstruction of raw x. With token_norm, Trainer passes tokens already at norm √d_in

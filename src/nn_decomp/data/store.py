@@ -1,6 +1,4 @@
 """Activations of a TransformerLens model, streamed into shuffled (x, y) training batches."""
-import difflib
-import re
 from collections.abc import Iterable, Sequence
 from itertools import islice
 from typing import NamedTuple
@@ -11,30 +9,10 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from nn_decomp.config import UsageError, arch_hooks, require
+from nn_decomp.data.hooks import check_hooks, hook_layer
 from nn_decomp.data.text import load_texts, split_documents, token_contexts
 from nn_decomp.runtime.distributed import SINGLE, DistInfo, rank_device
 from nn_decomp.models import load_model, model_n_layers
-
-
-def check_hooks(model: HookedTransformer, hooks: list[str]) -> None:
-    """Fail on a misspelt hook name before any compute is spent."""
-    for hook in hooks:
-        if hook not in model.hook_dict:
-            close = difflib.get_close_matches(hook, list(model.hook_dict), n=5)
-            raise UsageError(f"hook {hook!r} not in {model.cfg.model_name}; close matches: {close}")
-
-
-def hook_layer(hook: str) -> int:
-    """Block a hook lives in: "blocks.7.ln2.hook_normalized" -> 7.
-
-    Top-level hooks such as "hook_embed" run before block 0 and give -1.
-    """
-    match = re.match(r"blocks\.(\d+)\.", hook)
-    if match:
-        return int(match[1])
-    if hook.startswith("hook_"):
-        return -1
-    raise UsageError(f"hook {hook!r} is not inside a block; use a blocks.N.* or hook_embed hook")
 
 
 class ActivationsStore:

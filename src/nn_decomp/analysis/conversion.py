@@ -1,0 +1,164 @@
+"""Turn a TopK / BatchTopK dictionary into a JumpReLU one (what circuit-tracer and SAELens transcoders
+run): `python -m nn_decomp.convert`.
+
+The weights are kept; only the activation changes, to pre·H(pre − θ_f) with one threshold per latent
+and layer. Thresholds come from the source dictionary's own behaviour on held-out tokens (the first
+`n_tokens` of the checkpoint's held-out documents), by one of two estimators:
+
+- estimator=rate (default): θ_f is the value that latent f's pre-activation exceeds on exactly as
+  many tokens as the source activation selects f (the (n_f+1)-th largest pre-activation of f). Each
+  latent keeps its firing frequency, so the L0 matches the source's on these tokens by construction.
+- estimator=min: θ_f is the smallest pre-activation at which the source selected f (the per-latent
+  analogue of the BatchTopK paper's threshold, the mean over batches of the minimum selected
+  activation). Latents fire at least as often as before, so L0 rises; calibrate=true corrects it,
+  but badly: a few latents selected once at a near-zero value fire almost everywhere, and one
+  multiplicative scale per layer must then raise every other threshold far above its value
+  (SmolLM2 layer-2 TopK transcoder, k=32: rate gives NMSE 0.0222 → 0.0240 at L0 30.9 → 31.2;
+  min gives 0.0251 at L0 38.9, min + calibrate 0.103 at L0 31.4).
+
+A latent never selected gets θ_f = its largest pre-activation seen (it stays silent on those tokens).
+calibrate=true then bisects one scale c per layer (thresholds c·θ) until the layer's L0 on the same
+tokens equals the source's. Before/after NMSE and L0 are measured on the next `n_eval_tokens`
+held-out tokens (disjoint from the fitting tokens), written into the new checkpoint's metadata.json
+and printed.
+"""
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+
+from nn_decomp.config import JumpReLUConfig, UsageError
+from nn_decomp.core.coder import SparseCoder
+from nn_decomp.data.heldout import heldout_activations, text_config
+from nn_decomp.dictionaries import check_compatible, check_model_choice, load_dictionaries
+from nn_decomp.runtime.checkpoint import build_coder, read_config, save_checkpoint
+from nn_decomp.runtime.files import refuse_existing
+
+CONVERTIBLE = ("topk", "batchtopk")
+MIN_THRESHOLD = 1e-6  # JumpReLU stores log θ, so θ > 0; a latent active on most tokens would get θ ≤ 0
+
+
+# --- threshold estimators --------------------------------------------------------------------
+
+def rate_thresholds(pre_NF: Tensor, active_NF: Tensor, chunk: int = 1024) -> Tensor:
+    """[F] θ_f = the (n_f+1)-th largest pre-activation of latent f, n_f = tokens f is active on:
+    exactly n_f tokens exceed it (ties aside)."""
+    N = pre_NF.shape[0]
+    n_F = active_NF.sum(0)
+    out = []
+    for start in range(0, pre_NF.shape[1], chunk):
+        sorted_NF = pre_NF[:, start:start + chunk].sort(dim=0).values  # ascending
+        rank_F = (N - 1 - n_F[start:start + chunk]).clamp(min=0)
+        theta_F = sorted_NF.gather(0, rank_F[None]).squeeze(0)
+        # Never active: the largest value seen (strict >, so it stays silent on these tokens).
+        out.append(torch.where(n_F[start:start + chunk] == 0, sorted_NF[-1], theta_F))
+    return torch.cat(out)
+
+
+def min_thresholds(pre_NF: Tensor, active_NF: Tensor) -> Tensor:
+    """[F] θ_f = the smallest pre-activation at which f was active, minus nothing: pre > θ then
+    excludes that token itself, so step down by one ulp to keep it."""
+    smallest_F = pre_NF.masked_fill(~active_NF, float("inf")).amin(0)
+    never = torch.isinf(smallest_F)
+    theta_F = torch.nextafter(smallest_F, torch.full_like(smallest_F, -float("inf")))
+    return torch.where(never, pre_NF.amax(0), theta_F)
+
+
+def calibrate_scale(pre_NF: Tensor, theta_F: Tensor, target_l0: float, n_iter: int = 50) -> float:
+    """Bisection on log c so that mean_t #{f: pre_tf > c·θ_f} = target_l0 (L0 falls as c grows)."""
+    def l0(c: float) -> float:
+        return (pre_NF > c * theta_F).sum().item() / len(pre_NF)
+
+    lo, hi = -10.0, 10.0  # log c
+    for _ in range(n_iter):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if l0(torch.tensor(mid).exp().item()) > target_l0 else (lo, mid)
+    return torch.tensor((lo + hi) / 2).exp().item()
+
+
+@torch.no_grad()
+def fit_thresholds(coder: SparseCoder, x_NLD: Tensor, estimator: str, calibrate: bool) -> tuple[Tensor, dict]:
+    """[L, F] thresholds and per-layer fit statistics (source L0, JumpReLU L0, calibration scale)."""
+    thresholds, stats = [], {"source_l0": [], "jumprelu_l0": [], "scale": []}
+    x_NSD = coder.stacked(x_NLD)  # a crosscoder's one source reads its layers side by side
+    for i in range(coder.n_sources):
+        x_ND = x_NSD[:, i]
+        pre_NF = coder.layer_pre(x_ND, i)
+        active_NF = coder.encode_layer(x_ND, i).dense()[:, 0] != 0
+        target = active_NF.sum().item() / len(x_ND)
+        theta_F = (rate_thresholds if estimator == "rate" else min_thresholds)(pre_NF, active_NF)
+        theta_F = theta_F.clamp(min=MIN_THRESHOLD)
+        scale = calibrate_scale(pre_NF, theta_F, target) if calibrate else 1.0
+        theta_F = (scale * theta_F).clamp(min=MIN_THRESHOLD)
+        thresholds.append(theta_F)
+        stats["source_l0"].append(target)
+        stats["jumprelu_l0"].append((pre_NF > theta_F).sum().item() / len(x_ND))
+        stats["scale"].append(scale)
+    return torch.stack(thresholds), stats
+
+
+def jumprelu_coder(source: SparseCoder, ckpt_cfg: DictConfig, thresholds_LF: Tensor) -> tuple[SparseCoder, DictConfig]:
+    """A JumpReLU coder with the source's weights and the given thresholds, and its config."""
+    cfg = ckpt_cfg.copy()
+    # a token-normalising source (BatchTopK's default) keeps normalising: its pre-activations, and so
+    # the fitted thresholds, live in that space (coder.layer_pre normalises as forward does)
+    cfg.act = OmegaConf.structured(JumpReLUConfig(token_norm=source.activation.token_norm))
+    coder = build_coder(cfg, source.d_in, source.d_out).to(thresholds_LF.device)
+    weights = {k: v for k, v in source.state_dict().items() if not k.startswith("activation.")}
+    weights["activation.log_threshold"] = thresholds_LF.log().float()
+    coder.load_state_dict(weights)
+    return coder.eval(), cfg
+
+
+def convert(cfg: DictConfig, model=None) -> dict:
+    """Convert the checkpoint `cfg` names; returns the before/after report."""
+    if cfg.to != "jumprelu":
+        raise UsageError(f"to={cfg.to}: only to=jumprelu is supported")
+    if not cfg.checkpoint:
+        raise UsageError("no checkpoint given: pass checkpoint=PATH")
+    (d,) = load_dictionaries([Path(cfg.checkpoint)])
+    ckpt_cfg, meta = read_config(d.path)
+    if meta["act"] not in CONVERTIBLE:
+        raise UsageError(f"{d.path} has act={meta['act']}; convert works on {'/'.join(CONVERTIBLE)} "
+                         "(a jumprelu or relu dictionary exports as it is)")
+    out = Path(cfg.out) if cfg.out else d.path.with_name(d.path.name + "_jumprelu")
+    refuse_existing([out], cfg.overwrite)
+    model_name = check_model_choice(cfg, [d])
+    from nn_decomp.train import evaluate_coder
+
+    if model is None:
+        from nn_decomp.models import load_model
+
+        model = load_model(model_name, cfg.device, cfg.dtype, max(d.layers) + 1, cfg.cache_dir)
+    d.coder.to(model.cfg.device)
+    check_compatible(model, [d])
+    (x_fit, _), (x_eval, y_eval) = heldout_activations(text_config(ckpt_cfg, meta), model, model.cfg.device,
+                                                       cfg.n_tokens, cfg.n_eval_tokens)
+    thresholds, fit = fit_thresholds(d.coder, x_fit.to(d.coder.W_enc.dtype), cfg.estimator, cfg.calibrate)
+    coder, new_cfg = jumprelu_coder(d.coder, ckpt_cfg, thresholds)
+    batch = ckpt_cfg.train.batch_size
+    before = evaluate_coder(d.coder, x_eval, y_eval, batch)
+    after = evaluate_coder(coder, x_eval, y_eval, batch)
+    report = {"source": str(d.path), "out": str(out), "estimator": cfg.estimator, "calibrate": cfg.calibrate,
+              "n_fit_tokens": len(x_fit), "n_eval_tokens": len(x_eval), "fit": fit,
+              "before": before, "after": after}
+    new_meta = meta | {"act": "jumprelu", "eval": after, "converted_from": report}
+    for key in ("step", "tokens_seen"):
+        new_meta.pop(key, None)
+    save_checkpoint(out, coder.cpu(), new_cfg, new_meta)
+    print(table(report))
+    return report
+
+
+def table(report: dict) -> str:
+    b, a = report["before"], report["after"]
+    rows = [("", "source", "jumprelu"), ("nmse", f"{b['nmse']:.4f}", f"{a['nmse']:.4f}"),
+            ("explained_variance", f"{b['explained_variance']:.4f}", f"{a['explained_variance']:.4f}"),
+            ("l0", f"{b['l0']:.2f}", f"{a['l0']:.2f}"),
+            ("dead_fraction_eval", f"{b['dead_fraction_eval']:.3f}", f"{a['dead_fraction_eval']:.3f}")]
+    lines = [f"{r[0]:>20}  {r[1]:>10}  {r[2]:>10}" for r in rows]
+    lines.append(f"estimator={report['estimator']} calibrate={report['calibrate']}; fit on "
+                 f"{report['n_fit_tokens']} held-out tokens, measured on the next {report['n_eval_tokens']}")
+    lines.append(f"wrote {report['out']}")
+    return "\n".join(lines)
