@@ -31,7 +31,8 @@ from torch import Tensor
 
 from nn_decomp.runtime.checkpoint import build_coder, read_config, save_checkpoint
 from nn_decomp.core.coder import SparseCoder
-from nn_decomp.config import JumpReLUConfig, UsageError  # importing config registers base_convert
+from nn_decomp.config import UsageError  # importing config registers base_convert
+from nn_decomp.config.act import JumpReLUConfig
 from nn_decomp.evaluate import check_compatible, check_model_choice, load_dictionaries, text_config
 from nn_decomp.runtime.files import refuse_existing
 from nn_decomp.runtime.jobs import exit_on_usage_error

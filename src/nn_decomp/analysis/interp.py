@@ -27,7 +27,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from nn_decomp.core.activations import Latents
-from nn_decomp.config import InterpConfig
+from nn_decomp.config.experiments import InterpConfig
 from nn_decomp.analysis.patching import HookedDictionary
 from nn_decomp.data.store import hook_layer
 

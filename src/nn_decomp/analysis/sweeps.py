@@ -19,7 +19,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 from nn_decomp.collect import collect, summary, write_table
-from nn_decomp.config import AnalysisConfig  # importing config registers the schemas the configs start from
+from nn_decomp.config.experiments import AnalysisConfig  # importing the config package registers the schemas the configs start from
 from nn_decomp.runtime.jobs import analysis_config, run_cli
 
 CONF = Path(__file__).resolve().parents[3] / "conf"
