@@ -51,7 +51,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from nn_decomp.config import MULTI_LAYER
+from nn_decomp.config.arch import MULTI_LAYER
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYER = 2

@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 import nn_decomp.config  # noqa: F401  (registers the schemas in Hydra's ConfigStore)
 from nn_decomp.runtime.checkpoint import build_coder
 from nn_decomp.core.coder import SparseCoder
-from nn_decomp.config import ARCHS, MULTI_LAYER  # noqa: F401  (tests import them from here)
+from nn_decomp.config.arch import ARCHS, MULTI_LAYER  # noqa: F401  (tests import them from here)
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 ACTS = ("relu", "topk", "batchtopk", "jumprelu")

@@ -19,7 +19,8 @@ from nn_decomp import train as train_module
 from nn_decomp.cache import (CacheError, CachedActivations, build_cache, check_matches, escape, from_storage,
                              read_meta, to_storage)
 from nn_decomp.runtime.checkpoint import TRAINER_STATE, read_config
-from nn_decomp.config import UsageError, arch_hooks
+from nn_decomp.config import UsageError
+from nn_decomp.config.arch import arch_hooks
 from nn_decomp.data.store import lm_stores
 from nn_decomp.train import setup, train
 

@@ -1,5 +1,7 @@
 """Every config option composes, validates and instantiates; bad values fail at composition or in
 `validate`, before any model is loaded."""
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,14 @@ def compose_cfg(*overrides: str):
 
 def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def test_the_schemas_import_without_torch():
+    """The schemas load no torch, so bad input fails at composition before the heavy imports
+    (validate imports torch inside, for its CUDA check)."""
+    code = "import sys, nn_decomp.config; assert 'torch' not in sys.modules, 'torch imported'"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
 
 
 @pytest.mark.parametrize("arch", options("arch"))

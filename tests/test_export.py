@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from helpers import CONF, arch_act_cfg, make_coder
 from nn_decomp.runtime.checkpoint import load_dictionary, save_checkpoint
-from nn_decomp.config import arch_hooks
+from nn_decomp.config.arch import arch_hooks
 from nn_decomp.analysis.evaluation import evaluate
 from nn_decomp.config import UsageError
 from nn_decomp.export import SAELENS_CFG, SAELENS_WEIGHTS, export, import_saelens

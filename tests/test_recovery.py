@@ -20,7 +20,7 @@ import torch
 from helpers import PlantedFeatures, compose_cfg, max_cosine, one_thread, unit_rows  # noqa: F401
 from nn_decomp.runtime.checkpoint import build_coder
 from nn_decomp.core.coder import SparseCoder
-from nn_decomp.config import SyntheticDataConfig
+from nn_decomp.config.data import SyntheticDataConfig
 from nn_decomp.data.synthetic import SyntheticData, max_cosines
 from nn_decomp.train import Trainer
 

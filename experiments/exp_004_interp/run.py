@@ -10,7 +10,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from nn_decomp.config import InterpConfig
+from nn_decomp.config.experiments import InterpConfig
 from nn_decomp.analysis.interp import analyse, load_report_inputs, write_report
 from nn_decomp.runtime.jobs import run_cli
 from nn_decomp.analysis.sweeps import Experiment, evaluation_model, report_written

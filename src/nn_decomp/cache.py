@@ -37,7 +37,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from tqdm import tqdm
 
-from nn_decomp.config import CacheConfig, UsageError, arch_hooks, require, validate
+from nn_decomp.config import UsageError, require, validate
+from nn_decomp.config.arch import arch_hooks
+from nn_decomp.config.data import CacheConfig
 from nn_decomp.runtime.distributed import SINGLE, DistInfo, rank_device
 from nn_decomp.runtime.files import replacing
 from nn_decomp.runtime.jobs import exit_on_usage_error

@@ -45,7 +45,8 @@ from torch import Tensor
 import nn_decomp.config  # noqa: F401  (registers base_export)
 from nn_decomp.runtime.checkpoint import build_coder, read_config, save_checkpoint
 from nn_decomp.runtime.files import fresh_tmp, publish_dir
-from nn_decomp.config import CHECKPOINT_ONLY, UsageError
+from nn_decomp.config import UsageError
+from nn_decomp.config.arch import CHECKPOINT_ONLY
 from nn_decomp.dictionaries import HookedDictionary, checkpoint_list, load_dictionaries
 from nn_decomp.runtime.files import refuse_existing
 from nn_decomp.runtime.jobs import exit_on_usage_error

@@ -28,7 +28,8 @@ from nn_decomp.data.background import BackgroundStore
 from nn_decomp.cache import open_cache
 from nn_decomp.runtime.checkpoint import TRAINER_STATE, build_coder, save_checkpoint
 from nn_decomp.runtime.files import recover_dir
-from nn_decomp.config import CHECKPOINT_ONLY, arch_hooks, require, validate
+from nn_decomp.config import require, validate
+from nn_decomp.config.arch import CHECKPOINT_ONLY, arch_hooks
 from nn_decomp.core.coder import SparseCoder
 from nn_decomp.runtime.distributed import SINGLE, DistInfo
 from nn_decomp.runtime.jobs import exit_on_usage_error, finished_run, is_first_rank, resolve_resume

@@ -28,7 +28,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from nn_decomp.config import JumpReLUConfig, UsageError
+from nn_decomp.config import UsageError
+from nn_decomp.config.act import JumpReLUConfig
 from nn_decomp.core.coder import SparseCoder
 from nn_decomp.data.heldout import heldout_activations, text_config
 from nn_decomp.dictionaries import check_compatible, check_model_choice, load_dictionaries

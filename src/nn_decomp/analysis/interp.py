@@ -28,11 +28,11 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from nn_decomp.core.activations import Latents
-from nn_decomp.config import InterpConfig
+from nn_decomp.config.experiments import InterpConfig
 from nn_decomp.data.heldout import excluded_token_ids, heldout_contexts, text_config
+from nn_decomp.data.hooks import hook_layer
 from nn_decomp.dictionaries import HookedDictionary
 from nn_decomp.runtime.checkpoint import read_config
-from nn_decomp.data.hooks import hook_layer
 
 
 # --- scanning ------------------------------------------------------------------------------------

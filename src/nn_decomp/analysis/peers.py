@@ -150,7 +150,7 @@ def train_peer_on_run(name: str, cfg) -> dict:
     batches, each layer scaled to E‖x‖² = d by the same init batches as ours), scored on the run's
     held-out rows. FVU does not depend on that scale, so it compares as is with the run's own held-out
     nmse (metrics.json, the same rows; eval.nmse is the evaluator's, on other tokens)."""
-    from nn_decomp.config import arch_hooks
+    from nn_decomp.config.arch import arch_hooks
     from nn_decomp.train import INIT_BATCHES, norm_scale, setup, take_tokens
 
     hooks_in, hooks_out = arch_hooks(cfg.arch)

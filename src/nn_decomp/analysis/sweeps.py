@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from nn_decomp.analysis.evaluation import evaluate
 from nn_decomp.collect import collect, summary, write_table
-from nn_decomp.config import AnalysisConfig  # importing config registers the schemas the configs start from
+from nn_decomp.config.experiments import AnalysisConfig  # importing the config package registers the schemas the configs start from
 from nn_decomp.runtime.checkpoint import read_config
 from nn_decomp.runtime.jobs import analysis_config, run_cli
 

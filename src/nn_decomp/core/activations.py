@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nn_decomp.config import PENALTIES
+from nn_decomp.config.act import PENALTIES
 from nn_decomp.core.shard import NO_SHARD
 
 

@@ -1,7 +1,7 @@
 """One sparse coder for every architecture: encode → activation → decode.
 
 Shapes: B batch, L layers (1 unless a cross-layer transcoder), F latents per layer, D model dims.
-The architecture decides only which hooks feed x and y (config.py) and these switches:
+The architecture decides only which hooks feed x and y (config/arch.py) and these switches:
 - cross_layer: latents at source layer i write to every target layer j ≥ i, each through its own
   decoder vector. W_dec[i] is [F, L−i, D_out] (circuit-tracer's layout), so a latent can never
   write to an earlier layer: there is no weight for it.
@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from nn_decomp.core import kernels
 from nn_decomp.core.activations import Activation, Latents
-from nn_decomp.config import TYING
+from nn_decomp.config.arch import TYING
 from nn_decomp.core.molt import LowRankTransforms
 from nn_decomp.core.shard import NO_SHARD, LatentShard
 

@@ -8,7 +8,8 @@ from omegaconf import DictConfig
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from nn_decomp.config import UsageError, arch_hooks, require
+from nn_decomp.config import UsageError, require
+from nn_decomp.config.arch import arch_hooks
 from nn_decomp.data.hooks import check_hooks, hook_layer
 from nn_decomp.data.text import load_texts, split_documents, token_contexts
 from nn_decomp.runtime.distributed import SINGLE, DistInfo, rank_device

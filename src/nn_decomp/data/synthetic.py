@@ -24,7 +24,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from nn_decomp.config import SyntheticDataConfig
+from nn_decomp.config.data import SyntheticDataConfig
 
 # Every generator here is seeded apart from the others and from torch.manual_seed(train.seed), which
 # initialises the coder: a planted model drawn from the coder's own seed would be its initial decoder.

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 
 from nn_decomp.core.coder import SparseCoder
-from nn_decomp.config import AUTOENCODERS, TRANSCODERS, molt_groups
+from nn_decomp.config.arch import AUTOENCODERS, TRANSCODERS, molt_groups
 from nn_decomp.runtime.files import fresh_tmp, publish_dir
 
 WEIGHTS, CONFIG, METADATA, TRAINER_STATE = "dictionary.safetensors", "config.yaml", "metadata.json", "trainer_state.pt"
@@ -26,7 +26,7 @@ def build_coder(cfg: DictConfig, d_in: int, d_out: int) -> SparseCoder:
     arch = cfg.arch
     get = arch.get  # checkpoints older than a key lack it: its default
     act.unit_norm_decoder = unit_norm_decoder(arch, act.unit_norm_decoder)
-    if act.token_norm is None:  # JumpReLU's null (config.py): a checkpoint older than the key has False
+    if act.token_norm is None:  # JumpReLU's null (config/act.py): a checkpoint older than the key has False
         act.token_norm = arch.name in AUTOENCODERS
     return SparseCoder(d_in, d_out, arch.n_latents, len(arch.layers), act,
                        cross_layer=arch.name == "clt", crosscoder=arch.name == "crosscoder",
@@ -39,7 +39,7 @@ def build_coder(cfg: DictConfig, d_in: int, d_out: int) -> SparseCoder:
 
 
 def unit_norm_decoder(arch: DictConfig, activation_wants: bool) -> bool:
-    """arch.unit_norm_decoder resolved (config.py: the rule). A checkpoint older than the key keeps the
+    """arch.unit_norm_decoder resolved (config/arch.py: the rule). A checkpoint older than the key keeps the
     activation's choice, which is what it was trained with."""
     if "unit_norm_decoder" not in arch:
         return activation_wants

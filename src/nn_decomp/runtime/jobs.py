@@ -38,7 +38,9 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from nn_decomp.config import AnalysisConfig, UsageError, check_resume, require
+from nn_decomp.config import UsageError, require
+from nn_decomp.config.experiments import AnalysisConfig
+from nn_decomp.config.train import check_resume
 from nn_decomp.runtime.files import write_atomic
 
 STATUS_JSON = "status.json"

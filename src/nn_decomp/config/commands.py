@@ -1,0 +1,107 @@
+"""The entry configs of the commands besides train and cache (conf/{evaluate,convert,export}.yaml
+start from `base_<command>`). They share `CommandConfig` (the checkpoint read, where the result goes),
+and those that run the checkpoint's LM `LMCommandConfig` too."""
+from dataclasses import dataclass, field
+from typing import Any
+
+from nn_decomp.config.errors import require
+
+
+@dataclass
+class CommandConfig:
+    """What every command over a trained dictionary takes."""
+
+    checkpoint: str | None = None
+    """A checkpoint dir (outputs/runs/.../checkpoint)."""
+    out: str | None = None
+    """Where the result goes (each command's docstring gives its default)."""
+    overwrite: bool = False
+    """Replace an existing `out`."""
+
+
+@dataclass
+class LMCommandConfig(CommandConfig):
+    """A command that runs the LM the checkpoint was trained on."""
+
+    device: str = "auto"
+    dtype: str = "float32"
+    cache_dir: str = "${paths.cache_dir}"
+    model: Any = None
+    """Optional `model=<option>`: fail unless the checkpoint was trained on that model."""
+    paths: Any = None
+
+
+@dataclass
+class EvalSettings:
+    n_tokens: int = 16384
+    """Held-out tokens to evaluate on (whole contexts of the checkpoint's data.context_size)."""
+    batch_contexts: int = 8
+    """Contexts per LM forward pass."""
+    dense_threshold: float = 0.1
+    """A latent firing on more than this fraction of tokens counts as dense."""
+    downstream: bool = True
+    """Run the CE/KL metrics (patched forward passes of the full LM)."""
+    per_layer: bool = True
+    """Also splice / ablate each covered layer alone (3 patched passes per layer and batch); false: the
+    all-layers replacement only (3 passes per batch), for a larger sample at the same cost."""
+    context_size: int | None = None
+    """Tokens per context; null: the checkpoint's data.context_size."""
+
+    def __post_init__(self):
+        require(self.n_tokens > 0 and self.batch_contexts > 0, "eval.n_tokens and eval.batch_contexts must be > 0")
+
+
+@dataclass
+class EvaluateConfig(LMCommandConfig):
+    """`python -m nn_decomp.evaluate` (conf/evaluate.yaml). `out`: the dir for eval.json (default: the
+    checkpoint dir; required for `checkpoints`); `overwrite` replaces an existing eval.json."""
+
+    checkpoints: list[str] = field(default_factory=list)
+    """Several per-layer transcoders evaluated as one replacement model (instead of `checkpoint`)."""
+    eval: EvalSettings = field(default_factory=EvalSettings)
+
+
+ESTIMATORS = ("rate", "min")
+
+
+@dataclass
+class ConvertConfig(LMCommandConfig):
+    """`python -m nn_decomp.convert` (conf/convert.yaml): `checkpoint`, a TopK / BatchTopK one, becomes
+    a new checkpoint dir `out` (default: <checkpoint>_jumprelu next to the source)."""
+
+    to: str = "jumprelu"
+    """Target activation; only jumprelu."""
+    estimator: str = "rate"
+    """rate (keep each latent's firing frequency) or min (smallest selected pre-activation)."""
+    calibrate: bool = False
+    """Bisect a per-layer scale on the thresholds so each layer's L0 matches the source's."""
+    n_tokens: int = 16384
+    """Held-out tokens for the threshold statistics."""
+    n_eval_tokens: int = 8192
+    """Further held-out tokens for the before/after report."""
+
+    def __post_init__(self):
+        require(self.estimator in ESTIMATORS, f"estimator={self.estimator!r}: choose one of {ESTIMATORS}")
+
+
+@dataclass
+class ExportConfig(CommandConfig):
+    """`python -m nn_decomp.export` (conf/export.yaml): `checkpoint` written in `format` into the
+    dir `out` (required)."""
+
+    checkpoints: list[str] = field(default_factory=list)
+    """Per-layer transcoders exported together as one circuit-tracer transcoder_set."""
+    format: str | None = None
+    """saelens | circuit_tracer | hf_model (SmolLM2 as a Hugging Face folder, no checkpoint)."""
+    from_saelens: str | None = None
+    """Import instead: a SAELens SAE dir, written as our checkpoint into `out`."""
+    model_name: str | None = None
+    """Import: the model name for the checkpoint (default: the SAELens metadata's model_name).
+    circuit_tracer: the config's model_name (default: the Hub name of the checkpoint's model)."""
+    scan: str | None = None
+    """circuit_tracer: the config's scan, circuit-tracer's name for the feature set (default: out's name)."""
+    hf_model: str | None = None
+    """circuit_tracer: the Hugging Face model folder circuit-tracer will run (nnsight backend). Its
+    MLP-input norm weights are folded into the encoders, which then read `mlp.hook_in`."""
+    first_n_layers: int | None = None
+    """hf_model: keep only the first blocks (a small model for tests)."""
