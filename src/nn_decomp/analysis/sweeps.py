@@ -18,9 +18,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
-from nn_decomp.collect import collect, summary, write_table
 from nn_decomp.config import AnalysisConfig  # importing config registers the schemas the configs start from
 from nn_decomp.runtime.jobs import analysis_config, run_cli
+from nn_decomp.runtime.sweep_table import collect, summary, write_table
 
 CONF = Path(__file__).resolve().parents[3] / "conf"
 SCALES = ("smoke", "cpu", "cpu_2m", "gpu")

@@ -40,17 +40,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from nn_decomp.config import AnalysisConfig, UsageError, check_resume, require
 from nn_decomp.runtime.files import write_atomic
+from nn_decomp.runtime.sweep_table import STATUS_JSON, collect, read_status, summary
 
-STATUS_JSON = "status.json"
 log = logging.getLogger(__name__)
 
 
 # --- status per job ----------------------------------------------------------------------------
-
-def read_status(job_dir: Path) -> dict:
-    path = Path(job_dir) / STATUS_JSON
-    return json.loads(path.read_text()) if path.exists() else {}
-
 
 def write_status(job_dir: Path, status: dict) -> None:
     write_atomic(Path(job_dir) / STATUS_JSON, json.dumps(status, indent=2))
@@ -107,8 +102,6 @@ class JobStatusCallback(Callback):
             raise SystemExit(f"{name} failed and fail_fast=true: stopping the sweep")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from nn_decomp.collect import collect, summary
-
         sweep_dir = Path(config.hydra.sweep.dir)
         print(f"{summary(collect(sweep_dir))}\ntable: python -m nn_decomp.collect {sweep_dir}", flush=True)
 
