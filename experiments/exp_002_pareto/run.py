@@ -12,9 +12,9 @@ import json
 import sys
 from pathlib import Path
 
-from nn_decomp.collect import collect, write_table
 from nn_decomp.analysis.sweeps import (Experiment, evaluate_jobs, family, knob, n_layers, number, pareto_front, pyplot,
                               report_written, save_figure, write_points)
+from nn_decomp.runtime.sweep_table import collect, write_table
 
 NAME = "exp_002_pareto"
 GRIDS = {

@@ -19,10 +19,10 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 from nn_decomp.analysis.evaluation import evaluate
-from nn_decomp.collect import collect, summary, write_table
 from nn_decomp.config.experiments import AnalysisConfig  # importing the config package registers the schemas the configs start from
 from nn_decomp.runtime.checkpoint import read_config
 from nn_decomp.runtime.jobs import analysis_config, run_cli
+from nn_decomp.runtime.sweep_table import collect, summary, write_table
 
 CONF = Path(__file__).resolve().parents[3] / "conf"
 SCALES = ("smoke", "cpu", "cpu_2m", "gpu")

@@ -42,17 +42,12 @@ from nn_decomp.config import UsageError, require
 from nn_decomp.config.experiments import AnalysisConfig
 from nn_decomp.config.train import check_resume
 from nn_decomp.runtime.files import write_atomic
+from nn_decomp.runtime.sweep_table import STATUS_JSON, collect, read_status, summary
 
-STATUS_JSON = "status.json"
 log = logging.getLogger(__name__)
 
 
 # --- status per job ----------------------------------------------------------------------------
-
-def read_status(job_dir: Path) -> dict:
-    path = Path(job_dir) / STATUS_JSON
-    return json.loads(path.read_text()) if path.exists() else {}
-
 
 def write_status(job_dir: Path, status: dict) -> None:
     write_atomic(Path(job_dir) / STATUS_JSON, json.dumps(status, indent=2))
@@ -109,8 +104,6 @@ class JobStatusCallback(Callback):
             raise SystemExit(f"{name} failed and fail_fast=true: stopping the sweep")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from nn_decomp.collect import collect, summary
-
         sweep_dir = Path(config.hydra.sweep.dir)
         print(f"{summary(collect(sweep_dir))}\ntable: python -m nn_decomp.collect {sweep_dir}", flush=True)
 
