@@ -115,7 +115,7 @@ def sync(device: str) -> None:
 
 
 def normalised(acts_NLD: torch.Tensor) -> torch.Tensor:
-    from nn_decomp.train import norm_scale
+    from nn_decomp.runtime.training import norm_scale
     return acts_NLD * norm_scale(acts_NLD)[:, None]
 
 
@@ -145,7 +145,7 @@ def lm_batch(n_tokens: int, layers: list[int]) -> Batch:
 def cache_batch(path: str, n_tokens: int, layers: list[int]) -> Batch:
     """The first n_tokens training rows of an activation cache (cache.py)."""
     import h5py
-    from nn_decomp.cache import read_meta, read_rows
+    from nn_decomp.data.cache_file import read_meta, read_rows
     meta = read_meta(path)
     hooks_in, hooks_out = hooks(layers)
     with h5py.File(meta.path, "r") as f:
@@ -256,7 +256,7 @@ DEAD_TOKENS = 10**12
 
 def ours(v: Variant, shapes: Shapes, batch: Batch, setting: Setting) -> tuple[Runner, object]:
     from nn_decomp.runtime.checkpoint import build_coder
-    from nn_decomp.train import Trainer
+    from nn_decomp.runtime.trainer import Trainer
     torch.manual_seed(0)
     cfg = compose_cfg(v, shapes, setting)
     batch = Batch(batch.x[:, :v.layers], batch.y[:, :v.layers])  # a CLT4 reads the first 4 of 8 layers

@@ -119,7 +119,7 @@ def heldout_activations(ckpt_cfg: DictConfig, model, device, n_fit: int, n_eval:
     """((x, y) fitting tokens, (x, y) report tokens): disjoint batches of the held-out stream (the
     training run's eval store: held-out documents, seeded with train.seed + 1)."""
     from nn_decomp.data.store import lm_stores
-    from nn_decomp.train import take_tokens
+    from nn_decomp.data.sources import take_tokens
 
     store = lm_stores(ckpt_cfg, model, device, ckpt_cfg.train.batch_size).eval
     try:
@@ -143,7 +143,7 @@ def convert(cfg: DictConfig, model=None) -> dict:
     out = Path(cfg.out) if cfg.out else d.path.with_name(d.path.name + "_jumprelu")
     refuse_existing([out], cfg.overwrite)
     model_name = check_model_choice(cfg, [d])
-    from nn_decomp.train import evaluate_coder
+    from nn_decomp.runtime.trainer import evaluate_coder
 
     if model is None:
         from nn_decomp.models import load_model
