@@ -23,7 +23,7 @@ from nn_decomp.data.background import BackgroundStore
 from nn_decomp.runtime.checkpoint import build_coder
 from nn_decomp.models import load_model
 from nn_decomp.data.store import lm_stores
-from nn_decomp.train import Trainer
+from nn_decomp.runtime.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 

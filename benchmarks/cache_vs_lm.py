@@ -36,8 +36,9 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from nn_decomp.cache import CachedActivations, build_cache, read_meta
 from nn_decomp.config.arch import arch_hooks
+from nn_decomp.data.cache_file import build_cache, read_meta
+from nn_decomp.data.cached import CachedActivations
 from nn_decomp.models import load_model
 from nn_decomp.data.store import lm_stores
 

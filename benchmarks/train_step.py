@@ -120,7 +120,7 @@ def sync(device: str) -> None:
 
 
 def normalised(acts_NLD: torch.Tensor) -> torch.Tensor:
-    from nn_decomp.train import norm_scale
+    from nn_decomp.runtime.training import norm_scale
     return acts_NLD * norm_scale(acts_NLD)[:, None]
 
 
@@ -150,7 +150,7 @@ def lm_batch(n_tokens: int, layers: list[int]) -> Batch:
 def cache_batch(path: str, n_tokens: int, layers: list[int]) -> Batch:
     """The first n_tokens training rows of an activation cache (cache.py)."""
     import h5py
-    from nn_decomp.cache import read_meta, read_rows
+    from nn_decomp.data.cache_file import read_meta, read_rows
     meta = read_meta(path)
     hooks_in, hooks_out = hooks(layers)
     with h5py.File(meta.path, "r") as f:
@@ -262,7 +262,7 @@ TOTAL_STEPS = 10**6  # the lr schedule's length, for ours and the peers alike
 def ours(v: Variant, shapes: Shapes, batch: Batch, setting: Setting) -> tuple[Runner, object]:
     """Its Runner and its Trainer (the peers start from its coder and use its config)."""
     from nn_decomp.runtime.checkpoint import build_coder
-    from nn_decomp.train import Trainer
+    from nn_decomp.runtime.trainer import Trainer
     torch.manual_seed(0)
     cfg = compose_cfg(v, shapes, setting)
     batch = Batch(batch.x[:, :v.layers], batch.y[:, :v.layers])  # a CLT4 reads the first 4 of 8 layers

@@ -93,7 +93,7 @@ class PlantedFeatures:
     probability `p_fire` with a magnitude uniform in [m_lo, m_hi]·`amp`. The input at layer i is
     Σ_f z_if·enc[i, f]. The output at layer j is Σ_{i≤j} Σ_f z_if·dec[i, f, j−i] when `cross_layer`,
     else Σ_f z_jf·dec[j, f, 0] (a transcoder); an SAE reconstructs its input (`dec` unused).
-    `amp` scales the data so that E‖x‖² ≈ d, the normalisation train.py applies."""
+    `amp` scales the data so that E‖x‖² ≈ d, the normalisation training applies (runtime/training.py)."""
 
     enc_LND: torch.Tensor
     dec: list[torch.Tensor]  # dec[i]: [N, L−i, D_out] unit vectors per target (or [N, 1, D_out])

@@ -11,7 +11,7 @@ import torch
 from nn_decomp.data.background import BackgroundStore
 from nn_decomp.runtime.checkpoint import TRAINER_STATE
 from nn_decomp.data.store import lm_stores
-from nn_decomp.train import train
+from nn_decomp.runtime.training import train
 from helpers import tiny_lm_with_tokenizer
 from test_train import tiny_cfg
 

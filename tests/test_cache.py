@@ -1,6 +1,7 @@
-"""Activation caches (cache.py) on a tiny LM: the file holds exactly the store's activations, the
-reader is a seeded function of the batch index (so skip is free and ranks split it), training from
-a cache never touches the LM, and bad or foreign caches fail naming the file and the difference."""
+"""Activation caches (data/cache_file.py, data/cached.py) on a tiny LM: the file holds exactly the
+store's activations, the reader is a seeded function of the batch index (so skip is free and ranks
+split it), training from a cache never touches the LM, and bad or foreign caches fail naming the
+file and the difference."""
 import dataclasses
 import hashlib
 import json
@@ -15,14 +16,16 @@ import pytest
 import torch
 
 from helpers import arch_act_cfg
-from nn_decomp import train as train_module
-from nn_decomp.cache import (CacheError, CachedActivations, build_cache, check_matches, escape, from_storage,
-                             read_meta, to_storage)
+from nn_decomp.runtime import training as training_module
+from nn_decomp.data.cache_file import (CacheError, build_cache, check_matches, escape, from_storage, read_meta,
+                                       to_storage)
+from nn_decomp.data.cached import CachedActivations
 from nn_decomp.runtime.checkpoint import TRAINER_STATE, read_config
 from nn_decomp.config import UsageError
 from nn_decomp.config.arch import arch_hooks
 from nn_decomp.data.store import lm_stores
-from nn_decomp.train import setup, train
+from nn_decomp.runtime.trainer import Trainer
+from nn_decomp.runtime.training import setup, train
 
 REPO = Path(__file__).resolve().parents[1]
 # The cache records this model name; no loader knows it, so any attempt to load the LM fails.
@@ -135,9 +138,9 @@ def test_a_crash_while_writing_keeps_the_previous_cache_and_leaves_no_temp_file(
     path = tmp_path / "cache.h5"
     path.write_bytes(caches["float16"].read_bytes())
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    from nn_decomp import cache as cache_module
+    from nn_decomp.data import cache_file
 
-    calls, real = [], cache_module.to_storage
+    calls, real = [], cache_file.to_storage
 
     def crash_midway(*args):
         calls.append(1)
@@ -145,7 +148,7 @@ def test_a_crash_while_writing_keeps_the_previous_cache_and_leaves_no_temp_file(
             raise KeyboardInterrupt
         return real(*args)
 
-    monkeypatch.setattr(cache_module, "to_storage", crash_midway)
+    monkeypatch.setattr(cache_file, "to_storage", crash_midway)
     with pytest.raises(KeyboardInterrupt):
         build_cache(cache_cfg(path), tiny_lm)
     assert os.listdir(tmp_path) == ["cache.h5"]
@@ -277,7 +280,7 @@ def test_a_peer_trains_on_exactly_the_rows_our_run_trained_on(tiny_lm, tmp_path,
     build_cache(cache_cfg(tmp_path / "sae.h5", arch="sae"), tiny_lm)
     cfg = cached_train_cfg(tmp_path / "sae.h5", arch="sae")
     ours, theirs = [], []
-    train_step = train_module.Trainer.train_step
+    train_step = Trainer.train_step
 
     def recorded_step(trainer, x_BLD, y_BLD):
         ours.append((x_BLD * trainer.scale_in_L[:, None], y_BLD * trainer.scale_out_L[:, None]))
@@ -286,7 +289,7 @@ def test_a_peer_trains_on_exactly_the_rows_our_run_trained_on(tiny_lm, tmp_path,
     def recorded_peer(peer, next_batch, train_cfg, n_latents):
         theirs.extend(next_batch() for _ in range(train_cfg.n_tokens // train_cfg.batch_size))
 
-    monkeypatch.setattr(train_module.Trainer, "train_step", recorded_step)
+    monkeypatch.setattr(Trainer, "train_step", recorded_step)
     monkeypatch.setattr(peers, "train_peer", recorded_peer)
     train(cfg, tmp_path / "run")
     scores = peers.train_peer_on_run("saelens_topk", cfg)
@@ -301,7 +304,7 @@ def test_a_peer_trains_on_exactly_the_rows_our_run_trained_on(tiny_lm, tmp_path,
 
 @pytest.fixture
 def no_training(monkeypatch):
-    monkeypatch.setattr(train_module, "train_encoder", lambda *a: pytest.fail("training started"))
+    monkeypatch.setattr(training_module, "train_encoder", lambda *a: pytest.fail("training started"))
 
 
 def test_truncated_cache_fails_naming_the_file(caches, tmp_path, no_training):

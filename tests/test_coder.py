@@ -10,7 +10,7 @@ from helpers import ACTS, ARCHS, MULTI_LAYER, arch_act_cfg, make_coder, one_thre
 from nn_decomp.core.activations import Latents
 from nn_decomp.runtime.checkpoint import build_coder, unit_norm_decoder
 from nn_decomp.core.losses import coder_loss
-from nn_decomp.train import Trainer
+from nn_decomp.runtime.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -12,7 +12,8 @@ from nn_decomp.runtime.checkpoint import load_dictionary, read_config
 from nn_decomp.analysis.conversion import (calibrate_scale, convert, fit_thresholds, jumprelu_coder, min_thresholds,
                                            rate_thresholds)
 from nn_decomp.config import UsageError
-from nn_decomp.train import evaluate_coder, setup, train
+from nn_decomp.runtime.trainer import evaluate_coder
+from nn_decomp.runtime.training import setup, train
 from test_evaluate import run_cli
 from test_train import tiny_cfg
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import torch
 
 from helpers import arch_act_cfg
-from nn_decomp.cache import build_cache
+from nn_decomp.data.cache_file import build_cache
 from nn_decomp.runtime.checkpoint import TRAINER_STATE
 from nn_decomp.runtime.distributed import DistInfo
 from nn_decomp.data.store import lm_stores
-from nn_decomp.train import train
+from nn_decomp.runtime.training import train
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["train.n_tokens=2048", "train.batch_size=128", "train.warmup_steps=2", "train.log_every=1",

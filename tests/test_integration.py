@@ -11,7 +11,8 @@ import torch
 from helpers import compose_cfg
 from nn_decomp.runtime.checkpoint import load_dictionary, read_config
 from nn_decomp.models import SMOLLM2, load_model
-from nn_decomp.train import evaluate_coder, setup, train
+from nn_decomp.runtime.trainer import evaluate_coder
+from nn_decomp.runtime.training import setup, train
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]

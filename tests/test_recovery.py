@@ -3,7 +3,7 @@ that the learned dictionary contains them.
 
 Data (helpers.PlantedFeatures): unit-norm feature directions; each token is a non-negative sparse
 combination of them, each feature firing with probability 4/N and magnitude uniform in [0.5, 1.5]
-(scaled so E‖x‖² ≈ d, the normalisation train.py applies; the Trainer gets unit scales). Every
+(scaled so E‖x‖² ≈ d, the normalisation runtime/training.py applies; the Trainer gets unit scales). Every
 step draws a fresh batch. Score: mean over true features of the best cosine with a learned decoder
 vector (1 = every feature found exactly; each test first checks that the untrained dictionary
 scores < 0.5, so a pass is learned, not inherited from the initialisation).
@@ -22,7 +22,7 @@ from nn_decomp.runtime.checkpoint import build_coder
 from nn_decomp.core.coder import SparseCoder
 from nn_decomp.config.data import SyntheticDataConfig
 from nn_decomp.data.synthetic import SyntheticData, max_cosines
-from nn_decomp.train import Trainer
+from nn_decomp.runtime.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

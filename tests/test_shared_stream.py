@@ -9,7 +9,8 @@ from nn_decomp.data.store import ActivationsStore
 from nn_decomp.runtime.checkpoint import TRAINER_STATE
 from nn_decomp.runtime.jobs import run_cli
 from nn_decomp.runtime.sweep_table import read_status
-from nn_decomp.train import Run, stream_key, train, train_together
+from nn_decomp.runtime.trainer import Run
+from nn_decomp.runtime.training import stream_key, train, train_together
 from test_train import tiny_cfg
 
 # one stream (transcoder hooks of layer 1), four dictionaries: k, activation, latents, dtype differ

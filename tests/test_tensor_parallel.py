@@ -13,7 +13,7 @@ import torch
 from helpers import compose_cfg, one_thread  # noqa: F401  (a fixture)
 from nn_decomp.config import UsageError, validate
 from nn_decomp.runtime.checkpoint import TRAINER_STATE, load_dictionary
-from nn_decomp.train import train
+from nn_decomp.runtime.training import train
 from tp_worker import TP_RUNS, run_cfg
 
 TESTS = Path(__file__).resolve().parent

@@ -11,11 +11,13 @@ from safetensors.torch import load_file, save_file
 
 from helpers import ACTS, ARCHS, MULTI_LAYER, arch_act_cfg
 from nn_decomp.core import kernels
-from nn_decomp import train as train_module
+from nn_decomp.runtime import trainer as trainer_module, training as training_module
 from nn_decomp.runtime.checkpoint import TRAINER_STATE, WEIGHTS, build_coder, load_dictionary, read_config, save_checkpoint
 from nn_decomp.runtime.files import recover_dir, siblings
 from nn_decomp.config import UsageError
-from nn_decomp.train import evaluate_coder, run_summary, setup, train
+from nn_decomp.runtime.trainer import evaluate_coder
+from nn_decomp.runtime.training import setup, train
+from nn_decomp.train import run_summary
 
 TINY = ["train.n_tokens=2048", "train.batch_size=128", "train.warmup_steps=2", "train.log_every=1",
         "train.eval_every=8", "train.eval_tokens=256", "train.checkpoint_every=4", "train.device=cpu",
@@ -199,7 +201,7 @@ def test_resume_after_a_crash_between_the_checkpoint_renames_reaches_the_same_we
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tiny_lm, tmp_path, monkeypatch):
-    real_loss = train_module.coder_loss
+    real_loss = trainer_module.coder_loss
     calls = []
 
     def loss_turning_nan(*args):
@@ -207,7 +209,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tiny_lm, t
         calls.append(1)
         return out._replace(loss=out.loss * float("nan")) if len(calls) > 9 else out
 
-    monkeypatch.setattr(train_module, "coder_loss", loss_turning_nan)
+    monkeypatch.setattr(trainer_module, "coder_loss", loss_turning_nan)
     with pytest.raises(FloatingPointError, match="at step 9"):
         train(tiny_cfg("transcoder", "topk"), tmp_path, model=tiny_lm)
     meta = json.loads((tmp_path / "checkpoint" / "metadata.json").read_text())
@@ -222,7 +224,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tiny_lm, t
     (["train.resume=true"], UsageError, "train without resume first"),
 ])
 def test_bad_input_fails_before_training(overrides, error, message, tiny_lm, tmp_path, monkeypatch):
-    monkeypatch.setattr(train_module, "train_encoder", lambda *a: pytest.fail("training started"))
+    monkeypatch.setattr(training_module, "train_encoder", lambda *a: pytest.fail("training started"))
     with pytest.raises(error, match=message):
         train(tiny_cfg("transcoder", "topk", *overrides), tmp_path, model=tiny_lm)
 
@@ -243,7 +245,7 @@ def test_threshold_lr_scale_multiplies_only_the_jumprelu_threshold_step():
     log θ moves 10× as far and every other parameter exactly as far as with the default."""
     from helpers import make_coder
     from nn_decomp.core.losses import coder_loss
-    from nn_decomp.train import Trainer
+    from nn_decomp.runtime.trainer import Trainer
 
     moved = {}
     for scale in (1.0, 10.0):

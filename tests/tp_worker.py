@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from helpers import arch_act_cfg
-from nn_decomp.train import train
+from nn_decomp.runtime.training import train
 
 TP_RUNS = [(arch, act) for arch in ("transcoder", "clt") for act in ("topk", "batchtopk", "jumprelu", "relu")]
 TINY = ["data=synthetic", "data.n_features=48", "data.d_in=16", "data.d_out=16", "data.n_parents=2",

@@ -45,7 +45,7 @@ class SharedStreamLauncher(Launcher):
         self.hydra_context, self.task_function, self.config = hydra_context, task_function, config
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from nn_decomp.train import stream_key
+        from nn_decomp.runtime.training import stream_key
 
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
@@ -61,7 +61,7 @@ class SharedStreamLauncher(Launcher):
 
     def prepare(self, idx: int, overrides: Sequence[str]) -> Job:
         """The job's config with its output dir, saved to .hydra/ as a lone job's is."""
-        from nn_decomp.train import resolved
+        from nn_decomp.runtime.training import resolved
 
         log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
         config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
@@ -87,7 +87,7 @@ class SharedStreamLauncher(Launcher):
 
     def run_group(self, group: list[Job]) -> None:
         """Start every job (callbacks: status.json 'running'), train them together, end each."""
-        from nn_decomp.train import train_together
+        from nn_decomp.runtime.training import train_together
 
         callbacks = self.hydra_context.callbacks
         for job in group:

@@ -35,6 +35,7 @@ from nn_decomp.data.heldout import heldout_activations, text_config
 from nn_decomp.dictionaries import check_compatible, check_model_choice, load_dictionaries
 from nn_decomp.runtime.checkpoint import build_coder, read_config, save_checkpoint
 from nn_decomp.runtime.files import refuse_existing
+from nn_decomp.runtime.trainer import evaluate_coder
 
 CONVERTIBLE = ("topk", "batchtopk")
 MIN_THRESHOLD = 1e-6  # JumpReLU stores log θ, so θ > 0; a latent active on most tokens would get θ ≤ 0
@@ -126,8 +127,6 @@ def convert(cfg: DictConfig, model=None) -> dict:
     out = Path(cfg.out) if cfg.out else d.path.with_name(d.path.name + "_jumprelu")
     refuse_existing([out], cfg.overwrite)
     model_name = check_model_choice(cfg, [d])
-    from nn_decomp.train import evaluate_coder
-
     if model is None:
         from nn_decomp.models import load_model
 

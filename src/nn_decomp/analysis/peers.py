@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from nn_decomp.core.coder import SparseCoder
 from nn_decomp.core.losses import fvu
-from nn_decomp.train import lr_lambda
+from nn_decomp.runtime.trainer import lr_lambda
 
 PEERS = ("saelens_topk", "saelens_batchtopk", "saelens_jumprelu", "saelens_relu", "sparsify_topk")
 # SAETrainer._train_step clips at this norm, a literal there (not in SAELens' config)
@@ -238,7 +238,8 @@ def train_peer_on_run(name: str, cfg) -> dict:
     held-out rows. FVU does not depend on that scale, so it compares as is with the run's own held-out
     nmse (metrics.json, the same rows; eval.nmse is the evaluator's, on other tokens)."""
     from nn_decomp.config.arch import arch_hooks
-    from nn_decomp.train import INIT_BATCHES, norm_scale, setup, take_tokens
+    from nn_decomp.data.sources import take_tokens
+    from nn_decomp.runtime.training import INIT_BATCHES, norm_scale, setup
 
     hooks_in, hooks_out = arch_hooks(cfg.arch)
     assert len(hooks_in) == 1, "peers train single-layer dictionaries"

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from nn_decomp.config import UsageError
+from nn_decomp.data.sources import take_tokens
 
 
 def excluded_token_ids(tokenizer) -> list[int]:
@@ -56,7 +57,6 @@ def heldout_activations(ckpt_cfg: DictConfig, model, device, n_fit: int, n_eval:
     """((x, y) fitting rows, (x, y) report rows): disjoint batches of the held-out activation stream
     (the training run's eval store: held-out documents, seeded with train.seed + 1)."""
     from nn_decomp.data.store import lm_stores  # transformer_lens: seconds, after the checks
-    from nn_decomp.train import take_tokens
 
     store = lm_stores(ckpt_cfg, model, device, ckpt_cfg.train.batch_size).eval
     try:
