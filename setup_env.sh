@@ -1,9 +1,19 @@
 #!/usr/bin/env bash
 # Creates .venv with torch, nn_decomp (+dev extras) and the offline LM/corpus wheels.
+# `--with TOOL` (repeatable) also creates .venv-TOOL, the own Python of a foreign tool whose pins
+# conflict with ours; nn_decomp.interop.bridge runs its workers there.
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
+# Each tool's requirements after torch: circuit-tracer 0.5.0 wants transformers <= 4.57.3 (ours is
+# 5.x); these pins ran its attribution end to end.
+declare -A TOOL_PINS=([circuit-tracer]="circuit-tracer==0.5.0 transformers<=4.57.3 nnsight==0.6.3")
+TOOLS=()
+while [ $# -gt 0 ]; do
+  if [ "$1" = --with ] && [ -n "${TOOL_PINS[${2:-_}]:-}" ]; then TOOLS+=("$2"); shift 2
+  else echo "usage: bash setup_env.sh [--with TOOL]... (TOOL: ${!TOOL_PINS[*]})" >&2; exit 2; fi
+done
 
 [ -d .venv ] || "$PYTHON" -m venv .venv
 source .venv/bin/activate
@@ -25,3 +35,14 @@ if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$(id 
     echo "chromium could not be installed: the dashboard test will skip"
 fi
 python -c "import nn_decomp, torch; print('nn_decomp ready, torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+
+for tool in "${TOOLS[@]}"; do
+  venv=".venv-$tool"
+  [ -d "$venv" ] || "$PYTHON" -m venv "$venv"
+  "$venv/bin/python" -m pip install -q --upgrade pip
+  # torch first and pinned, as above: the tool's requirements then keep this build
+  "$venv/bin/python" -c "import torch" 2>/dev/null || "$venv/bin/pip" install -q "torch==${TORCH_VERSION}"
+  # shellcheck disable=SC2086  # the pins are words
+  "$venv/bin/pip" install -q ${TOOL_PINS[$tool]}
+  "$venv/bin/python" -c "import ${tool//-/_}, torch; print('$tool ready in $venv, torch', torch.__version__)"
+done

@@ -4,12 +4,11 @@ SAELens (installed with the dev extra) loads every export and must encode/decode
 import of SAELens files gives back the same coder. circuit-tracer 0.5.0 pins transformers<=4.57.3,
 which conflicts with our transformers 5.x, so it is not installed: its files are checked against the
 shapes its loaders read (circuit_tracer/transcoder/{cross_layer,single_layer}_transcoder.py) and
-against a re-implementation of its forward pass; the loader test runs only where it is importable."""
+against a re-implementation of its forward pass; its own loaders and replacement model run, through
+the bridge, only where its Python exists (`bash setup_env.sh --with circuit-tracer`)."""
 import importlib.util
 import json
 import os
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,10 +18,13 @@ from safetensors.torch import load_file, save_file
 
 from helpers import CONF, arch_act_cfg, make_coder
 from nn_decomp.runtime.checkpoint import load_dictionary, save_checkpoint
-from nn_decomp.config.arch import arch_hooks
 from nn_decomp.analysis.evaluation import evaluate
 from nn_decomp.config import UsageError
-from nn_decomp.export import SAELENS_CFG, SAELENS_WEIGHTS, export, import_saelens
+from nn_decomp.config.arch import arch_hooks
+from nn_decomp.export import export
+from nn_decomp.interop.bridge import WORKERS, find_python, run_worker
+from nn_decomp.interop.circuit_tracer import CIRCUIT_TRACER
+from nn_decomp.interop.saelens import SAELENS_CFG, SAELENS_WEIGHTS, import_saelens
 from test_evaluate import eval_cfg, lm, run_cli, save  # noqa: F401  (lm: fixture)
 from test_patching import mlp_transcoder
 
@@ -322,24 +324,19 @@ def current_umask() -> int:
 
 # --- circuit-tracer itself, in its own Python (opt-in) ------------------------------------------
 
-CIRCUIT_TRACER_PYTHON = os.environ.get("NN_DECOMP_CIRCUIT_TRACER_PYTHON")
 needs_circuit_tracer = pytest.mark.skipif(
-    not CIRCUIT_TRACER_PYTHON, reason="opt-in: set NN_DECOMP_CIRCUIT_TRACER_PYTHON to a Python with circuit-tracer "
-    "0.5.0 (README: Attribution graphs with circuit-tracer)")
-CHECK_SCRIPT = Path(__file__).parent / "circuit_tracer_check.py"
+    find_python(CIRCUIT_TRACER) is None, reason=f"opt-in: create circuit-tracer's Python with "
+    f"`{CIRCUIT_TRACER.setup_command}` (or set {CIRCUIT_TRACER.env_var}; README: Attribution graphs with circuit-tracer)")
 
 
-def run_circuit_tracer_check(tmp_path, loaders: list, replacement: dict | None = None) -> dict:
-    spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps({"loaders": loaders, "replacement": replacement}))
-    done = subprocess.run([CIRCUIT_TRACER_PYTHON, str(CHECK_SCRIPT), str(spec)], capture_output=True, text=True,
-                          timeout=1200)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+def run_circuit_tracer_check(loaders: list, tensors: dict, replacement: dict | None = None) -> dict:
+    return run_worker(CIRCUIT_TRACER, WORKERS / "circuit_tracer_check.py",
+                      {"loaders": loaders, "replacement": replacement}, tensors, timeout=1200)
 
 
-def loader_case(tmp_path, name: str, arch: str, act: str) -> dict:
-    """Export random dictionaries over layers 0..2 and save what ours compute on random inputs."""
+def loader_case(tmp_path, name: str, arch: str, act: str) -> tuple[dict, dict]:
+    """Export random dictionaries over layers 0..2; the check's args and what ours compute on random
+    inputs (its tensors `name`)."""
     if arch == "clt":
         ckpt, coder = random_checkpoint(tmp_path / name, arch, act)
         checkpoints, coders = f"checkpoint={ckpt}", [coder]
@@ -350,20 +347,19 @@ def loader_case(tmp_path, name: str, arch: str, act: str) -> dict:
     x_NLD = torch.randn(40, 3, 12)
     with torch.no_grad():  # a CLT reads all layers; transcoder i reads layer i
         outputs = [coders[0](x_NLD)] if arch == "clt" else [c(x_NLD[:, i:i + 1]) for i, c in enumerate(coders)]
-    tensors = tmp_path / f"{name}.safetensors"
-    save_file({"x_LND": x_NLD.transpose(0, 1).contiguous(),
-               "features_LNF": torch.cat([o.latents.dense() for o in outputs], 1).transpose(0, 1).contiguous(),
-               "recon_LND": torch.cat([o.recon for o in outputs], 1).transpose(0, 1).contiguous()}, tensors)
-    return {"export": str(out), "tensors": str(tensors)}
+    ours = {"x_LND": x_NLD.transpose(0, 1),
+            "features_LNF": torch.cat([o.latents.dense() for o in outputs], 1).transpose(0, 1),
+            "recon_LND": torch.cat([o.recon for o in outputs], 1).transpose(0, 1)}
+    return {"export": str(out), "tensors": name}, ours
 
 
 @needs_circuit_tracer
 def test_circuit_tracer_loaders_compute_what_we_compute(tmp_path):
-    cases = [loader_case(tmp_path, "clt_jumprelu", "clt", "jumprelu"), loader_case(tmp_path, "clt_relu", "clt", "relu"),
-             loader_case(tmp_path, "tc_jumprelu", "transcoder", "jumprelu"),
-             loader_case(tmp_path, "skip_relu", "skip_transcoder", "relu")]
-    result = run_circuit_tracer_check(tmp_path, cases)["loaders"]
-    for case in cases:
+    made = [loader_case(tmp_path, "clt_jumprelu", "clt", "jumprelu"), loader_case(tmp_path, "clt_relu", "clt", "relu"),
+            loader_case(tmp_path, "tc_jumprelu", "transcoder", "jumprelu"),
+            loader_case(tmp_path, "skip_relu", "skip_transcoder", "relu")]
+    result = run_circuit_tracer_check([case for case, _ in made], {case["tensors"]: ours for case, ours in made})["loaders"]
+    for case, _ in made:
         assert result[case["export"]]["features"] < 3e-5, (case, result)
         assert result[case["export"]]["recon"] < 3e-5, (case, result)
 
@@ -385,11 +381,10 @@ def test_circuit_tracer_builds_an_attribution_graph_on_smollm2_with_our_folded_c
     with torch.no_grad():
         logits, cache = model.run_with_cache(tokens, names_filter=hooks)
         features_PLF = coder(torch.stack([cache[h][0] for h in hooks], 1)).latents.dense()
-    tensors = tmp_path / "ours.safetensors"
-    save_file({"tokens": tokens[0], "features_LPF": features_PLF.transpose(0, 1).contiguous(),
-               "logits_PV": (logits[0] - logits[0].mean(-1, keepdim=True)).contiguous()}, tensors)
-    result = run_circuit_tracer_check(tmp_path, [], {"export": str(out), "hf_model": str(hf),
-                                                     "tensors": str(tensors), "prompt": prompt})["replacement"]
+    ours = {"tokens": tokens[0], "features_LPF": features_PLF.transpose(0, 1),
+            "logits_PV": logits[0] - logits[0].mean(-1, keepdim=True)}
+    result = run_circuit_tracer_check([], {"ours": ours}, {"export": str(out), "hf_model": str(hf), "tensors": "ours",
+                                                           "prompt": prompt})["replacement"]
     print("circuit-tracer replacement check:", result)
     assert result["logits"] < 1e-3 and result["features"] < 1e-4 * max(1.0, result["feature_scale"]), result
     assert result["graph_active_features"] > 0 and result["graph_finite"], result

@@ -1,24 +1,22 @@
-"""Checks our circuit-tracer exports inside circuit-tracer itself. Run by a Python that has
-circuit-tracer 0.5.0 installed (not ours: it pins transformers <= 4.57.3), from tests/test_export.py:
+"""Checks our circuit-tracer exports inside circuit-tracer 0.5.0 itself: a bridge worker, run in
+circuit-tracer's own Python by the opt-in tests in tests/test_export.py.
 
-    python circuit_tracer_check.py SPEC.json
-
-SPEC: {"loaders": [{"export": DIR, "tensors": FILE}], "replacement": {"export": DIR, "hf_model": DIR,
-"tensors": FILE, "prompt": STR} or null}. `tensors` holds our results: for a loader check x_LND and
-our features_LNF and recon_LND; for the replacement model the prompt's tokens, our features_LPF (the
-dictionaries run on our TransformerLens model) and logits_PV (centred: TransformerLens centres the
-unembedding, which shifts every logit of a position alike). Prints one JSON line of the largest
-absolute differences and the attribution graph's size.
+args: {"loaders": [{"export": DIR, "tensors": NAME}], "replacement": {"export": DIR, "hf_model": DIR,
+"tensors": NAME, "prompt": STR} or null}. Each NAME is a request tensors file holding our results: for
+a loader check x_LND and our features_LNF and recon_LND; for the replacement model the prompt's tokens,
+our features_LPF (the dictionaries run on our TransformerLens model) and logits_PV (centred:
+TransformerLens centres the unembedding, which shifts every logit of a position alike).
+result: the largest absolute differences, per loader check (keyed by export) and for the replacement
+model, and the attribution graph's size.
 """
-import json
-import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
-
 from circuit_tracer import ReplacementModel, attribute
 from circuit_tracer.utils.caching import load_transcoders_from_cache
+from safetensors.torch import load_file
+
+from protocol import serve  # workers/protocol.py: this script's dir is first on sys.path
 
 CPU = torch.device("cpu")
 
@@ -33,7 +31,7 @@ def centred(logits: torch.Tensor) -> torch.Tensor:
     return logits - logits.mean(-1, keepdim=True)
 
 
-def check_loader(export: str, tensors: str) -> dict:
+def check_loader(export: str, tensors: Path) -> dict:
     transcoders, ours = load(export), load_file(tensors)
     x_LND = ours["x_LND"]
     features_LNF = transcoders.encode(x_LND)
@@ -42,7 +40,7 @@ def check_loader(export: str, tensors: str) -> dict:
             "recon": (recon_LND - ours["recon_LND"]).abs().max().item()}
 
 
-def check_replacement(export: str, hf_model: str, tensors: str, prompt: str) -> dict:
+def check_replacement(export: str, hf_model: str, tensors: Path, prompt: str) -> dict:
     model = ReplacementModel.from_pretrained_and_transcoders(hf_model, load(export), backend="nnsight", device=CPU)
     ours = load_file(tensors)
     tokens = ours["tokens"]
@@ -57,13 +55,13 @@ def check_replacement(export: str, hf_model: str, tensors: str, prompt: str) -> 
             "graph_finite": bool(torch.isfinite(graph.adjacency_matrix).all())}
 
 
-def main(spec_path: str) -> None:
-    spec = json.loads(Path(spec_path).read_text())
-    result = {"loaders": {c["export"]: check_loader(c["export"], c["tensors"]) for c in spec["loaders"]}}
-    if spec.get("replacement"):
-        result["replacement"] = check_replacement(**spec["replacement"])
-    print(json.dumps(result))
+def check(args: dict, tensors: dict[str, Path]) -> dict:
+    result = {"loaders": {c["export"]: check_loader(c["export"], tensors[c["tensors"]]) for c in args["loaders"]}}
+    replacement = args["replacement"]
+    if replacement:
+        result["replacement"] = check_replacement(**replacement | {"tensors": tensors[replacement["tensors"]]})
+    return result
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    serve(check)
