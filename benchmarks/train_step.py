@@ -17,7 +17,7 @@ implementation for all (`--adam fused|plain`) and the same fixed set of dead lat
 (`--dead-fraction`, default 0.25), so AuxK runs everywhere.
 
 A step is each library's own training step:
-- ours: a real `nn_decomp.train.Trainer.train_step` on a coder from `checkpoint.build_coder`
+- ours: a real `nn_decomp.runtime.trainer.Trainer.train_step` on a coder from `checkpoint.build_coder`
   (forward, `losses.coder_loss`, backward, decoder-gradient projection, clip, Adam, scheduler,
   renorm, dead-latent counters). "ours" is the coder's default path; "ours dense" the dense
   reference (`sparse_backward=False`).

@@ -1,13 +1,14 @@
 """`hydra/launcher=shared_stream`: the jobs of a sweep that read the same activations (model, data,
-hooks, batch size, seed, token budget: `train.stream_key`) train together in this one process, from
-one activation stream: the LM runs once per batch for all of them (`train.train_together`). Each job
+hooks, batch size, seed, token budget: `runtime.training.stream_key`) train together in this one
+process, from one activation stream: the LM runs once per batch for all of them (`train_together`). Each job
 still gets its own run dir, .hydra/ configs, checkpoint, metrics and status.json, the same init and
 batches it would get alone, so `collect`, `evaluate` and the experiments see no difference. Jobs with
 different streams run one group after another. For `python -m nn_decomp.train` only.
 
 A Hydra launcher must live in the `hydra_plugins` namespace package; this one is a thin adapter:
 what a job's setup needs from Hydra (its output dir, saved configs, callbacks) is what
-hydra.core.utils.run_job does, here split around one shared training call.
+hydra.core.utils.run_job does, here split around one shared training call. Hydra imports every plugin
+whenever any command starts: the training library (torch) is imported inside the launch methods.
 """
 import logging
 from dataclasses import dataclass

@@ -128,7 +128,7 @@ def convert(cfg: DictConfig, model=None) -> dict:
     refuse_existing([out], cfg.overwrite)
     model_name = check_model_choice(cfg, [d])
     if model is None:
-        from nn_decomp.models import load_model
+        from nn_decomp.models import load_model  # transformer_lens: seconds, after the input checks
 
         model = load_model(model_name, cfg.device, cfg.dtype, max(d.layers) + 1, cfg.cache_dir)
     d.coder.to(model.cfg.device)

@@ -252,7 +252,7 @@ def evaluate(cfg: DictConfig, model: HookedTransformer | None = None) -> dict:
     refuse_existing([out_dir / EVAL_JSON, out_dir / DENSITY_PNG], cfg.overwrite)
     ckpt_cfg, meta = read_config(dictionaries[0].path)
     if model is None:
-        from nn_decomp.models import load_model
+        from nn_decomp.models import load_model  # transformer_lens: seconds, after the input checks
 
         model = load_model(model_name, cfg.device, cfg.dtype, first_n_layers=None, cache_dir=cfg.cache_dir)
     for d in dictionaries:

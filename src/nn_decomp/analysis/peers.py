@@ -17,9 +17,12 @@ import torch
 from hydra.utils import instantiate
 from torch import Tensor, nn
 
+from nn_decomp.config.arch import arch_hooks
 from nn_decomp.core.coder import SparseCoder
 from nn_decomp.core.losses import fvu
+from nn_decomp.data.sources import take_tokens
 from nn_decomp.runtime.trainer import lr_lambda
+from nn_decomp.runtime.training import INIT_BATCHES, norm_scale, setup
 
 PEERS = ("saelens_topk", "saelens_batchtopk", "saelens_jumprelu", "saelens_relu", "sparsify_topk")
 # SAETrainer._train_step clips at this norm, a literal there (not in SAELens' config)
@@ -237,10 +240,6 @@ def train_peer_on_run(name: str, cfg) -> dict:
     batches, each layer scaled to E‖x‖² = d by the same init batches as ours), scored on the run's
     held-out rows. FVU does not depend on that scale, so it compares as is with the run's own held-out
     nmse (metrics.json, the same rows; eval.nmse is the evaluator's, on other tokens)."""
-    from nn_decomp.config.arch import arch_hooks
-    from nn_decomp.data.sources import take_tokens
-    from nn_decomp.runtime.training import INIT_BATCHES, norm_scale, setup
-
     hooks_in, hooks_out = arch_hooks(cfg.arch)
     assert len(hooks_in) == 1, "peers train single-layer dictionaries"
     _, store, (x_eval, y_eval), _ = setup(cfg)

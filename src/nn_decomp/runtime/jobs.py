@@ -33,6 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
@@ -158,8 +159,6 @@ def run_cli(module: str, args: list[str], in_process: bool = True, cwd: Path | N
     which becomes the return code."""
     if not in_process:
         return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd).returncode
-    from hydra.core.global_hydra import GlobalHydra
-
     argv = sys.argv
     sys.argv = [module, *args]
     GlobalHydra.instance().clear()  # @hydra.main initialises it and refuses to run twice
