@@ -251,6 +251,7 @@ def evaluate(cfg: DictConfig, model: HookedTransformer | None = None) -> dict:
     out_dir = Path(cfg.out) if cfg.out else paths[0]
     refuse_existing([out_dir / EVAL_JSON, out_dir / DENSITY_PNG], cfg.overwrite)
     ckpt_cfg, meta = read_config(dictionaries[0].path)
+    text_cfg = text_config(ckpt_cfg, meta)
     if model is None:
         from nn_decomp.models import load_model  # transformer_lens: seconds, after the input checks
 
@@ -260,11 +261,11 @@ def evaluate(cfg: DictConfig, model: HookedTransformer | None = None) -> dict:
     check_compatible(model, dictionaries)
     exclude_ids = excluded_token_ids(model.tokenizer)
     ev = cfg.eval
-    context_size = ev.context_size or text_config(ckpt_cfg, meta).data.context_size
+    context_size = ev.context_size or text_cfg.data.context_size
     if context_size > model.cfg.n_ctx:
         raise UsageError(f"contexts of {context_size} tokens exceed {model.cfg.model_name}'s n_ctx={model.cfg.n_ctx}: "
                          f"pass eval.context_size={model.cfg.n_ctx}")
-    contexts = heldout_contexts(text_config(ckpt_cfg, meta), model.tokenizer, ev.n_tokens, context_size)
+    contexts = heldout_contexts(text_cfg, model.tokenizer, ev.n_tokens, context_size)
     result, fires = evaluate_dictionaries(model, dictionaries, contexts, exclude_ids, ev.batch_contexts,
                                           ev.dense_threshold, ev.downstream, ev.per_layer)
     result = {"checkpoints": [str(d.path) for d in dictionaries], "model": model_name,

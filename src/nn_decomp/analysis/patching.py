@@ -36,11 +36,6 @@ if TYPE_CHECKING:  # transformer_lens takes seconds to import; export and CLI er
 MODES = ("splice", "zero", "mean")
 
 
-def target_sources(d: HookedDictionary, j: int) -> list[int]:
-    """Source layers (indices into d.layers) that write to target index j."""
-    return list(d.coder.sources(j))
-
-
 # --- hook functions (bound with functools.partial) -------------------------------------------
 
 def _read_input(act_BTD: Tensor, hook, *, cache: dict, key: tuple, coder: SparseCoder, i: int) -> None:
@@ -100,7 +95,7 @@ def splice_hooks(dictionaries: Sequence[HookedDictionary], layers: Sequence[int]
         if d.coder.crosscoder:
             ranked += [(1, name, fn) for name, fn in crosscoder_hooks(d, targets, clean, positions_BT)]
             continue
-        needed = sorted({i for j in targets for i in target_sources(d, j)})
+        needed = sorted({i for j in targets for i in d.coder.sources(j)})
         written = {d.hooks_out[j] for j in targets}
         for i in needed:
             # An SAE reads its hook point before replacing it; a dictionary reading another's

@@ -21,7 +21,7 @@ from nn_decomp.config.arch import arch_hooks
 from nn_decomp.core.coder import SparseCoder
 from nn_decomp.core.losses import fvu
 from nn_decomp.data.sources import take_tokens
-from nn_decomp.runtime.trainer import lr_lambda
+from nn_decomp.runtime.trainer import lr_scheduler
 from nn_decomp.runtime.training import INIT_BATCHES, norm_scale, setup
 
 PEERS = ("saelens_topk", "saelens_batchtopk", "saelens_jumprelu", "saelens_relu", "sparsify_topk")
@@ -194,8 +194,7 @@ class PeerTrainer:
     def __init__(self, peer: Peer, train_cfg, total_steps: int, n_latents: int, grad_clip: float | None):
         self.peer, self.dead_tokens, self.grad_clip = peer, train_cfg.dead_tokens, grad_clip
         self.optimizer = instantiate(train_cfg.optimizer)(peer.module.parameters())
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_lambda(
-            s, train_cfg.warmup_steps, total_steps, train_cfg.decay_fraction, train_cfg.decay))
+        self.scheduler = lr_scheduler(self.optimizer, train_cfg, total_steps)
         device = next(peer.module.parameters()).device
         self.since_fired_F = torch.zeros(n_latents, dtype=torch.long, device=device)
 

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from nn_decomp.dictionaries import HookedDictionary
 from nn_decomp.config import UsageError
-from nn_decomp.runtime.files import fresh_tmp, publish_dir, refuse_existing
+from nn_decomp.runtime.files import refuse_existing, replacing_dir
 
 
 def act_family(act: str) -> str:
@@ -40,20 +40,19 @@ def convert_hint(d: HookedDictionary) -> str:
 def write_dir(out: Path, files: dict[str, dict[str, Tensor] | str], overwrite: bool) -> Path:
     """Write {name: tensors (safetensors) or text} into `out` atomically."""
     refuse_existing([out], overwrite)
-    tmp = fresh_tmp(out)
-    for name, content in files.items():
-        if isinstance(content, str):
-            (tmp / name).write_text(content)
-        else:
-            save_file({k: v.detach().float().contiguous().cpu() for k, v in content.items()}, tmp / name)
-    publish_dir(tmp, out)
+    with replacing_dir(out) as tmp:
+        for name, content in files.items():
+            if isinstance(content, str):
+                (tmp / name).write_text(content)
+            else:
+                save_file({k: v.detach().float().contiguous().cpu() for k, v in content.items()}, tmp / name)
     return out
 
 
 def write_hf_dir(out: Path, first_n_layers: int | None) -> Path:
     """SmolLM2 as a Hugging Face model folder in `out` (atomically): the model circuit-tracer runs."""
     from nn_decomp.models import write_hf_model  # imports transformers: only here
-    tmp = fresh_tmp(out)
-    write_hf_model(tmp, first_n_layers)
-    publish_dir(tmp, out)
+
+    with replacing_dir(out) as tmp:
+        write_hf_model(tmp, first_n_layers)
     return out

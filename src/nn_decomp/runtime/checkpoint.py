@@ -1,7 +1,7 @@
 """Checkpoints that load without Hydra: `dictionary.safetensors` (normalisation folded in),
 `config.yaml` (the resolved run config), `metadata.json`, and `trainer_state.pt` for resume.
 
-A checkpoint directory is replaced whole (runtime/files.py `publish_dir`): written and synced to a
+A checkpoint directory is replaced whole (runtime/files.py `replacing_dir`): written and synced to a
 temporary sibling, then swapped in by rename. A crash at any point leaves a complete checkpoint that
 `recover_dir` puts back in place: the previous one, or the new one once it was fully written.
 """
@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from nn_decomp.core.coder import SparseCoder
 from nn_decomp.config.arch import AUTOENCODERS, TRANSCODERS, molt_groups
-from nn_decomp.runtime.files import fresh_tmp, publish_dir
+from nn_decomp.runtime.files import replacing_dir
 
 WEIGHTS, CONFIG, METADATA, TRAINER_STATE = "dictionary.safetensors", "config.yaml", "metadata.json", "trainer_state.pt"
 
@@ -50,15 +50,13 @@ def unit_norm_decoder(arch: DictConfig, activation_wants: bool) -> bool:
 
 def save_checkpoint(path: Path, coder: SparseCoder, cfg: DictConfig, metadata: dict,
                     trainer_state: dict | None = None) -> None:
-    path = Path(path)
-    tmp = fresh_tmp(path)
     tensors = {name: t.detach().contiguous().cpu() for name, t in coder.state_dict().items()}
-    save_file(tensors, tmp / WEIGHTS)
-    (tmp / CONFIG).write_text(OmegaConf.to_yaml(cfg))
-    (tmp / METADATA).write_text(json.dumps(metadata, indent=2))
-    if trainer_state is not None:
-        torch.save(trainer_state, tmp / TRAINER_STATE)
-    publish_dir(tmp, path)
+    with replacing_dir(path) as tmp:
+        save_file(tensors, tmp / WEIGHTS)
+        (tmp / CONFIG).write_text(OmegaConf.to_yaml(cfg))
+        (tmp / METADATA).write_text(json.dumps(metadata, indent=2))
+        if trainer_state is not None:
+            torch.save(trainer_state, tmp / TRAINER_STATE)
 
 
 OLD_ACTIVATIONS = "nn_decomp.activations."  # where checkpoints saved before the regroup name their activation

@@ -4,8 +4,8 @@ directories are published.
 - `replacing(path)`: write to a temporary sibling, fsync it, rename it over `path` (POSIX rename is
   atomic): a reader sees the old file or the new one, and a crash leaves the old one. `write_atomic`
   is its text / bytes form.
-- `publish_dir(tmp, out)`: the same for a directory (a checkpoint, an export): written and synced
-  into `out`.tmp, swapped in by two renames; `recover_dir` undoes a crash between them.
+- `replacing_dir(out)`: the same for a directory (a checkpoint, an export): written into `out`.tmp,
+  synced and swapped in by two renames (`publish_dir`); `recover_dir` undoes a crash between them.
 - `refuse_existing`: a command that would replace a result refuses unless told `overwrite=true`.
 """
 import os
@@ -35,6 +35,17 @@ def replacing(path: str | Path) -> Iterator[Path]:
 def write_atomic(path: str | Path, data: str | bytes) -> None:
     with replacing(path) as tmp:
         tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+
+
+@contextmanager
+def replacing_dir(out: str | Path) -> Iterator[Path]:
+    """Yields an empty `out`.tmp to write the new version of the directory `out` into; on leaving the
+    block without an error it is swapped in (`publish_dir`). After an error the partial .tmp stays,
+    and the next `fresh_tmp` clears it."""
+    out = Path(out)
+    tmp = fresh_tmp(out)
+    yield tmp
+    publish_dir(tmp, out)
 
 
 def refuse_existing(paths: list[Path], overwrite: bool) -> None:

@@ -34,6 +34,12 @@ def lr_lambda(step: int, warmup_steps: int, total_steps: int, decay_fraction: fl
     return 1 - progress if decay == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def lr_scheduler(optimizer: torch.optim.Optimizer, tc: DictConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """train.warmup_steps / decay_fraction / decay as a scheduler over `total_steps` (ours and the peers')."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_lambda(s, tc.warmup_steps, total_steps, tc.decay_fraction, tc.decay))
+
+
 @torch.no_grad()
 def evaluate_coder(coder: SparseCoder, x_NLD, y_NLD, batch_size: int) -> dict:
     """Reconstruction and sparsity on a fixed held-out set (eval mode: BatchTopK uses its threshold)."""
@@ -80,8 +86,7 @@ class Trainer:
         self.optimizer = instantiate(tc.optimizer)(param_groups(coder))
         for group in self.optimizer.param_groups:  # before LambdaLR records each group's base lr
             group["lr"] *= group.pop("lr_scale")
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_lambda(s, tc.warmup_steps, total_steps, tc.decay_fraction, tc.decay))
+        self.scheduler = lr_scheduler(self.optimizer, tc, total_steps)
         self.step, self.tokens_seen = 0, 0
         self.compute_dtype = getattr(torch, tc.dtype)
         # float16's narrow range needs a scaled loss; bfloat16 has float32's range and needs none
