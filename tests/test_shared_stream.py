@@ -109,3 +109,25 @@ def test_shared_stream_launcher_writes_each_job_as_the_basic_launcher_does(tmp_p
         same_run(tmp_path / "basic" / job, tmp_path / "shared_stream" / job)
         assert read_status(tmp_path / "shared_stream" / job)["status"] == "completed"
         assert (tmp_path / "shared_stream" / job / ".hydra" / "overrides.yaml").exists()
+
+
+def test_per_layer_transcoders_and_a_clt_share_one_stream_of_their_layers(tiny_lm, tmp_path, monkeypatch):
+    """A full-depth set in one pass: a transcoder per layer and a CLT over those layers read one
+    stream of every layer, each its own slice, and train exactly as they would alone."""
+    cfgs = {"layer0": tiny_cfg("transcoder", "topk", "arch.layers=[0]"),
+            "layer2": tiny_cfg("skip_transcoder", "topk", "arch.layers=[2]"),
+            "clt": tiny_cfg("clt", "topk", "arch.layers=[0,1,2]")}
+    passes = lm_passes(monkeypatch)
+    for name, cfg in cfgs.items():
+        train(cfg, tmp_path / "alone" / name, model=tiny_lm)
+    alone = passes[0] / len(cfgs)
+    passes[0] = 0
+    assert len({stream_key(cfg) for cfg in cfgs.values()}) == 1
+    train_together(list(cfgs.values()), [tmp_path / "together" / name for name in cfgs], model=tiny_lm)
+    assert passes[0] == alone
+    for name in cfgs:
+        same_run(tmp_path / "alone" / name, tmp_path / "together" / name)
+
+
+def test_runs_on_other_hooks_do_not_share_a_stream():
+    assert stream_key(tiny_cfg("transcoder", "topk")) != stream_key(tiny_cfg("sae", "topk"))

@@ -213,6 +213,11 @@ def snapshot(trainer: Trainer) -> tuple[SparseCoder, dict] | None:
     return whole, state
 
 
+def pick_layers(rows_NLD: torch.Tensor, index: list[int] | None) -> torch.Tensor:
+    """The layers `index` of a shared stream's rows (all of them for None)."""
+    return rows_NLD if index is None else rows_NLD[:, index]
+
+
 @dataclass
 class Run:
     """One dictionary in training: its Trainer, where its files go (rank 0: a logger; other ranks
@@ -224,6 +229,8 @@ class Run:
     logger: MetricsLogger | None
     rng_state: torch.Tensor
     start: float
+    index: list[int] | None = None
+    """Its layers in the shared stream's batches (None: all of them)."""
     eval_metrics: dict = field(default_factory=dict)
     error: Exception | None = None
 
@@ -237,7 +244,7 @@ class Run:
         the logged training row, if one was."""
         torch.set_rng_state(self.rng_state)
         trainer, tc = self.trainer, self.trainer.cfg.train
-        losses = trainer.train_step(x_BLD, y_BLD)
+        losses = trainer.train_step(pick_layers(x_BLD, self.index), pick_layers(y_BLD, self.index))
         row, done = None, trainer.step == self.last_step
         # every rank reaches the same decisions: with tensor parallelism each below is a collective
         log, evaluate, save = (trainer.step % every == 0 or done
@@ -251,7 +258,8 @@ class Run:
         if (evaluate or save) and (saved := snapshot(trainer)) is not None:
             whole, state = saved
             if evaluate:  # the folded coder on raw activations: exactly what a user of the checkpoint gets
-                self.eval_metrics = evaluate_coder(whole, *eval_set, tc.batch_size) | {"dead_fraction": dead}
+                x_eval, y_eval = (pick_layers(rows, self.index) for rows in eval_set)
+                self.eval_metrics = evaluate_coder(whole, x_eval, y_eval, tc.batch_size) | {"dead_fraction": dead}
                 self.logger.log("eval", self.eval_metrics, trainer.step)
             if save:
                 meta = self.metadata | {"eval": self.eval_metrics, "tokens_seen": trainer.tokens_seen,

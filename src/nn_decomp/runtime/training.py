@@ -26,7 +26,7 @@ from nn_decomp.runtime.distributed import SINGLE, DistInfo
 from nn_decomp.runtime.files import recover_dir
 from nn_decomp.runtime.jobs import finished_run, resolve_resume
 from nn_decomp.runtime.logger import MetricsLogger
-from nn_decomp.runtime.trainer import Run, Trainer
+from nn_decomp.runtime.trainer import Run, Trainer, pick_layers
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -51,12 +51,29 @@ def stream_key(cfg: DictConfig) -> str:
     """What decides a run's activation batches: runs with equal keys can share one stream
     (`train_together`) and get the batches each would get alone."""
     keys = {"model": OmegaConf.to_container(cfg.model, resolve=True),
-            "data": OmegaConf.to_container(cfg.data, resolve=True), "hooks": arch_hooks(cfg.arch),
+            "data": OmegaConf.to_container(cfg.data, resolve=True),
+            # hook templates, not layers: one stream reads every layer its runs cover (stream_config)
+            "hooks": [cfg.arch.hook_in, cfg.arch.hook_out or cfg.arch.hook_in],
             "train": {k: cfg.train.get(k, 1) for k in ("batch_size", "seed", "device", "eval_tokens", "n_tokens",
                                                        "tensor_parallel")}}
     if cfg.data.source == "synthetic":  # the planted task and its layers, not hooks
-        keys["task"] = [task_of(cfg.arch.name), len(cfg.arch.layers)]
+        keys["task"] = [task_of(cfg.arch.name), list(cfg.arch.layers)]
     return json.dumps(keys, sort_keys=True)
+
+
+def stream_config(cfgs: list[DictConfig]) -> DictConfig:
+    """The config of the stream that runs of one `stream_key` share: the first run's, over every
+    layer any of them covers (30 per-layer transcoders and a 30-layer CLT read one stream of 30
+    layers). Not a run's config, so not validated as one: each run's is."""
+    cfg = cfgs[0].copy()
+    cfg.arch.layers = sorted({layer for c in cfgs for layer in c.arch.layers})
+    return cfg
+
+
+def stream_index(cfg: DictConfig, stream: DictConfig) -> list[int] | None:
+    """Where `cfg`'s layers sit in the stream's batches [B, L, D]; None when it reads them all."""
+    layers = list(stream.arch.layers)
+    return None if list(cfg.arch.layers) == layers else [layers.index(layer) for layer in cfg.arch.layers]
 
 
 def train_together(cfgs: list[DictConfig], run_dirs: list[Path], model: HookedTransformer | None = None,
@@ -88,11 +105,12 @@ def train_together(cfgs: list[DictConfig], run_dirs: list[Path], model: HookedTr
             f"{info.world_size} (torchrun --nproc-per-node, or SLURM tasks)")
     info = info._replace(tensor_parallel=tp)
     start = time.time()
-    _, store, eval_set, device = setup(jobs[0][1], model, info)
+    stream = stream_config([cfg for _, cfg, _, _ in jobs])
+    _, store, eval_set, device = setup(stream, model, info)
     try:
         rows = init_rows(store, info)
         rng_state = torch.get_rng_state()  # each coder is initialised from the state a lone run has
-        runs = [open_run(cfg, run_dir, resume, rows, store, device, info, rng_state, start)
+        runs = [open_run(cfg, run_dir, resume, rows, store, device, info, rng_state, start, stream_index(cfg, stream))
                 for _, cfg, run_dir, resume in jobs]
         train_encoder(runs, store, eval_set)
         for (i, *_), run in zip(jobs, runs):
@@ -114,8 +132,8 @@ def resolved(cfg: DictConfig, run_dir: Path) -> DictConfig:
 def setup(cfg: DictConfig, model: HookedTransformer | None = None, info: DistInfo = SINGLE):
     """Everything before the first step: the LM (None without one), the training stream (this
     rank's shard), a fixed held-out eval set (rank 0 only, else None) and the device. The data
-    source (data/sources.py) loads the LM unless given, and fails fast on bad hooks or layers."""
-    validate(cfg)
+    source (data/sources.py) loads the LM unless given, and fails fast on bad hooks or layers. The caller validates `cfg` (train_together's may be a
+    stream_config, over more layers than any one run covers)."""
     device = distributed.rank_device(cfg.train.device, info)
     torch.manual_seed(cfg.train.seed)
     require(cfg.train.batch_size % info.dp_size == 0,
@@ -192,11 +210,12 @@ def geometric_median(points_ND: torch.Tensor, n_iter: int = 50) -> torch.Tensor:
 
 
 def open_run(cfg: DictConfig, run_dir: Path, resume: bool, rows, store, device, info: DistInfo,
-             rng_state: torch.Tensor, start: float) -> Run:
+             rng_state: torch.Tensor, start: float, index: list[int] | None = None) -> Run:
     """A Run of `cfg`: its coder initialised from `rows` (torch's RNG at `rng_state`), resumed from
-    its checkpoint when `resume`, with its metadata and (rank 0) its logger."""
+    its checkpoint when `resume`, with its metadata and (rank 0) its logger. `index`: its layers in
+    the stream's batches (stream_index)."""
     torch.set_rng_state(rng_state)
-    coder, scale_in, scale_out = init_coder(cfg, rows, device, info)
+    coder, scale_in, scale_out = init_coder(cfg, tuple(pick_layers(r, index) for r in rows), device, info)
     trainer = Trainer(cfg, coder, cfg.train.n_tokens // cfg.train.batch_size, scale_in, scale_out, info)
     if resume:  # tensor parallel: the whole state stays on the CPU (mapped, not read) until sliced
         sharded = info.tensor_parallel > 1
@@ -212,7 +231,7 @@ def open_run(cfg: DictConfig, run_dir: Path, resume: bool, rows, store, device, 
         metadata["cache"] = {"path": str(store.meta.path), "text_source": store.meta.text_source,
                              "n_tokens": store.meta.n_tokens, "dtype": store.meta.dtype}
     logger = MetricsLogger(cfg, run_dir) if info.is_main else None
-    return Run(trainer, run_dir, metadata, logger, torch.get_rng_state(), start)
+    return Run(trainer, run_dir, metadata, logger, torch.get_rng_state(), start, index)
 
 
 def train_encoder(runs: list[Run], store, eval_set) -> None:
