@@ -2,11 +2,7 @@
 judge's explanation and intruder pick, ablations are causal, the dashboard is self-contained."""
 import json
 import math
-import shutil
-import subprocess
 
-import matplotlib.image as plt_image
-import numpy as np
 import pytest
 import torch
 
@@ -132,27 +128,3 @@ def test_report_end_to_end_writes_a_self_contained_dashboard(tiny_lm, contexts, 
     assert hist.stat().st_size > 1000 and len(table.read_text().splitlines()) == 4
     assert json.loads(summary.read_text())["n_features_analysed"] == 3
 
-
-def chromium() -> str | None:
-    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-
-
-def headless(page, *args: str) -> str:
-    """Run headless Chromium on the page (skips when no Chromium is installed); its stdout."""
-    browser = chromium()
-    if browser is None:
-        pytest.skip("chromium not installed (apt-get install -y chromium; setup_env.sh does as root)")
-    return subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                           "--disable-component-update", "--disable-sync", *args, page.resolve().as_uri()],
-                          capture_output=True, text=True, timeout=120, check=True).stdout
-
-
-def dump_dom(page) -> str:
-    """The page as headless Chromium renders it."""
-    return headless(page, "--dump-dom")
-
-
-def screenshot(page, png) -> np.ndarray:
-    """[H, W, C] pixels of the page as headless Chromium draws it."""
-    headless(page, f"--screenshot={png}", "--window-size=1200,900", "--hide-scrollbars")
-    return plt_image.imread(png)

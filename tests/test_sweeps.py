@@ -324,7 +324,7 @@ def test_exp_004_smoke_dashboard_renders_in_chromium(exp_001, root, one_thread):
     numbers(out / "features.csv", ["density", "max_act", "kl_firing", "kl_nonfiring"])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_features_analysed"] == 4 and math.isfinite(summary["median_kl_firing"])
-    from test_interp import dump_dom, screenshot
+    from browser import dump_dom, screenshot
 
     dom = dump_dom(out / "dashboard.html")
     assert dom.count('class="feature"') == 4 and dom.count('class="tok"') > 20 and "fires on" in dom
