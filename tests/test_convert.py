@@ -83,8 +83,8 @@ def trained(tiny_lm, tmp_path_factory):
 def test_conversion_matches_l0_within_a_few_percent_nmse(trained, tiny_lm, tmp_path, act, estimator, calibrate,
                                                          one_thread):
     out = tmp_path / "jumprelu"
-    report = convert(convert_cfg(f"checkpoint={trained[act]}", f"out={out}", f"estimator={estimator}",
-                                 f"calibrate={str(calibrate).lower()}"), model=tiny_lm)
+    report, = convert(convert_cfg(f"checkpoint={trained[act]}", f"out={out}", f"estimator={estimator}",
+                                  f"calibrate={str(calibrate).lower()}"), model=tiny_lm)
     before, after = report["before"], report["after"]
     assert after["l0"] == pytest.approx(before["l0"], rel=0.05)
     assert after["nmse"] <= 1.05 * before["nmse"]
@@ -103,7 +103,7 @@ def test_conversion_matches_l0_within_a_few_percent_nmse(trained, tiny_lm, tmp_p
 
 def test_reloaded_conversion_reproduces_its_report(trained, tiny_lm, tmp_path):
     out = tmp_path / "jumprelu"
-    report = convert(convert_cfg(f"checkpoint={trained['topk']}", f"out={out}"), model=tiny_lm)
+    report, = convert(convert_cfg(f"checkpoint={trained['topk']}", f"out={out}"), model=tiny_lm)
     meta = json.loads((out / "metadata.json").read_text())
     assert meta["eval"]["nmse"] == pytest.approx(report["after"]["nmse"])
     # On the training-style held-out set the converted coder also matches the source's L0.
@@ -111,6 +111,24 @@ def test_reloaded_conversion_reproduces_its_report(trained, tiny_lm, tmp_path):
     _, _, (x, y), _ = setup(cfg, tiny_lm)
     src, conv = (evaluate_coder(load_dictionary(p), x, y, 128) for p in (trained["topk"], out))
     assert conv["l0"] == pytest.approx(src["l0"], rel=0.1)
+
+
+def test_a_set_converts_from_one_lm_pass_as_each_would_alone(trained, tiny_lm, tmp_path, one_thread):
+    """A transcoder per layer (layers 0 and 1 here): one held-out stream of both layers, each fitted
+    on its own slice, so each gets exactly the thresholds a conversion on its own gives it."""
+    layer0 = tmp_path / "layer0"
+    train(tiny_cfg("transcoder", "topk", "arch.layers=[0]", "train.n_tokens=4096"), layer0, model=tiny_lm)
+    alone = [convert(convert_cfg(f"checkpoint={ckpt}", f"out={tmp_path / name}"), model=tiny_lm)[0]
+             for name, ckpt in (("alone0", layer0 / "checkpoint"), ("alone1", trained["topk"]))]
+    together = convert(convert_cfg(f"checkpoints=[{layer0 / 'checkpoint'},{trained['topk']}]"), model=tiny_lm)
+    for one, both in zip(alone, together):
+        assert both["fit"] == one["fit"] and both["after"] == one["after"]
+        torch.testing.assert_close(load_dictionary(both["out"]).state_dict(), load_dictionary(one["out"]).state_dict(),
+                                   rtol=0, atol=0)
+    assert together[1]["out"] == str(trained["topk"]) + "_jumprelu"
+    with pytest.raises(UsageError, match="out= names one converted checkpoint"):
+        convert(convert_cfg(f"checkpoints=[{layer0 / 'checkpoint'},{trained['topk']}]", f"out={tmp_path / 'x'}"),
+                model=tiny_lm)
 
 
 def test_bad_input_fails_with_the_fix(trained, tiny_lm, tmp_path):

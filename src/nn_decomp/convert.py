@@ -1,5 +1,6 @@
 """`python -m nn_decomp.convert checkpoint=PATH to=jumprelu [out=DIR] [calibrate=true]`: turn a
-TopK / BatchTopK dictionary into a JumpReLU one (what circuit-tracer and SAELens transcoders run).
+TopK / BatchTopK dictionary into a JumpReLU one (what circuit-tracer and SAELens transcoders run);
+`checkpoints=[PATH,...]` converts a set (a transcoder per layer) from one pass of the LM.
 The estimators and the report: nn_decomp/analysis/conversion.py.
 """
 import hydra

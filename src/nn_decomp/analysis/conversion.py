@@ -22,6 +22,7 @@ tokens equals the source's. Before/after NMSE and L0 are measured on the next `n
 held-out tokens (disjoint from the fitting tokens), written into the new checkpoint's metadata.json
 and printed.
 """
+import json
 from pathlib import Path
 
 import torch
@@ -32,10 +33,12 @@ from nn_decomp.config import UsageError
 from nn_decomp.config.act import JumpReLUConfig
 from nn_decomp.core.coder import SparseCoder
 from nn_decomp.data.heldout import heldout_activations, text_config
-from nn_decomp.dictionaries import check_compatible, check_model_choice, load_dictionaries
+from nn_decomp.dictionaries import (HookedDictionary, check_compatible, check_model_choice, checkpoint_list,
+                                   load_dictionaries)
 from nn_decomp.runtime.checkpoint import build_coder, read_config, save_checkpoint
 from nn_decomp.runtime.files import refuse_existing
-from nn_decomp.runtime.trainer import evaluate_coder
+from nn_decomp.runtime.trainer import evaluate_coder, pick_layers
+from nn_decomp.runtime.training import stream_config, stream_index
 
 CONVERTIBLE = ("topk", "batchtopk")
 MIN_THRESHOLD = 1e-6  # JumpReLU stores log θ, so θ > 0; a latent active on most tokens would get θ ≤ 0
@@ -113,41 +116,69 @@ def jumprelu_coder(source: SparseCoder, ckpt_cfg: DictConfig, thresholds_LF: Ten
     return coder.eval(), cfg
 
 
-def convert(cfg: DictConfig, model=None) -> dict:
-    """Convert the checkpoint `cfg` names; returns the before/after report."""
+def convert(cfg: DictConfig, model=None) -> list[dict]:
+    """Convert the checkpoint(s) `cfg` names; returns each one's before/after report. A set
+    (`checkpoints=[...]`, e.g. a transcoder per layer) is fitted from one LM pass over the held-out
+    text of every layer it covers, each written next to its source as <checkpoint>_jumprelu."""
     if cfg.to != "jumprelu":
         raise UsageError(f"to={cfg.to}: only to=jumprelu is supported")
-    if not cfg.checkpoint:
-        raise UsageError("no checkpoint given: pass checkpoint=PATH")
-    (d,) = load_dictionaries([Path(cfg.checkpoint)])
-    ckpt_cfg, meta = read_config(d.path)
-    if meta["act"] not in CONVERTIBLE:
-        raise UsageError(f"{d.path} has act={meta['act']}; convert works on {'/'.join(CONVERTIBLE)} "
-                         "(a jumprelu or relu dictionary exports as it is)")
-    out = Path(cfg.out) if cfg.out else d.path.with_name(d.path.name + "_jumprelu")
-    refuse_existing([out], cfg.overwrite)
-    model_name = check_model_choice(cfg, [d])
+    paths = checkpoint_list(cfg)
+    if len(paths) > 1 and cfg.out:
+        raise UsageError("out= names one converted checkpoint: drop it for a set (each is written next to its "
+                         "source as <checkpoint>_jumprelu) or convert one checkpoint=PATH at a time")
+    dictionaries = load_dictionaries(paths)
+    configs = [read_config(d.path) for d in dictionaries]
+    for d, (_, meta) in zip(dictionaries, configs):
+        if meta["act"] not in CONVERTIBLE:
+            raise UsageError(f"{d.path} has act={meta['act']}; convert works on {'/'.join(CONVERTIBLE)} "
+                             "(a jumprelu or relu dictionary exports as it is)")
+    outs = [Path(cfg.out) if cfg.out else d.path.with_name(d.path.name + "_jumprelu") for d in dictionaries]
+    refuse_existing(outs, cfg.overwrite)
+    texts = [text_config(ckpt_cfg, meta) for ckpt_cfg, meta in configs]
+    stream = heldout_stream(texts, dictionaries)
+    model_name = check_model_choice(cfg, dictionaries)
     if model is None:
         from nn_decomp.models import load_model  # transformer_lens: seconds, after the input checks
 
-        model = load_model(model_name, cfg.device, cfg.dtype, max(d.layers) + 1, cfg.cache_dir)
-    d.coder.to(model.cfg.device)
-    check_compatible(model, [d])
-    (x_fit, _), (x_eval, y_eval) = heldout_activations(text_config(ckpt_cfg, meta), model, model.cfg.device,
-                                                       cfg.n_tokens, cfg.n_eval_tokens)
-    thresholds, fit = fit_thresholds(d.coder, x_fit.to(d.coder.W_enc.dtype), cfg.estimator, cfg.calibrate)
-    coder, new_cfg = jumprelu_coder(d.coder, ckpt_cfg, thresholds)
+        model = load_model(model_name, cfg.device, cfg.dtype, max(stream.arch.layers) + 1, cfg.cache_dir)
+    check_compatible(model, dictionaries)
+    (x_fit, _), (x_eval, y_eval) = heldout_activations(stream, model, model.cfg.device, cfg.n_tokens,
+                                                       cfg.n_eval_tokens)
+    reports = []
+    for d, (ckpt_cfg, meta), text, out in zip(dictionaries, configs, texts, outs):
+        index = stream_index(text, stream)
+        rows = [pick_layers(x, index) for x in (x_fit, x_eval, y_eval)]
+        reports.append(convert_one(cfg, d, ckpt_cfg, meta, out, *rows))
+        print(table(reports[-1]))
+    return reports
+
+
+def heldout_stream(texts: list[DictConfig], dictionaries: list[HookedDictionary]) -> DictConfig:
+    """The config whose held-out stream holds every layer of the set: one text, seed and hook pair."""
+    for key in ("data", "train.seed", "train.batch_size", "arch.hook_in", "arch.hook_out"):
+        values = {json.dumps(OmegaConf.to_container(OmegaConf.create({"v": OmegaConf.select(t, key)}),
+                                                    resolve=True)) for t in texts}
+        if len(values) > 1:
+            raise UsageError(f"these checkpoints differ in {key} ({', '.join(str(d.path) for d in dictionaries)}): "
+                             "convert a set trained on one text with one seed and hook pair, or each on its own")
+    return stream_config(texts)
+
+
+def convert_one(cfg: DictConfig, d: HookedDictionary, ckpt_cfg: DictConfig, meta: dict, out: Path, x_fit: Tensor,
+                x_eval: Tensor, y_eval: Tensor) -> dict:
+    """Fit `d`'s thresholds on x_fit, write the JumpReLU checkpoint to `out`; the report."""
+    source = d.coder.to(x_fit.device)
+    thresholds, fit = fit_thresholds(source, x_fit.to(source.W_enc.dtype), cfg.estimator, cfg.calibrate)
+    coder, new_cfg = jumprelu_coder(source, ckpt_cfg, thresholds)
     batch = ckpt_cfg.train.batch_size
-    before = evaluate_coder(d.coder, x_eval, y_eval, batch)
+    before = evaluate_coder(source, x_eval, y_eval, batch)
     after = evaluate_coder(coder, x_eval, y_eval, batch)
     report = {"source": str(d.path), "out": str(out), "estimator": cfg.estimator, "calibrate": cfg.calibrate,
-              "n_fit_tokens": len(x_fit), "n_eval_tokens": len(x_eval), "fit": fit,
-              "before": before, "after": after}
+              "n_fit_tokens": len(x_fit), "n_eval_tokens": len(x_eval), "fit": fit, "before": before, "after": after}
     new_meta = meta | {"act": "jumprelu", "eval": after, "converted_from": report}
     for key in ("step", "tokens_seen"):
         new_meta.pop(key, None)
     save_checkpoint(out, coder.cpu(), new_cfg, new_meta)
-    print(table(report))
     return report
 
 

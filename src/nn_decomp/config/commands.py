@@ -13,6 +13,9 @@ class CommandConfig:
 
     checkpoint: str | None = None
     """A checkpoint dir (outputs/runs/.../checkpoint)."""
+    checkpoints: list[str] = field(default_factory=list)
+    """Several checkpoints taken as one set (a transcoder per layer: one replacement model, one
+    conversion pass, one circuit-tracer transcoder_set), instead of or besides `checkpoint`."""
     out: str | None = None
     """Where the result goes (each command's docstring gives its default)."""
     overwrite: bool = False
@@ -56,8 +59,6 @@ class EvaluateConfig(LMCommandConfig):
     """`python -m nn_decomp.evaluate` (conf/evaluate.yaml). `out`: the dir for eval.json (default: the
     checkpoint dir; required for `checkpoints`); `overwrite` replaces an existing eval.json."""
 
-    checkpoints: list[str] = field(default_factory=list)
-    """Several per-layer transcoders evaluated as one replacement model (instead of `checkpoint`)."""
     eval: EvalSettings = field(default_factory=EvalSettings)
 
 
@@ -67,7 +68,8 @@ ESTIMATORS = ("rate", "min")
 @dataclass
 class ConvertConfig(LMCommandConfig):
     """`python -m nn_decomp.convert` (conf/convert.yaml): `checkpoint`, a TopK / BatchTopK one, becomes
-    a new checkpoint dir `out` (default: <checkpoint>_jumprelu next to the source)."""
+    a new checkpoint dir `out` (default: <checkpoint>_jumprelu next to the source); a set
+    (`checkpoints`) from one LM pass, each next to its source."""
 
     to: str = "jumprelu"
     """Target activation; only jumprelu."""
@@ -89,8 +91,6 @@ class ExportConfig(CommandConfig):
     """`python -m nn_decomp.export` (conf/export.yaml): `checkpoint` written in `format` into the
     dir `out` (required)."""
 
-    checkpoints: list[str] = field(default_factory=list)
-    """Per-layer transcoders exported together as one circuit-tracer transcoder_set."""
     format: str | None = None
     """saelens | circuit_tracer | hf_model (SmolLM2 as a Hugging Face folder, no checkpoint)."""
     from_saelens: str | None = None
