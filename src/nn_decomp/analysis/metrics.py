@@ -4,6 +4,7 @@ context, and paired differences of two models scored on the same tokens. Definit
 below) go into every eval.json beside the numbers.
 """
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -75,6 +76,15 @@ def clustered_stderr(sums_C: Tensor, n_C: Tensor) -> float:
         return math.nan
     resid_C = sums_C - sums_C.sum() / total * n_C
     return (C / (C - 1) * resid_C.pow(2).sum()).sqrt().item() / total.item()
+
+
+def mean_stderr(values: Sequence[float]) -> dict:
+    """Mean and standard error over independent samples (e.g. prompts), NaNs (no value) left out."""
+    x = torch.tensor(values, dtype=torch.float64)
+    x = x[~x.isnan()]
+    n = len(x)
+    stderr = (x.std() / math.sqrt(n)).item() if n > 1 else float("nan")
+    return {"mean": x.mean().item() if n else float("nan"), "stderr": stderr, "n": n}
 
 
 def paired_difference(eval_a: dict, eval_b: dict, metric: str) -> tuple[float, float]:

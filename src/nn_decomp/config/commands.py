@@ -105,3 +105,38 @@ class ExportConfig(CommandConfig):
     MLP-input norm weights are folded into the encoders, which then read `mlp.hook_in`."""
     first_n_layers: int | None = None
     """hf_model: keep only the first blocks (a small model for tests)."""
+
+
+@dataclass
+class AttributeConfig(CommandConfig):
+    """`python -m nn_decomp.attribute` (conf/attribute.yaml): attribution graphs of every prompt in
+    `prompts` through the set `checkpoint` / `checkpoints` (covering every MLP), written into `out`
+    (required; `overwrite` redoes prompts already there). The defaults are CPU-sane (README: Circuits)."""
+
+    prompts: str | None = None
+    """A text file, one prompt per line (# starts a comment)."""
+    hf_model: str | None = None
+    """The Hugging Face folder circuit-tracer runs (nnsight backend); default: SmolLM2 written once
+    into the cache dir, other models by their Hub name (TransformerLens backend)."""
+    scan: str | None = None
+    """circuit-tracer's name for the feature set (default: out's name)."""
+    batch_size: int = 64
+    """Source nodes per backward pass: circuit-tracer runs the forward on this many copies of the prompt."""
+    max_feature_nodes: int | None = 4096
+    """Feature nodes kept in the graph (the most influential; null: all active features)."""
+    max_n_logits: int = 10
+    desired_logit_prob: float = 0.95
+    node_threshold: float = 0.8
+    edge_threshold: float = 0.98
+    completeness: float = 0.7
+    """The pruned graph's size is also reported at the smallest graph reaching this completeness."""
+    dashboard: str | None = None
+    """Feature nodes of the graph pages link here (`{layer}` is filled in for a per-layer set)."""
+    device: str = "auto"
+    paths: Any = None
+
+    def __post_init__(self):
+        require(self.batch_size > 0, f"batch_size={self.batch_size}: must be > 0")
+        for name in ("node_threshold", "edge_threshold", "completeness", "desired_logit_prob"):
+            value = getattr(self, name)
+            require(0 < value <= 1, f"{name}={value}: must lie in (0, 1]")
