@@ -25,7 +25,7 @@ from nn_decomp.runtime.jobs import analysis_config, run_cli
 from nn_decomp.runtime.sweep_table import collect, summary, write_table
 
 CONF = Path(__file__).resolve().parents[3] / "conf"
-SCALES = ("smoke", "cpu", "cpu_2m", "gpu")
+SCALES = ("smoke", "cpu", "cpu_2m", "gpu", "full_depth_cpu", "full_depth_gpu")
 
 
 def compose_config(config_name: str, overrides: Sequence[str], hydra: bool = False) -> DictConfig:
@@ -53,7 +53,7 @@ class Experiment:
         """How every run.py starts: `run.py [scale=S] [--flag ...] [override ...] [PATH ...]` ->
         (the experiment at that scale, the flags, the paths); smoke runs take one thread. `scales`:
         the ones this experiment has sizes for."""
-        scale, flags, overrides, paths = parse_args(argv, usage)
+        scale, flags, overrides, paths = parse_args(argv, usage, scales[0] if "cpu" not in scales else "cpu")
         if scale not in scales:
             raise SystemExit(f"error: {name} has no scale={scale}: use one of {', '.join(scales)}")
         one_thread_if_smoke(scale)
@@ -244,12 +244,12 @@ def n_layers(row: dict) -> int:
     return len(layers) if isinstance(layers, list) and layers else 1
 
 
-def parse_args(argv: Sequence[str], usage: str) -> tuple[str, set[str], list[str], list[str]]:
+def parse_args(argv: Sequence[str], usage: str, default_scale: str = "cpu") -> tuple[str, set[str], list[str], list[str]]:
     """`run.py [scale=S] [--flag ...] [override ...] [PATH ...]` -> scale, flags, overrides, paths."""
     flags = {a for a in argv if a.startswith("--")}
     assigns = [a for a in argv if "=" in a and not a.startswith("--")]
     paths = [a for a in argv if "=" not in a and not a.startswith("--")]
-    scale = next((a.split("=", 1)[1] for a in assigns if a.startswith("scale=")), "cpu")
+    scale = next((a.split("=", 1)[1] for a in assigns if a.startswith("scale=")), default_scale)
     if "--help" in flags:
         print(usage)
         raise SystemExit(0)
