@@ -147,8 +147,9 @@ needs_circuit_tracer = pytest.mark.skipif(
 @needs_circuit_tracer
 def test_circuit_tracer_attributes_a_two_layer_smollm2_set_and_scores_it(tmp_path):
     """End to end on a 2-layer SmolLM2: scores in [0, 1], ours of the whole graph equal to
-    circuit-tracer's, pruning only loses completeness; zeroed decoders leave nothing to explain
-    (the replacement score falls to ~0)."""
+    circuit-tracer's, pruning only loses completeness; with zeroed decoders no feature has any
+    influence, so none survives pruning (a random CLT's do). (The replacement score itself barely
+    moves with 2 layers: the embedding's direct path to the logits is most of the token influence.)"""
     from nn_decomp.interop.formats import write_hf_dir
     hf = write_hf_dir(tmp_path / "smol2", 2)
     prompts = tmp_path / "prompts.txt"
@@ -176,4 +177,4 @@ def test_circuit_tracer_attributes_a_two_layer_smollm2_set_and_scores_it(tmp_pat
         assert r["rescored"]["completeness"] == pytest.approx(r["completeness"], abs=1e-4)
         assert r["pruned"]["completeness"] <= r["completeness"] + 1e-6
         assert sum(t["prob"] for t in r["top_logits"]) <= 1 + 1e-6
-    assert results["zeroed"]["replacement"] < 0.05 < results["random"]["replacement"]
+    assert results["zeroed"]["pruned"]["feature_nodes"] == 0 < results["random"]["pruned"]["feature_nodes"]
