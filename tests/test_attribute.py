@@ -148,23 +148,23 @@ needs_circuit_tracer = pytest.mark.skipif(
 def test_circuit_tracer_attributes_a_two_layer_smollm2_set_and_scores_it(tmp_path):
     """End to end on a 2-layer SmolLM2: scores in [0, 1], ours of the whole graph equal to
     circuit-tracer's, pruning only loses completeness; with zeroed decoders no feature has any
-    influence, so none survives pruning (a random CLT's do). (The replacement score itself barely
-    moves with 2 layers: the embedding's direct path to the logits is most of the token influence.)"""
+    influence, so none survives pruning, while loud ones (random decoders × 50) do. (A random
+    CLT's features at their own scale are too quiet to survive either; and with 2 layers the
+    replacement score barely moves: the embedding's direct path is most of the token influence.)"""
     from nn_decomp.interop.formats import write_hf_dir
+    from nn_decomp.runtime.checkpoint import read_config, save_checkpoint
     hf = write_hf_dir(tmp_path / "smol2", 2)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("The capital of France is\n")
     results = {}
-    for name, zero in (("random", False), ("zeroed", True)):
+    for name, decoder_scale in (("zeroed", 0.0), ("loud", 50.0)):
         ckpt, coder = random_checkpoint(tmp_path / name, "clt", "jumprelu", "arch.layers=[0,1]", d=576,
                                         model="smollm2_135m")
-        if zero:
-            from nn_decomp.runtime.checkpoint import read_config, save_checkpoint
-            cfg, meta = read_config(ckpt)
-            with torch.no_grad():
-                for w in coder.decoder_weights():
-                    w.zero_()
-            save_checkpoint(ckpt, coder, cfg, meta)
+        cfg, meta = read_config(ckpt)
+        with torch.no_grad():
+            for w in coder.decoder_weights():
+                w.mul_(decoder_scale)
+        save_checkpoint(ckpt, coder, cfg, meta)
         summary = attribute(attribute_cfg(f"checkpoint={ckpt}", f"prompts={prompts}", f"out={tmp_path / name / 'out'}",
                                           f"hf_model={hf}", "max_feature_nodes=256"))
         (slug,) = [p.stem for p in (tmp_path / name / "out" / "prompts").glob("*.json")]
@@ -177,4 +177,4 @@ def test_circuit_tracer_attributes_a_two_layer_smollm2_set_and_scores_it(tmp_pat
         assert r["rescored"]["completeness"] == pytest.approx(r["completeness"], abs=1e-4)
         assert r["pruned"]["completeness"] <= r["completeness"] + 1e-6
         assert sum(t["prob"] for t in r["top_logits"]) <= 1 + 1e-6
-    assert results["zeroed"]["pruned"]["feature_nodes"] == 0 < results["random"]["pruned"]["feature_nodes"]
+    assert results["zeroed"]["pruned"]["feature_nodes"] == 0 < results["loud"]["pruned"]["feature_nodes"]
