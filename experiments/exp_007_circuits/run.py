@@ -50,9 +50,10 @@ def grids(scale: str) -> list[list[str]]:
 
 
 def cache_command(exp: Experiment) -> str:
+    """The cache a data=cache scale reads: twice the tokens a dictionary trains on (room for a longer run)."""
     cfg = exp.config("arch=clt", f"arch.layers={ALL_LAYERS}", "data=sotu")
     return ("python -m nn_decomp.cache data=sotu arch=clt " + shlex.quote(f"arch.layers={ALL_LAYERS}") +
-            f" cache.n_tokens={cfg.train.n_tokens} train.eval_tokens={cfg.train.eval_tokens}")
+            f" cache.n_tokens={2 * cfg.train.n_tokens} train.eval_tokens={cfg.train.eval_tokens}")
 
 
 def family_sets(rows: list[dict], scale: str) -> dict[str, list[Path]]:
@@ -173,7 +174,8 @@ def main(argv: list[str]) -> list[Path]:
     if "--write-prompts" in flags:
         return report_written(write_prompts())
     if "--print-commands" in flags:
-        print(cache_command(exp))
+        if exp.config().data.source == "cache":
+            print(cache_command(exp))
         return exp.print_commands(grids(exp.scale))
     rows = exp.collect() if flags & {"--no-train", "--table-only"} else exp.run_sweeps(grids(exp.scale))
     sets = family_sets(rows, exp.scale)

@@ -268,15 +268,19 @@ class SparseCoder(nn.Module):
         out_BLD = latents.values.new_zeros(B, L, D)
         if self.transforms is not None:
             out_BLD[:, 0] = self.transforms(latents, x_BLD[:, 0], latents.indices is not None)
+        writes, starts = [], []  # [B, X, D] per source (untied) or per (source, target); X's first layer
         for i, w in enumerate(self.W_dec):
-            if self.decoder_tying == "none":
-                out_BLD[:, i:] += self.decode_source(latents, i, w.flatten(1)).view(B, -1, D)
+            if self.decoder_tying == "none":  # source i writes its last L − i layers (a crosscoder's: all)
+                writes.append(self.decode_source(latents, i, w.flatten(1)).view(B, -1, D))
+                starts.append(L - writes[-1].shape[1])
                 continue
             for j in range(i, L):  # tied: one bag per (source, target), as many rows as untied
                 if self.decoder_tying == "per_source":
-                    out_BLD[:, j] += self.decode_source(latents, i, w[:, 0], self.W_dec_scale[i, :, j])
+                    writes.append(self.decode_source(latents, i, w[:, 0], self.W_dec_scale[i, :, j])[:, None])
                 else:  # per_target: source i's latents through target j's shared matrix
-                    out_BLD[:, j] += self.decode_source(latents, i, self.W_dec[j][:, 0])
+                    writes.append(self.decode_source(latents, i, self.W_dec[j][:, 0])[:, None])
+                starts.append(j)
+        out_BLD = kernels.add_writes(out_BLD, starts, writes)
         out_BLD = self.shard.sum(out_BLD)  # tensor parallel: each shard decoded its own latents
         if not bias:
             return out_BLD
