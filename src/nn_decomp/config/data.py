@@ -27,7 +27,8 @@ class DataConfig:
     eval_fraction: float = 0.05
     """Documents held out for evaluation."""
     buffer_tokens: int = 32768
-    """Size of the shuffled mixing buffer, refilled when half empty."""
+    """Size of the training stream's shuffled mixing buffer, refilled when half empty (the held-out
+    stream's is 2 · train.batch_size: its rows are read once, see store.lm_stores)."""
     lm_batch_size: int = 16
     """Contexts per LM forward pass."""
     streams: int = 8

@@ -161,7 +161,13 @@ def lm_stores(cfg: DictConfig, model: HookedTransformer | None, device: torch.de
     """Load the LM (unless given), check hooks and layers, split `cfg.data`'s documents into train
     and eval, and open a store on each (eval seeded with train.seed + 1). With several ranks each
     takes every world_size-th training context, starting at its rank. `buffer_tokens` replaces
-    data.buffer_tokens for the training store only: the eval set stays the same. Nothing runs the LM yet."""
+    data.buffer_tokens for the training store. Nothing runs the LM yet.
+
+    The eval store's buffer is 2 · train.batch_size, the least a store allows: its rows are read once
+    (take_tokens), not mixed for SGD, so a data.buffer_tokens window would run the LM on rows nobody
+    reads (32,768 for 2,048 eval tokens). Its batches do not depend on how many are taken, so every
+    reader of the held-out stream (the eval set, a cache's eval rows, convert's fit rows) reads a
+    prefix of the same rows."""
     n_needed = max(cfg.arch.layers) + 1
     n_layers = (model.cfg.n_layers if model is not None
                 else cfg.model.first_n_layers or model_n_layers(cfg.model.name, cfg.model.cache_dir))
@@ -186,7 +192,7 @@ def lm_stores(cfg: DictConfig, model: HookedTransformer | None, device: torch.de
 
     return LMStores(model, store(train_texts, cfg.train.seed, batch_size, buffer_tokens or cfg.data.buffer_tokens,
                                  info.rank, info.world_size),
-                    store(eval_texts, cfg.train.seed + 1, cfg.train.batch_size, cfg.data.buffer_tokens))
+                    store(eval_texts, cfg.train.seed + 1, cfg.train.batch_size, 2 * cfg.train.batch_size))
 
 
 def lm_train_store(cfg: DictConfig, batch_size: int, info: DistInfo, device: torch.device) -> ActivationsStore:
