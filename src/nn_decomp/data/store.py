@@ -107,13 +107,21 @@ class ActivationsStore:
         x_shape = (len(self.hooks_in), cache[self.hooks_in[0]].shape[-1])
         return x_shape, None if self.autoencode else (len(self.hooks_out), cache[self.hooks_out[0]].shape[-1])
 
+    def row_bytes(self) -> int:
+        """Bytes one buffered row takes: x at every input hook and, unless y is x, y at every output hook."""
+        (n_in, d_in), y_shape = self.row_shapes()
+        n_out, d_out = y_shape or (0, 0)
+        return (n_in * d_in + n_out * d_out) * self.dtype.itemsize
+
     def _buffered(self) -> int:
         return 0 if self.x_NLD is None else len(self.x_NLD)
 
     def _refill(self) -> None:
-        xs = [] if self.x_NLD is None else [self.x_NLD]
-        ys = [] if self.y_NLD is None else [self.y_NLD]
-        n = self._buffered()
+        # The remainder is a view of the last buffer: a copy of it lets that buffer go now.
+        xs = [] if self.x_NLD is None else [self.x_NLD.clone()]
+        ys = [] if self.y_NLD is None else [self.y_NLD.clone()]
+        self.x_NLD = self.y_NLD = None
+        n = sum(len(x) for x in xs)
         while n < self.buffer_tokens:
             wanted = self.max_tokens is None or self.tokens_generated < self.max_tokens
             contexts = list(islice(self.contexts, self.lm_batch_size)) if wanted else []
@@ -127,8 +135,8 @@ class ActivationsStore:
         if n == 0:
             return
         perm = torch.randperm(n, generator=self.generator).to(self.lm_device)
-        self.x_NLD = torch.cat(xs)[perm]
-        self.y_NLD = None if self.autoencode else torch.cat(ys)[perm]
+        self.x_NLD = shuffled(xs, perm)
+        self.y_NLD = None if self.autoencode else shuffled(ys, perm)
 
     @torch.no_grad()
     def _activations(self, tokens_BT: Tensor) -> tuple[Tensor, Tensor]:
@@ -146,6 +154,14 @@ class ActivationsStore:
         y_NLD = x_NLD if self.autoencode else rows(self.hooks_out)
         self.tokens_generated += len(x_NLD)
         return x_NLD, y_NLD
+
+
+def shuffled(pieces: list[Tensor], perm: Tensor) -> Tensor:
+    """The pieces' rows, concatenated, in `perm` order. The pieces are released before the permuted
+    copy is made: a refill holds two copies of the buffer's rows at once, not three."""
+    rows = torch.cat(pieces)
+    pieces.clear()
+    return rows[perm]
 
 
 class LMStores(NamedTuple):
