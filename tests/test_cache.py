@@ -23,7 +23,7 @@ from nn_decomp.data.cached import CachedActivations
 from nn_decomp.runtime.checkpoint import TRAINER_STATE, read_config
 from nn_decomp.config import UsageError
 from nn_decomp.config.arch import arch_hooks
-from nn_decomp.data.store import lm_stores
+from nn_decomp.data.store import ActivationsStore, lm_stores
 from nn_decomp.runtime.trainer import Trainer
 from nn_decomp.runtime.training import setup, train
 
@@ -125,6 +125,32 @@ def test_text_running_out_shrinks_the_cache_with_a_warning(tiny_lm, tmp_path):
     with pytest.warns(UserWarning, match="the text ran out"):
         meta = build_cache(cfg, tiny_lm)
     assert 0 < meta.n_tokens < 2048 and meta.n_tokens % 128 == 0
+
+
+def test_many_hooks_shuffle_within_cache_shuffle_mib(tiny_lm, tmp_path, monkeypatch):
+    buffered_bytes = []
+    refill = ActivationsStore._refill
+
+    def watched(self):
+        refill(self)
+        buffered_bytes.append(self.x_NLD.nbytes + (0 if self.autoencode else self.y_NLD.nbytes))
+
+    monkeypatch.setattr(ActivationsStore, "_refill", watched)
+    # a 3-layer CLT: 6 hooks of d=32 in float32, 768 bytes a row: 1 MiB holds 1365 of the 4096 rows asked
+    cfg = cache_cfg(tmp_path / "clt.h5", "arch.layers=[0,1,2]", "cache.shuffle_tokens=4096", "cache.shuffle_mib=1",
+                    arch="clt")
+    assert build_cache(cfg, tiny_lm).n_tokens == 2048
+    # a refill tops the buffer up by whole LM batches: at most one batch (8 contexts of 32) past the cap
+    assert 2**20 - 128 * 768 < max(buffered_bytes) <= 2**20 + 8 * 32 * 768
+
+
+def test_a_shuffle_budget_below_two_chunks_fails_before_the_lm_runs(tiny_lm, tmp_path, monkeypatch):
+    monkeypatch.setattr(ActivationsStore, "_activations", lambda *_: pytest.fail("the LM ran"))
+    cfg = cache_cfg(tmp_path / "clt.h5", "arch.layers=[0,1,2]", "cache.chunk_rows=1024", "cache.shuffle_tokens=4096",
+                    "cache.shuffle_mib=1", arch="clt")
+    with pytest.raises(UsageError, match=r"cache.shuffle_mib=1 holds 1365 rows of 768 bytes .*"
+                                         r"set cache.shuffle_mib >= 2 or lower cache.chunk_rows"):
+        build_cache(cfg, tiny_lm)
 
 
 def test_float16_overflow_names_the_fix():

@@ -87,6 +87,7 @@ CASES = [  # (module, args, a fragment the one line must name)
     ("nn_decomp.cache", ["data=cache", "data.path={tmp}/garbage.h5"], "data=cache reads a cache"),
     ("nn_decomp.cache", ["cache.dtype=int8"], "cache.dtype='int8'"),
     ("nn_decomp.cache", ["cache.chunk_rows=0"], "cache.chunk_rows=0"),
+    ("nn_decomp.cache", ["cache.shuffle_mib=0"], "cache.shuffle_mib=0: must be positive"),
     ("nn_decomp.evaluate", [], "no checkpoint given"),
     ("nn_decomp.evaluate", ["checkpoint={tmp}"], "is not a checkpoint"),
     ("nn_decomp.convert", [], "no checkpoint given"),

@@ -1,9 +1,11 @@
 import pytest
 import torch
 
+from helpers import compose_cfg
 from nn_decomp.config import UsageError
 from nn_decomp.data.hooks import check_hooks, hook_layer
-from nn_decomp.data.store import ActivationsStore
+from nn_decomp.data.sources import take_tokens
+from nn_decomp.data.store import ActivationsStore, lm_stores
 
 BOS = 0
 LN2 = [f"blocks.{i}.ln2.hook_normalized" for i in range(3)]
@@ -110,3 +112,23 @@ def test_exhausted_contexts_stop_iteration(tiny_model):
 def test_batches_in_requested_dtype(tiny_model):
     x, y = make_store(tiny_model, dtype=torch.float64).next_batch()
     assert x.dtype == y.dtype == torch.float64
+
+
+def test_eval_store_runs_the_lm_on_about_what_it_serves(tiny_lm, monkeypatch):
+    cfg = compose_cfg("arch=transcoder", "arch.layers=[1]", "model.device=cpu", "train.batch_size=128",
+                      "train.eval_tokens=256", "data.context_size=32", "data.lm_batch_size=8",
+                      "data.buffer_tokens=4096")
+    lm_tokens = []
+    run_with_cache = tiny_lm.run_with_cache
+
+    def spy(tokens_BT, **kwargs):
+        lm_tokens.append(tokens_BT.numel())
+        return run_with_cache(tokens_BT, **kwargs)
+
+    monkeypatch.setattr(tiny_lm, "run_with_cache", spy)
+    x_NLD, _ = take_tokens(lm_stores(cfg, tiny_lm, torch.device("cpu"), 128).eval, 256)
+    # a 2-batch buffer filled in forwards of lm_batch_size contexts: not the 4096 of data.buffer_tokens
+    assert len(x_NLD) == 256 and sum(lm_tokens) <= 2 * 256 + 8 * 32
+    # later batches never reshuffle earlier ones: fewer rows taken are a prefix of more
+    fewer, _ = take_tokens(lm_stores(cfg, tiny_lm, torch.device("cpu"), 128).eval, 128)
+    assert torch.equal(fewer, x_NLD[:128])

@@ -133,6 +133,27 @@ def test_failed_job_is_recorded_and_does_not_stop_the_sweep(fail_fast, tmp_path)
         assert rows[200]["status"] == "failed" and "act.k=200" in rows[200]["error"]
 
 
+# --- sweep subdir names ----------------------------------------------------------------------------
+
+SUBDIR_CONFS = [None, *sorted(p.stem for p in (CONF / "experiment").glob("*.yaml") if "subdir:" in p.read_text())]
+
+
+@pytest.mark.parametrize("experiment", SUBDIR_CONFS)
+def test_sweep_subdirs_go_unquoted_into_a_checkpoints_list(experiment, tmp_path):
+    """Both jobs fail in validate (no LM); the subdirs their sweep wrote, listed in `checkpoints=[…]`,
+    parse to the same paths."""
+    exp = [f"experiment={experiment}", "scale=smoke"] if experiment else []
+    run_cli("nn_decomp.train", ["--multirun", *exp, "arch=transcoder", "arch.n_latents=64", "act.k=100",
+                                "arch.layers=[0],[1,2]", f"hydra.sweep.dir={tmp_path}"])
+    jobs = sorted(row["job"] for row in collect(tmp_path))
+    if experiment is None:
+        assert jobs == ["0_act.k-100+arch.layers-0+arch.n_latents-64+arch-transcoder",
+                        "1_act.k-100+arch.layers-1_2+arch.n_latents-64+arch-transcoder"]
+    paths = [str(tmp_path / job / "checkpoint") for job in jobs]
+    assert len(paths) == 2
+    assert OverridesParser.create().parse_override(f"checkpoints=[{','.join(paths)}]").value() == paths
+
+
 # --- SLURM without a cluster -----------------------------------------------------------------------
 
 def test_slurm_preset_writes_an_array_sbatch_script_and_requeues_into_the_same_subdir(tmp_path, monkeypatch,
@@ -180,7 +201,7 @@ def test_slurm_preset_writes_an_array_sbatch_script_and_requeues_into_the_same_s
         cfg = launcher.hydra_context.config_loader.load_sweep_config(launcher.config, list(overrides))
         cfg.hydra.job.num = job_num
         assert Path(cfg.hydra.sweep.dir) == launched
-        assert cfg.hydra.sweep.subdir == f"{job_num}_{overrides[-1]}"
+        assert cfg.hydra.sweep.subdir == f"{job_num}_" + overrides[-1].replace("=", "-")  # act.k=8 -> 0_act.k-8
         assert launcher.params["max_num_timeout"] == 3
 
 
@@ -316,7 +337,7 @@ def test_exp_003_smoke(root, one_thread):
 
 @pytest.mark.slow
 def test_exp_004_smoke_dashboard_renders_in_chromium(exp_001, root, one_thread):
-    (transcoder,) = [r for r in collect(exp_001 / "sweep") if r["job"] == "act.k=8,act=topk,arch=transcoder"]
+    (transcoder,) = [r for r in collect(exp_001 / "sweep") if r["job"] == "act.k-8+act-topk+arch-transcoder"]
     ckpt = exp_001 / "sweep" / transcoder["job"] / "checkpoint"
     script("exp_004_interp")["main"](["scale=smoke", f"paths.root_dir={root}", f"checkpoint={ckpt}"])
     out = root / "outputs" / "exp_004_interp" / "smoke"

@@ -19,7 +19,8 @@ NAME = "exp_004_interp"
 
 
 def main(argv: list[str]) -> list[Path]:
-    # checkpoint=PATH is read here, not by Hydra: sweep subdirs hold characters its grammar reserves.
+    # checkpoint=PATH is read here, not by Hydra: a path may hold characters its grammar reserves
+    # (a sweep dir named before path_safe, a user's dir).
     checkpoint = next((a.split("=", 1)[1] for a in argv if a.startswith("checkpoint=")), None)
     exp, _, _ = Experiment.from_args(NAME, [a for a in argv if not a.startswith("checkpoint=")], __doc__)
     cfg = exp.config()

@@ -127,7 +127,8 @@ def evaluate_checkpoints(checkpoints: Sequence[Path], analysis: AnalysisConfig, 
     cfg = compose_config("evaluate", ["overwrite=true", f"eval.n_tokens={analysis.eval_tokens}",
                                       f"eval.batch_contexts={analysis.eval_batch_contexts}",
                                       f"eval.per_layer={analysis.eval_per_layer}"])
-    # Paths set here, not as overrides: sweep subdirs hold Hydra's special characters (= , ' {).
+    # Paths set here, not as overrides: any path may hold Hydra's special characters (a sweep dir
+    # named before path_safe, a user's dir), which only the override grammar would trip on.
     paths = [str(Path(c).resolve()) for c in checkpoints]
     if len(paths) == 1 and out is None:
         cfg.checkpoint = paths[0]

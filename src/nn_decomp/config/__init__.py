@@ -10,8 +10,11 @@ at composition with Hydra's own message; each schema's `__post_init__` checks it
 - `data`         `DataConfig`, `SyntheticDataConfig` (data:), `CacheConfig` (cache:).
 - `commands`     the entry configs of evaluate, convert, export over one `CommandConfig` base.
 - `experiments`  `AnalysisConfig`, `InterpConfig`: the experiment scripts' `analysis:` / `interp:`.
-- here           `validate(cfg)`: the checks that need the whole config (k vs n_latents, devices).
+- here           `validate(cfg)`: the checks that need the whole config (k vs n_latents, devices);
+                 `path_safe`, the `${path_safe:…}` resolver of sweep subdir names.
 """
+import re
+
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
@@ -57,6 +60,15 @@ def validate(cfg: DictConfig) -> None:
                 f"{key}={device}: this machine has no CUDA device; use {key}=cpu or auto")
 
 
+def path_safe(name: str) -> str:
+    """`name` as one path component that Hydra's override grammar reads unquoted, so that sweep
+    subdirs go into `checkpoints=[A,B]` as they are: brackets, braces and quotes dropped, every other
+    character but letters, digits and `_ . + -` made `_`. Subdirs are
+    `${path_safe:${hydra.job.override_dirname}}` with kv_sep `-` and item_sep `+` (conf/hydra/):
+    `act.k=16 arch.layers=[0,1]` → `act.k-16+arch.layers-0_1`."""
+    return re.sub(r"[^A-Za-z0-9_.+-]", "_", re.sub(r"[\[\]{}'\"]", "", name))
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(group="arch", name="base_arch", node=ArchConfig)
@@ -76,6 +88,8 @@ def register_configs() -> None:
     cs.store(name="base_attribute", node=AttributeConfig)
     if not OmegaConf.has_resolver("join"):  # `${join:${arch.layers}}` -> "0-1-2" in file names
         OmegaConf.register_new_resolver("join", lambda items, sep="-": sep.join(str(i) for i in items))
+    if not OmegaConf.has_resolver("path_safe"):
+        OmegaConf.register_new_resolver("path_safe", path_safe)
 
 
 register_configs()

@@ -27,7 +27,8 @@ class DataConfig:
     eval_fraction: float = 0.05
     """Documents held out for evaluation."""
     buffer_tokens: int = 32768
-    """Size of the shuffled mixing buffer, refilled when half empty."""
+    """Size of the training stream's shuffled mixing buffer, refilled when half empty (the held-out
+    stream's is 2 · train.batch_size: its rows are read once, see store.lm_stores)."""
     lm_batch_size: int = 16
     """Contexts per LM forward pass."""
     streams: int = 8
@@ -127,7 +128,14 @@ class CacheConfig:
     chunk_rows: int = 1024
     """Rows per HDF5 chunk, the unit of every read."""
     shuffle_tokens: int = 131072
-    """Rows mixed before they are cut into chunks (the write-time shuffle window)."""
+    """Rows mixed before they are cut into chunks (the write-time shuffle window); fewer where
+    `shuffle_mib` cannot hold that many."""
+    shuffle_mib: int = 4096
+    """Memory of the write-time shuffle buffer (float32 x and y of every hook, on the LM's device):
+    it holds min(shuffle_tokens, shuffle_mib / row bytes) rows, and a refill briefly about twice
+    that. 60 hooks of d=576 (a 30-layer SmolLM2 transcoder set or CLT) take 138,240 bytes a row:
+    131,072 rows would be 16.9 GiB (18.1 GB); 4096 MiB holds 31,068. Up to 14 such hooks (a
+    7-layer CLT) fit 131,072 rows, so those caches are as before the cap."""
 
     def __post_init__(self):
         require(self.dtype in CACHE_DTYPES, f"cache.dtype={self.dtype!r}: use one of {CACHE_DTYPES}")
@@ -135,3 +143,4 @@ class CacheConfig:
         require(self.chunk_rows > 0, f"cache.chunk_rows={self.chunk_rows}: must be positive")
         require(self.shuffle_tokens >= 2 * self.chunk_rows,
                 f"cache.shuffle_tokens={self.shuffle_tokens}: set it >= 2 * cache.chunk_rows = {2 * self.chunk_rows}")
+        require(self.shuffle_mib > 0, f"cache.shuffle_mib={self.shuffle_mib}: must be positive")

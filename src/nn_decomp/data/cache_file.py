@@ -7,9 +7,9 @@ File layout (HDF5, one file, written to a temp file and renamed into place when 
   %-escaped), chunked by `chunk_rows` rows with a Fletcher-32 checksum per chunk, stored as float16,
   float32 or bfloat16 (as its uint16 bit pattern). Row i of every dataset is the same token.
 - train rows come from the ActivationsStore (the hooks the arch needs, BOS/EOS/pad dropped) in
-  chunks of `chunk_rows` drawn from its shuffled buffer of `cache.shuffle_tokens` rows, so every
-  chunk is a random sample of a window of many contexts: reading whole chunks in random order is
-  well mixed. eval rows are the LM path's eval set: the first batches from the held-out documents.
+  chunks of `chunk_rows` drawn from its shuffled buffer of `cache.shuffle_tokens` rows (fewer
+  where they would pass `cache.shuffle_mib`: `shuffle_rows`), so every chunk is a random sample
+  of a window of many contexts: reading whole chunks in random order is well mixed. eval rows are the LM path's eval set: the first batches from the held-out documents.
 - root attrs: format, model, hooks, hooks_in, hooks_out, n_tokens, n_eval, dtype, chunk_rows,
   mean_sq_norm (JSON {hook: E‖x‖²} over the train rows, as stored), text_source (JSON of the data
   config the text came from), context_size, prepend_bos, seed; each dataset has hook, mean_sq_norm.
@@ -160,6 +160,7 @@ def build_cache(cfg: DictConfig, model=None) -> CacheMeta:
     require(cfg.data.source != "cache", "data=cache reads a cache: build one from text (data=sotu, text or hf)")
     torch.manual_seed(cfg.train.seed)
     lm = lm_stores(cfg, model, rank_device(cfg.train.device, SINGLE), cc.chunk_rows, buffer_tokens=cc.shuffle_tokens)
+    lm.train.buffer_tokens = shuffle_rows(cc, lm.train.row_bytes())
     n_chunks = -(-cc.n_tokens // cc.chunk_rows)
     # The LM path's eval set (sources.take_tokens on the eval store): whole batches, at least one.
     n_eval_batches = max(cc.eval_tokens // lm.eval.batch_size, 1)
@@ -179,6 +180,17 @@ def build_cache(cfg: DictConfig, model=None) -> CacheMeta:
                        chunk_rows=cc.chunk_rows, mean_sq_norm=json.dumps(mean_sq), text_source=json.dumps(data),
                        context_size=cfg.data.context_size, prepend_bos=cfg.data.prepend_bos, seed=cfg.train.seed)
     return read_meta(path)
+
+
+def shuffle_rows(cc: CacheConfig, row_bytes: int) -> int:
+    """Rows of the write-time shuffle buffer: cache.shuffle_tokens, or as many rows of `row_bytes`
+    as cache.shuffle_mib holds (with many hooks a row is large: 60 of d=576 in float32, 135 KiB)."""
+    rows = min(cc.shuffle_tokens, cc.shuffle_mib * 2**20 // row_bytes)
+    require(rows >= 2 * cc.chunk_rows,
+            f"cache.shuffle_mib={cc.shuffle_mib} holds {rows} rows of {row_bytes} bytes (every hook), fewer than "
+            f"2 * cache.chunk_rows: set cache.shuffle_mib >= {-(-2 * cc.chunk_rows * row_bytes // 2**20)} "
+            "or lower cache.chunk_rows")
+    return rows
 
 
 def _write_split(f: h5py.File, split: str, store, n_batches: int, cc: CacheConfig, hooks_in, hooks_out):

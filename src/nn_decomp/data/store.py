@@ -107,13 +107,21 @@ class ActivationsStore:
         x_shape = (len(self.hooks_in), cache[self.hooks_in[0]].shape[-1])
         return x_shape, None if self.autoencode else (len(self.hooks_out), cache[self.hooks_out[0]].shape[-1])
 
+    def row_bytes(self) -> int:
+        """Bytes one buffered row takes: x at every input hook and, unless y is x, y at every output hook."""
+        (n_in, d_in), y_shape = self.row_shapes()
+        n_out, d_out = y_shape or (0, 0)
+        return (n_in * d_in + n_out * d_out) * self.dtype.itemsize
+
     def _buffered(self) -> int:
         return 0 if self.x_NLD is None else len(self.x_NLD)
 
     def _refill(self) -> None:
-        xs = [] if self.x_NLD is None else [self.x_NLD]
-        ys = [] if self.y_NLD is None else [self.y_NLD]
-        n = self._buffered()
+        # The remainder is a view of the last buffer: a copy of it lets that buffer go now.
+        xs = [] if self.x_NLD is None else [self.x_NLD.clone()]
+        ys = [] if self.y_NLD is None else [self.y_NLD.clone()]
+        self.x_NLD = self.y_NLD = None
+        n = sum(len(x) for x in xs)
         while n < self.buffer_tokens:
             wanted = self.max_tokens is None or self.tokens_generated < self.max_tokens
             contexts = list(islice(self.contexts, self.lm_batch_size)) if wanted else []
@@ -127,8 +135,8 @@ class ActivationsStore:
         if n == 0:
             return
         perm = torch.randperm(n, generator=self.generator).to(self.lm_device)
-        self.x_NLD = torch.cat(xs)[perm]
-        self.y_NLD = None if self.autoencode else torch.cat(ys)[perm]
+        self.x_NLD = shuffled(xs, perm)
+        self.y_NLD = None if self.autoencode else shuffled(ys, perm)
 
     @torch.no_grad()
     def _activations(self, tokens_BT: Tensor) -> tuple[Tensor, Tensor]:
@@ -148,6 +156,14 @@ class ActivationsStore:
         return x_NLD, y_NLD
 
 
+def shuffled(pieces: list[Tensor], perm: Tensor) -> Tensor:
+    """The pieces' rows, concatenated, in `perm` order. The pieces are released before the permuted
+    copy is made: a refill holds two copies of the buffer's rows at once, not three."""
+    rows = torch.cat(pieces)
+    pieces.clear()
+    return rows[perm]
+
+
 class LMStores(NamedTuple):
     """The LM and the two activation streams `cfg` asks for: training rows, held-out rows."""
 
@@ -161,7 +177,13 @@ def lm_stores(cfg: DictConfig, model: HookedTransformer | None, device: torch.de
     """Load the LM (unless given), check hooks and layers, split `cfg.data`'s documents into train
     and eval, and open a store on each (eval seeded with train.seed + 1). With several ranks each
     takes every world_size-th training context, starting at its rank. `buffer_tokens` replaces
-    data.buffer_tokens for the training store only: the eval set stays the same. Nothing runs the LM yet."""
+    data.buffer_tokens for the training store. Nothing runs the LM yet.
+
+    The eval store's buffer is 2 · train.batch_size, the least a store allows: its rows are read once
+    (take_tokens), not mixed for SGD, so a data.buffer_tokens window would run the LM on rows nobody
+    reads (32,768 for 2,048 eval tokens). Its batches do not depend on how many are taken, so every
+    reader of the held-out stream (the eval set, a cache's eval rows, convert's fit rows) reads a
+    prefix of the same rows."""
     n_needed = max(cfg.arch.layers) + 1
     n_layers = (model.cfg.n_layers if model is not None
                 else cfg.model.first_n_layers or model_n_layers(cfg.model.name, cfg.model.cache_dir))
@@ -186,7 +208,7 @@ def lm_stores(cfg: DictConfig, model: HookedTransformer | None, device: torch.de
 
     return LMStores(model, store(train_texts, cfg.train.seed, batch_size, buffer_tokens or cfg.data.buffer_tokens,
                                  info.rank, info.world_size),
-                    store(eval_texts, cfg.train.seed + 1, cfg.train.batch_size, cfg.data.buffer_tokens))
+                    store(eval_texts, cfg.train.seed + 1, cfg.train.batch_size, 2 * cfg.train.batch_size))
 
 
 def lm_train_store(cfg: DictConfig, batch_size: int, info: DistInfo, device: torch.device) -> ActivationsStore:
