@@ -9,11 +9,14 @@ the bridge, only where its Python exists (`bash setup_env.sh --with circuit-trac
 import importlib.util
 import json
 import os
+import re
+import shlex
 
 import pytest
 import torch
 import yaml
 from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from safetensors.torch import load_file, save_file
 
 from helpers import CONF, arch_act_cfg, make_coder
@@ -42,7 +45,8 @@ def export_cfg(*overrides: str):
 
 def random_checkpoint(path, arch: str, act: str, *overrides: str, seed: int = 0, d: int = 12, model: str = "tiny"):
     """A checkpoint of random weights (biases, W_skip and thresholds included) on d-dim hooks. A
-    BatchTopK transcoder does not normalise tokens: SAELens and circuit-tracer take none."""
+    BatchTopK transcoder does not normalise tokens unless asked: SAELens and circuit-tracer have no
+    token normalisation, and the random rows the tests feed are no norm's output."""
     if act == "batchtopk" and arch != "sae" and not any(o.startswith("act.token_norm") for o in overrides):
         overrides = (*overrides, "act.token_norm=false")
     cfg = arch_act_cfg(arch, act, *overrides, n_latents=64, k=4)
@@ -392,14 +396,16 @@ def test_circuit_tracer_builds_an_attribution_graph_on_smollm2_with_our_folded_c
 
 # --- formats that cannot represent the dictionary, and overwriting ---------------------------------
 
+CONVERT_HINT = (r"python -m nn_decomp.convert checkpoint=\S+/ckpt, "
+                r"then rerun the export with checkpoint=\S+/ckpt_jumprelu$")
+
+
 @pytest.mark.parametrize("arch, act, fmt, message", [
-    ("transcoder", "topk", "saelens", "python -m nn_decomp.convert checkpoint=.* to=jumprelu"),
+    ("transcoder", "topk", "saelens", CONVERT_HINT),
     ("clt", "jumprelu", "saelens", "use format=circuit_tracer"),
-    ("clt", "topk", "circuit_tracer", "python -m nn_decomp.convert checkpoint=.* to=jumprelu"),
+    ("clt", "topk", "circuit_tracer", CONVERT_HINT),
     ("sae", "relu", "circuit_tracer", "format=saelens"),
     ("transcoder", "relu", "circuit_tracer", r"layers 0\.\.2 \(these cover \[2\]\)"),
-    ("clt", "batchtopk", "circuit_tracer", "retrain with act.token_norm=false"),
-    ("transcoder", "batchtopk", "saelens", "trained with act.token_norm=false"),
     ("crosscoder", "relu", "saelens", "saelens has no crosscoder: its format is our checkpoint"),
     ("molt", "jumprelu", "circuit_tracer", "circuit_tracer has no molt: its format is our checkpoint"),
 ])
@@ -408,6 +414,55 @@ def test_unrepresentable_export_fails_naming_the_fix(tmp_path, arch, act, fmt, m
     with pytest.raises(UsageError, match=message):
         export(export_cfg(f"checkpoint={ckpt}", f"format={fmt}", f"out={tmp_path / 'out'}"))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("arch, fmt", [("clt", "circuit_tracer"), ("transcoder", "saelens")])
+def test_token_norm_off_a_norms_output_is_refused_naming_the_retrain(tmp_path, arch, fmt):
+    ckpt, _ = random_checkpoint(tmp_path / "ckpt", arch, "batchtopk", "act.token_norm=true",
+                                "arch.hook_in='blocks.{layer}.hook_resid_mid'")
+    with pytest.raises(UsageError, match=r"at blocks\.\d\.hook_resid_mid \(no norm's output\) act.token_norm is not "
+                                         r"the identity: retrain .*with act.token_norm=false$"):
+        export(export_cfg(f"checkpoint={ckpt}", f"format={fmt}", f"out={tmp_path / 'out'}"))
+
+
+@pytest.mark.parametrize("arch", ["clt", "transcoder"])
+def test_token_norm_on_a_norms_output_exports_as_the_identity_it_is(tmp_path, arch):
+    """BatchTopK's default act.token_norm scales rows to norm √d, which ln2.hook_normalized rows have
+    already: circuit-tracer (and SAELens, for a transcoder) get the dictionary without it, and compute
+    what our coder computes on such rows."""
+    layers = [0] if arch == "clt" else [0, 1, 2]
+    made = [random_checkpoint(tmp_path / f"l{i}", arch, "batchtopk", "act.token_norm=true",
+                              *[f"arch.layers=[{i}]"] * (arch != "clt"), seed=i) for i in layers]
+    assert all(coder.activation.token_norm for _, coder in made)
+    paths = ",".join(str(p) for p, _ in made)
+    out = export(export_cfg(f"checkpoints=[{paths}]", "format=circuit_tracer", f"out={tmp_path / 'ct'}"))
+    x_LND = torch.randn(3, 40, 12)
+    x_LND = x_LND / x_LND.norm(dim=-1, keepdim=True) * 12 ** 0.5  # a norm's output
+    with torch.no_grad():
+        expected = (made[0][1](x_LND.transpose(0, 1)).recon if arch == "clt" else
+                    torch.stack([coder(x_LND[i][:, None]).recon[:, 0] for i, (_, coder) in enumerate(made)], 1))
+    torch.testing.assert_close(circuit_tracer_forward(out, 3, x_LND, clt=arch == "clt"), expected, atol=1e-5, rtol=1e-5)
+    if arch == "transcoder":
+        sl = export(export_cfg(f"checkpoint={made[0][0]}", "format=saelens", f"out={tmp_path / 'sl'}"))
+        assert json.loads((sl / SAELENS_CFG).read_text())["normalize_activations"] == "none"
+
+
+def test_topk_in_a_set_is_refused_naming_the_convert_and_export_commands(tmp_path):
+    """The set's paths are sweep dirs named before path_safe (= , [ ] in them): the hint quotes them,
+    and its two arguments, read as a shell and Hydra read them, give back exactly those paths."""
+    made = [random_checkpoint(tmp_path / f"act.k=4,act={act},arch.layers=[{i}]" / "checkpoint", "transcoder", act,
+                              f"arch.layers=[{i}]", seed=i)[0] for i, act in enumerate(["jumprelu", "topk", "topk"])]
+    listed = ",".join(f'"{p}"' for p in made)
+    with pytest.raises(UsageError) as refusal:
+        export(export_cfg(f"checkpoints=[{listed}]", "format=circuit_tracer", f"out={tmp_path / 'ct'}"))
+    convert_arg, export_arg = re.fullmatch(r"circuit-tracer has no TopK activation: convert first with python -m "
+                                           r"nn_decomp.convert (.+), then rerun the export with (.+)",
+                                           str(refusal.value)).groups()
+    parse = OverridesParser.create().parse_override
+    (convert_arg,), (export_arg,) = shlex.split(convert_arg), shlex.split(export_arg)
+    assert parse(convert_arg).key_or_group == parse(export_arg).key_or_group == "checkpoints"
+    assert parse(convert_arg).value() == [str(p) for p in made[1:]]
+    assert parse(export_arg).value() == [str(made[0]), *(str(p) + "_jumprelu" for p in made[1:])]
 
 
 def test_existing_output_is_kept_unless_overwrite(tmp_path):
@@ -441,5 +496,5 @@ def test_cli_refusal_is_one_line_naming_the_conversion(tmp_path):
     proc = run_cli("nn_decomp.export", f"checkpoint={ckpt}", "format=saelens", f"out={tmp_path / 'sl'}")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
-        f"error: SAELens cannot represent arch=transcoder with act=topk: convert it first: "
-        f"python -m nn_decomp.convert checkpoint={ckpt} to=jumprelu, then export the converted checkpoint")
+        f"error: SAELens cannot represent arch=transcoder with act=topk: convert first with "
+        f"python -m nn_decomp.convert checkpoint={ckpt}, then rerun the export with checkpoint={ckpt}_jumprelu")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from nn_decomp.analysis.conversion import convert
+from nn_decomp.analysis.conversion import convert, converted_path
 from nn_decomp.analysis.metrics import mean_stderr
 from nn_decomp.analysis.sweeps import Experiment, compose_config, pyplot, report_written, save_figure, write_points
 from nn_decomp.interop.attribution import attribute
@@ -73,7 +73,7 @@ def family_sets(rows: list[dict], scale: str) -> dict[str, list[Path]]:
 
 def converted(checkpoints: list[Path]) -> list[Path]:
     """The JumpReLU twins (what circuit-tracer runs), converted as one set where missing."""
-    out = [c.with_name(c.name + "_jumprelu") for c in checkpoints]
+    out = [converted_path(c) for c in checkpoints]
     missing = [c for c, o in zip(checkpoints, out) if not o.exists()]
     if missing:
         convert(OmegaConf.merge(compose_config("convert", ["device=cpu"]), {"checkpoints": [str(c) for c in missing]}))
@@ -91,7 +91,7 @@ def attribute_family(exp: Experiment, family: str, checkpoints: list[Path]) -> N
 
 def l0_per_layer(checkpoints: list[Path]) -> float:
     """The converted set's mean L0 per layer on the conversion's held-out tokens."""
-    l0s = [read_config(c.with_name(c.name + "_jumprelu"))[1]["eval"]["l0"] for c in checkpoints]
+    l0s = [read_config(converted_path(c))[1]["eval"]["l0"] for c in checkpoints]
     return sum(l0s) / (len(l0s) if len(checkpoints) > 1 else N_LAYERS)
 
 

@@ -116,6 +116,11 @@ def jumprelu_coder(source: SparseCoder, ckpt_cfg: DictConfig, thresholds_LF: Ten
     return coder.eval(), cfg
 
 
+def converted_path(checkpoint: Path) -> Path:
+    """Where convert writes `checkpoint`'s JumpReLU unless given out=."""
+    return checkpoint.with_name(checkpoint.name + "_jumprelu")
+
+
 def convert(cfg: DictConfig, model=None) -> list[dict]:
     """Convert the checkpoint(s) `cfg` names; returns each one's before/after report. A set
     (`checkpoints=[...]`, e.g. a transcoder per layer) is fitted from one LM pass over the held-out
@@ -132,7 +137,7 @@ def convert(cfg: DictConfig, model=None) -> list[dict]:
         if meta["act"] not in CONVERTIBLE:
             raise UsageError(f"{d.path} has act={meta['act']}; convert works on {'/'.join(CONVERTIBLE)} "
                              "(a jumprelu or relu dictionary exports as it is)")
-    outs = [Path(cfg.out) if cfg.out else d.path.with_name(d.path.name + "_jumprelu") for d in dictionaries]
+    outs = [Path(cfg.out) if cfg.out else converted_path(d.path) for d in dictionaries]
     refuse_existing(outs, cfg.overwrite)
     texts = [text_config(ckpt_cfg, meta) for ckpt_cfg, meta in configs]
     stream = heldout_stream(texts, dictionaries)

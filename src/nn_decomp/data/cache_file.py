@@ -9,7 +9,8 @@ File layout (HDF5, one file, written to a temp file and renamed into place when 
 - train rows come from the ActivationsStore (the hooks the arch needs, BOS/EOS/pad dropped) in
   chunks of `chunk_rows` drawn from its shuffled buffer of `cache.shuffle_tokens` rows (fewer
   where they would pass `cache.shuffle_mib`: `shuffle_rows`), so every chunk is a random sample
-  of a window of many contexts: reading whole chunks in random order is well mixed. eval rows are the LM path's eval set: the first batches from the held-out documents.
+  of a window of many contexts: reading whole chunks in random order is well mixed. eval rows
+  are the LM path's eval set: the first batches from the held-out documents.
 - root attrs: format, model, hooks, hooks_in, hooks_out, n_tokens, n_eval, dtype, chunk_rows,
   mean_sq_norm (JSON {hook: E‖x‖²} over the train rows, as stored), text_source (JSON of the data
   config the text came from), context_size, prepend_bos, seed; each dataset has hook, mean_sq_norm.

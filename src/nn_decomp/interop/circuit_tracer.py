@@ -7,9 +7,11 @@
   transcoder_set: `layer_{i}.safetensors` {W_enc [d_tc, d_model], W_dec [d_tc, d_model], b_enc, b_dec,
   activation_function.threshold [d_tc], W_skip [d_model, d_model] applied as x @ W_skip.T}.
   The activation is x·(x > θ) with a threshold, plain ReLU without one; TopK must be converted
-  first. File i feeds from `blocks.{i}`, so the dictionaries must cover layers 0..n−1. config.yaml
-  also holds model_name (the Hub name, or `model_name=`) and scan (`scan=`, default out's name).
-  Its TransformerLens backend reads our hooks as they are; its nnsight backend (the one that runs
+  first. There is no per-token input normalisation: act.token_norm (BatchTopK's default) is
+  dropped where it is the identity, on a norm's output (`formats.token_norm_is_identity`), and
+  refused elsewhere. File i feeds from `blocks.{i}`, so the dictionaries must cover layers
+  0..n−1. config.yaml also holds model_name (the Hub name, or `model_name=`) and scan (`scan=`,
+  default out's name). Its TransformerLens backend reads our hooks as they are; its nnsight backend (the one that runs
   a model from a local folder) reads `mlp.hook_in`, the MLP input after the norm's weight:
   `hf_model=DIR` folds that folder's norm weights into the encoders and names that hook.
 
@@ -27,7 +29,7 @@ from torch import Tensor
 from nn_decomp.dictionaries import HookedDictionary
 from nn_decomp.config import UsageError
 from nn_decomp.interop.bridge import Tool
-from nn_decomp.interop.formats import act_family, convert_hint, export_decoders, thresholds
+from nn_decomp.interop.formats import act_family, convert_hint, export_decoders, thresholds, token_norm_is_identity
 
 CIRCUIT_TRACER = Tool("circuit-tracer")
 # circuit-tracer's nnsight hook `mlp.hook_in` is this RMSNorm's output, weight ⊙ x / rms(x); our
@@ -41,14 +43,17 @@ def circuit_tracer_files(dictionaries: list[HookedDictionary], metas: list[dict]
     """The export's files: `hf_model` folds that folder's MLP-input norms in, `model_name` (default: the
     Hub name of the checkpoints' model) and `scan` go into config.yaml."""
     from nn_decomp.models import hub_name  # imports transformer_lens: only here
-    for d, meta in zip(dictionaries, metas):
-        if meta["arch"] == "sae":
-            raise UsageError("circuit-tracer runs transcoders (hook_in ≠ hook_out); export an SAE with format=saelens")
-        if act_family(meta["act"]) == "topk":
-            raise UsageError(f"circuit-tracer has no TopK activation: {convert_hint(d)}")
-        if d.coder.activation.token_norm:
-            raise UsageError(f"{d.path}: circuit-tracer has no per-token input normalisation; retrain with "
-                             "act.token_norm=false to export this dictionary")
+    if any(meta["arch"] == "sae" for meta in metas):
+        raise UsageError("circuit-tracer runs transcoders (hook_in ≠ hook_out); export an SAE with format=saelens")
+    topk = [d for d, meta in zip(dictionaries, metas) if act_family(meta["act"]) == "topk"]
+    if topk:
+        raise UsageError(f"circuit-tracer has no TopK activation: {convert_hint(dictionaries, topk)}")
+    for d in dictionaries:
+        if d.coder.activation.token_norm and not token_norm_is_identity(d):
+            # convert would not help: its JumpReLU keeps token_norm, its thresholds fitted in that space
+            raise UsageError(f"{d.path}: circuit-tracer has no per-token input normalisation, and at "
+                             f"{d.hooks_in[0]} (no norm's output) act.token_norm is not the identity: retrain "
+                             "with act.token_norm=false")
     layers = [layer for d in dictionaries for layer in d.layers]
     if layers != list(range(len(layers))):
         raise UsageError(f"circuit-tracer feeds file i from blocks.{{i}}, so it needs layers 0..{max(layers)} "

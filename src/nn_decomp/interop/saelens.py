@@ -3,7 +3,9 @@ loaded dictionary (`saelens_files`) and read back as our checkpoint (`import_sae
   W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_out], b_dec [d_out]; `threshold` [d_sae]
   for jumprelu*, applied as relu(pre)·(pre > θ); `W_skip` [d_out, d_in] applied as x @ W_skip.T.
   Our SAEs never subtract b_dec from the input, so apply_b_dec_to_input is false (SAELens refuses
-  it for transcoders anyway), and the weights have the normalisation folded in ("none").
+  it for transcoders anyway), and the weights have the normalisation folded in ("none"). An SAE's
+  act.token_norm is SAELens' constant_norm_rescale; a transcoder's is dropped where it is the
+  identity, on a norm's output (`formats.token_norm_is_identity`), and refused elsewhere.
   | ours \\ act     | relu            | topk   | jumprelu / batchtopk (its eval threshold)  |
   | sae             | standard        | topk   | jumprelu                                   |
   | transcoder      | transcoder      |   —    | jumprelu_transcoder                        |
@@ -22,7 +24,7 @@ from safetensors.torch import load_file
 from nn_decomp.dictionaries import HookedDictionary
 from nn_decomp.config import UsageError
 from nn_decomp.data.hooks import hook_layer
-from nn_decomp.interop.formats import act_family, convert_hint, export_decoders, thresholds
+from nn_decomp.interop.formats import act_family, convert_hint, export_decoders, thresholds, token_norm_is_identity
 from nn_decomp.runtime.checkpoint import build_coder, save_checkpoint
 from nn_decomp.runtime.files import refuse_existing
 
@@ -40,12 +42,14 @@ def saelens_files(d: HookedDictionary, meta: dict, ckpt_cfg: DictConfig) -> dict
     if arch == "clt":
         raise UsageError("SAELens has no cross-layer transcoder: use format=circuit_tracer")
     if (arch, act) not in SAELENS_ARCH:
-        hint = convert_hint(d) if act == "topk" else "retrain with act=jumprelu or relu"
+        hint = convert_hint([d], [d]) if act == "topk" else "retrain with act=jumprelu or relu"
         raise UsageError(f"SAELens cannot represent arch={arch} with act={meta['act']}: {hint}")
     coder = d.coder
-    if coder.activation.token_norm and arch != "sae":
-        raise UsageError(f"SAELens applies constant_norm_rescale to an SAE's output only: export a {arch} "
-                         "trained with act.token_norm=false")
+    rescale = coder.activation.token_norm and arch == "sae"
+    if coder.activation.token_norm and arch != "sae" and not token_norm_is_identity(d):
+        raise UsageError(f"SAELens applies constant_norm_rescale to an SAE's output only, and at {d.hooks_in[0]} "
+                         f"(no norm's output) act.token_norm is not the identity: retrain the {arch} with "
+                         "act.token_norm=false")
     tensors = {"W_enc": coder.W_enc[0].T, "b_enc": coder.b_enc[0], "W_dec": export_decoders(d, "SAELens")[0][:, 0],
                "b_dec": coder.b_dec[0]}
     if coder.W_skip is not None:
@@ -56,8 +60,8 @@ def saelens_files(d: HookedDictionary, meta: dict, ckpt_cfg: DictConfig) -> dict
     architecture = SAELENS_ARCH[(arch, act)]
     cfg = {"architecture": architecture, "d_in": coder.d_in, "d_sae": coder.n_latents, "dtype": "float32",
            "device": "cpu", "apply_b_dec_to_input": False,
-           # token_norm is SAELens' constant_norm_rescale: x·√d/‖x‖ in, the output divided back
-           "normalize_activations": "constant_norm_rescale" if coder.activation.token_norm else "none",
+           # an SAE's token_norm is SAELens' constant_norm_rescale: x·√d/‖x‖ in, the output divided back
+           "normalize_activations": "constant_norm_rescale" if rescale else "none",
            "reshape_activations": "none"}
     if arch != "sae":
         cfg["d_out"] = coder.d_out
