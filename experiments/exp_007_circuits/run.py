@@ -56,18 +56,18 @@ def cache_command(exp: Experiment) -> str:
             f" cache.n_tokens={2 * cfg.train.n_tokens} train.eval_tokens={cfg.train.eval_tokens}")
 
 
-def family_sets(rows: list[dict], scale: str) -> dict[str, list[Path]]:
+def family_sets(rows: list[dict], sweep_dir: Path, scale: str) -> dict[str, list[Path]]:
     """Each family's checkpoints (a full set only: every layer's transcoder completed)."""
     done = [r for r in rows if r["status"] == "completed"]
     sets = {}
     for name, arch in (("transcoders", "transcoder"), ("skip transcoders", "skip_transcoder")):
-        per_layer = {r["arch.layers"][0]: Path(r["job"]) for r in done if r.get("arch.name") == arch}
+        per_layer = {r["arch.layers"][0]: sweep_dir / r["job"] for r in done if r.get("arch.name") == arch}
         if sorted(per_layer) == list(range(N_LAYERS)):
             sets[name] = [per_layer[layer] / "checkpoint" for layer in range(N_LAYERS)]
     for r in (r for r in done if r.get("arch.name") == "clt"):
         tied = (r.get("arch.decoder_tying") or "none") != "none"
         name = "clt per_source" if tied else ("clt" if r.get("act.k") == K[scale] else "clt matched params")
-        sets[name] = [Path(r["job"]) / "checkpoint"]
+        sets[name] = [sweep_dir / r["job"] / "checkpoint"]
     return sets
 
 
@@ -178,7 +178,7 @@ def main(argv: list[str]) -> list[Path]:
             print(cache_command(exp))
         return exp.print_commands(grids(exp.scale))
     rows = exp.collect() if flags & {"--no-train", "--table-only"} else exp.run_sweeps(grids(exp.scale))
-    sets = family_sets(rows, exp.scale)
+    sets = family_sets(rows, exp.sweep_dir, exp.scale)
     if "--table-only" not in flags:
         for family, checkpoints in sets.items():
             attribute_family(exp, family, checkpoints)
