@@ -71,7 +71,7 @@ def no_models(monkeypatch):
     ("empty_prompts", "holds no prompt"),
     ("no_environment", "bash setup_env.sh --with circuit-tracer"),
     ("missing_layer", r"cover 2 layers \(missing \[2\]\)"),
-    ("topk", "python -m nn_decomp.convert checkpoints?=.* to=jumprelu"),
+    ("topk", r"convert first with python -m nn_decomp.convert checkpoints=\[.*\], then rerun with checkpoints="),
 ])
 def test_bad_input_is_refused_before_anything_runs(tmp_path, monkeypatch, no_models, case, message):
     prompts = tmp_path / "prompts.txt"

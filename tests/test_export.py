@@ -397,7 +397,7 @@ def test_circuit_tracer_builds_an_attribution_graph_on_smollm2_with_our_folded_c
 # --- formats that cannot represent the dictionary, and overwriting ---------------------------------
 
 CONVERT_HINT = (r"python -m nn_decomp.convert checkpoint=\S+/ckpt, "
-                r"then rerun the export with checkpoint=\S+/ckpt_jumprelu$")
+                r"then rerun with checkpoint=\S+/ckpt_jumprelu$")
 
 
 @pytest.mark.parametrize("arch, act, fmt, message", [
@@ -456,7 +456,7 @@ def test_topk_in_a_set_is_refused_naming_the_convert_and_export_commands(tmp_pat
     with pytest.raises(UsageError) as refusal:
         export(export_cfg(f"checkpoints=[{listed}]", "format=circuit_tracer", f"out={tmp_path / 'ct'}"))
     convert_arg, export_arg = re.fullmatch(r"circuit-tracer has no TopK activation: convert first with python -m "
-                                           r"nn_decomp.convert (.+), then rerun the export with (.+)",
+                                           r"nn_decomp.convert (.+), then rerun with (.+)",
                                            str(refusal.value)).groups()
     parse = OverridesParser.create().parse_override
     (convert_arg,), (export_arg,) = shlex.split(convert_arg), shlex.split(export_arg)
@@ -497,4 +497,4 @@ def test_cli_refusal_is_one_line_naming_the_conversion(tmp_path):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
         f"error: SAELens cannot represent arch=transcoder with act=topk: convert first with "
-        f"python -m nn_decomp.convert checkpoint={ckpt}, then rerun the export with checkpoint={ckpt}_jumprelu")
+        f"python -m nn_decomp.convert checkpoint={ckpt}, then rerun with checkpoint={ckpt}_jumprelu")

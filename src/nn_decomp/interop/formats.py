@@ -64,7 +64,7 @@ def convert_hint(dictionaries: list[HookedDictionary], topk: list[HookedDictiona
     and what to export then: the converted paths in their place."""
     exported = [converted_path(d.path) if d in topk else d.path for d in dictionaries]
     return (f"convert first with python -m nn_decomp.convert {checkpoints_arg([d.path for d in topk])}, "
-            f"then rerun the export with {checkpoints_arg(exported)}")
+            f"then rerun with {checkpoints_arg(exported)}")
 
 
 def write_dir(out: Path, files: dict[str, dict[str, Tensor] | str], overwrite: bool) -> Path:
