@@ -137,6 +137,34 @@ def test_attribute_scores_each_prompt_once_and_summarises(tmp_path, monkeypatch,
     assert len(calls) == 1
 
 
+def test_a_run_cut_short_keeps_its_graphs_and_the_rerun_does_the_rest(tmp_path, monkeypatch, tiny_lm):
+    import nn_decomp.models
+    from nn_decomp.interop.bridge import WorkerError
+
+    monkeypatch.setenv(CIRCUIT_TRACER.env_var, "python")
+    monkeypatch.setattr(nn_decomp.models, "load_model", lambda *args, **kwargs: tiny_lm)
+    monkeypatch.setattr(nn_decomp.models, "model_n_layers", lambda *args, **kwargs: 3)
+    calls, worker = [], fake_worker([])
+
+    def first_then_killed(tool, script, args, tensors=None, timeout=None):
+        calls.append([p["text"] for p in args["prompts"]])
+        worker(tool, script, args | {"prompts": args["prompts"][:1]})
+        if len(calls) == 1:
+            raise WorkerError("killed after its first graph")
+
+    monkeypatch.setattr(attribution, "run_worker", first_then_killed)
+    hf, _ = fake_hf_model(tmp_path / "hf", 3, d=32)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The cat sat on the\nOne, two, three,\n")
+    cfg = attribute_cfg(layer_set(tmp_path, d=32), f"prompts={prompts}", f"out={tmp_path / 'out'}", f"hf_model={hf}")
+    with pytest.raises(WorkerError):
+        attribute(cfg)
+    summary = attribute(cfg)
+    assert calls == [["The cat sat on the", "One, two, three,"], ["One, two, three,"]]
+    assert summary["n_prompts"] == summary["n_prompts_given"] == 2
+    assert summary["scores"]["replacement_kl"]["n"] == 2  # the first graph got our scores on the rerun
+
+
 # --- circuit-tracer itself, in its own Python (opt-in) ------------------------------------------
 
 needs_circuit_tracer = pytest.mark.skipif(

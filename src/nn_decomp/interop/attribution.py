@@ -7,7 +7,8 @@ writes one summary.
 `out/` holds: `export/` (the set in circuit-tracer's format), per prompt `graphs/<slug>.pt`
 (circuit-tracer's Graph), `graph_files/<slug>.json` (its frontend JSON), `pages/<slug>.html` (our
 offline page, analysis/graph_page.py) and `prompts/<slug>.json` (every score), then `summary.json`
-and `summary.csv`. A rerun attributes only the prompts without a `prompts/<slug>.json`.
+and `summary.csv`. A rerun attributes only the prompts without a `prompts/<slug>.json`: a run cut
+short keeps every graph it finished, and the summary covers the prompts attributed so far.
 
 Scores per prompt (the worker's): circuit-tracer's replacement and completeness of the unpruned
 graph; the graph pruned at node_threshold / edge_threshold (circuit-tracer's defaults 0.8 / 0.98):
@@ -148,8 +149,12 @@ def attribute(cfg: DictConfig) -> dict:
             "settings": {key: cfg[key] for key in SETTINGS},
             "prompts": [{"slug": s, "text": p, "graph": str(out / "graphs" / f"{s}.pt"), "files": str(out / "graph_files"),
                          "result": str(out / "prompts" / f"{s}.json")} for s, p in todo]})
-        add_replacement_scores(cfg, out, dictionaries, model_name, n_layers, todo)
-    return write_summary(cfg, out, [slug(i, p) for i, p in enumerate(prompts)], metas)
+    # ours for every graph without them (also those of a worker run that was cut short)
+    done = [(s, p) for s, p in ((slug(i, p), p) for i, p in enumerate(prompts)) if (out / "prompts" / f"{s}.json").exists()]
+    unscored = [(s, p) for s, p in done if "replacement_kl" not in json.loads((out / "prompts" / f"{s}.json").read_text())]
+    if unscored:
+        add_replacement_scores(cfg, out, dictionaries, model_name, n_layers, unscored)
+    return write_summary(cfg, out, [s for s, _ in done], metas, len(prompts))
 
 
 def add_replacement_scores(cfg: DictConfig, out: Path, dictionaries: list[HookedDictionary], model_name: str,
@@ -176,13 +181,13 @@ def column(result: dict, key: str) -> float:
     return float("nan") if value is None else float(value)
 
 
-def write_summary(cfg: DictConfig, out: Path, slugs: list[str], metas: list[dict]) -> dict:
-    """summary.json (mean ± SE over prompts of every column, the settings, the set) and summary.csv
-    (one row per prompt)."""
+def write_summary(cfg: DictConfig, out: Path, slugs: list[str], metas: list[dict], n_given: int) -> dict:
+    """summary.json (mean ± SE over the prompts attributed, of every column; the settings, the set) and
+    summary.csv (one row per prompt)."""
     results = [json.loads((out / "prompts" / f"{s}.json").read_text()) for s in slugs]
     rows = [{"slug": r["slug"], "prompt": r["prompt"], **{key: column(r, key) for key in SUMMARY_COLUMNS}}
             for r in results]
-    summary = {"n_prompts": len(rows), "checkpoints": [str(p) for p in checkpoint_list(cfg)],
+    summary = {"n_prompts": len(rows), "n_prompts_given": n_given, "checkpoints": [str(p) for p in checkpoint_list(cfg)],
                "arch": metas[0]["arch"], "act": metas[0]["act"], "settings": {key: cfg[key] for key in SETTINGS},
                "completeness_reached": sum(r["at_completeness"] is not None for r in results),
                "scores": {key: mean_stderr([row[key] for row in rows]) for key in SUMMARY_COLUMNS}}
