@@ -49,20 +49,20 @@ def representative_jobs(grid: list[str]) -> list[list[str]]:
 
 # --- configs ---------------------------------------------------------------------------------------
 
-def test_experiments_are_the_six_numbered_ones():
+def test_experiments_are_the_seven_numbered_ones():
     assert EXPERIMENTS == ["exp_001_l0_sweep", "exp_002_pareto", "exp_003_all_layers_patching", "exp_004_interp",
-                           "exp_005_ground_truth", "exp_006_crosscoder"]
+                           "exp_005_ground_truth", "exp_006_crosscoder", "exp_007_circuits"]
     for name in EXPERIMENTS:
         assert (REPO / "conf" / "experiment" / f"{name}.yaml").read_text().startswith("# @package _global_")
 
 
-@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("scale", [*SCALES, "full_depth_cpu", "full_depth_gpu"])  # exp_007's own
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_every_experiment_job_composes_and_validates(name, scale):
     module = script(name)
     if scale not in module.get("SCALES", SCALES):  # refused in one line, before any work
         with pytest.raises(SystemExit, match=f"{name} has no scale={scale}: use one of"):
-            Experiment.from_args(name, [f"scale={scale}"], "usage", module["SCALES"])
+            Experiment.from_args(name, [f"scale={scale}"], "usage", module.get("SCALES", SCALES))
         return
     jobs = [[]] if name == "exp_004_interp" else [j for g in grids(module, scale) for j in representative_jobs(g)]
     if scale == "cpu" and jobs != [[]] and grids(module, "cpu") == grids(module, "gpu"):
@@ -72,7 +72,7 @@ def test_every_experiment_job_composes_and_validates(name, scale):
         validate(cfg)
         assert cfg.analysis.name == scale
     source = ("synthetic" if name == "exp_005_ground_truth" else
-              {"gpu": "hf", "cpu_2m": "cache"}.get(scale, "sotu"))
+              {"gpu": "hf", "cpu_2m": "cache", "full_depth_cpu": "cache", "full_depth_gpu": "hf"}.get(scale, "sotu"))
     assert cfg.data.source == source
 
 
