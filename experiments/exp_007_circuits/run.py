@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from nn_decomp.analysis.conversion import convert, converted_path
 from nn_decomp.analysis.metrics import mean_stderr
 from nn_decomp.analysis.sweeps import Experiment, compose_config, pyplot, report_written, save_figure, write_points
-from nn_decomp.interop.attribution import attribute
+from nn_decomp.interop.attribution import attribute, column
 from nn_decomp.runtime.checkpoint import read_config
 
 NAME = "exp_007_circuits"
@@ -100,12 +100,6 @@ PAIRED = ["replacement", "completeness", "pruned.replacement", "pruned.completen
           "replacement_ce"]
 
 
-def value(result: dict, key: str) -> float:
-    for part in key.split("."):
-        result = result.get(part) if isinstance(result, dict) else None
-    return float("nan") if result is None else float(result)
-
-
 def table(exp: Experiment, sets: dict[str, list[Path]]) -> list[dict]:
     """One row per family: mean ± SE over prompts, and the paired difference with the transcoders."""
     results = {}
@@ -118,10 +112,10 @@ def table(exp: Experiment, sets: dict[str, list[Path]]) -> list[dict]:
     for family, per_prompt in results.items():
         row = {"family": family, "n_prompts": len(per_prompt), "l0_per_layer": l0_per_layer(sets[family])}
         for key in PAIRED:
-            s = mean_stderr([value(r, key) for r in per_prompt.values()])
+            s = mean_stderr([column(r, key) for r in per_prompt.values()])
             row[key], row[f"{key}_stderr"] = s["mean"], s["stderr"]
             shared = [p for p in per_prompt if p in base]
-            d = mean_stderr([value(per_prompt[p], key) - value(base[p], key) for p in shared])
+            d = mean_stderr([column(per_prompt[p], key) - column(base[p], key) for p in shared])
             row[f"{key}_minus_transcoders"], row[f"{key}_minus_transcoders_stderr"] = d["mean"], d["stderr"]
         rows.append(row)
     return rows
@@ -133,7 +127,7 @@ def plot(exp: Experiment, rows: list[dict], sets: dict[str, list[Path]]) -> list
     for family in [r["family"] for r in rows]:
         folder = attribution_dir(exp, family) / "prompts"
         per_prompt = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
-        left.scatter([value(r, "pruned.nodes") for r in per_prompt], [value(r, "pruned.completeness") for r in per_prompt],
+        left.scatter([column(r, "pruned.nodes") for r in per_prompt], [column(r, "pruned.completeness") for r in per_prompt],
                      s=12, alpha=0.6, label=family)
     left.set(xscale="log", xlabel="pruned graph nodes (node 0.8, edge 0.98)",
              ylabel="completeness of the pruned graph (pruned = error)")
