@@ -2,6 +2,7 @@
 refusals before any model loads, the lab's side of the bridge (a fake worker in our Python), and,
 opt-in where circuit-tracer's own Python exists, a 2-layer SmolLM2 set attributed end to end."""
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -206,3 +207,23 @@ def test_circuit_tracer_attributes_a_two_layer_smollm2_set_and_scores_it(tmp_pat
         assert r["pruned"]["completeness"] <= r["completeness"] + 1e-6
         assert sum(t["prob"] for t in r["top_logits"]) <= 1 + 1e-6
     assert results["zeroed"]["pruned"]["feature_nodes"] == 0 < results["loud"]["pruned"]["feature_nodes"]
+    # the worker's edge contraction (workers/grouped_scores.py) against circuit-tracer's own, unpatched
+    out = tmp_path / "loud" / "out"
+    subprocess.run([str(find_python(CIRCUIT_TRACER)), "-c", UNPATCHED_GRAPH, str(out / "export"), str(hf),
+                    str(out / "graphs" / f"{slug}.pt"), "The capital of France is"], check=True)
+
+
+UNPATCHED_GRAPH = """
+import sys, torch
+from pathlib import Path
+from circuit_tracer import ReplacementModel, attribute
+from circuit_tracer.graph import Graph
+from circuit_tracer.utils.caching import load_transcoders_from_cache
+export, hf, graph, prompt = Path(sys.argv[1]), sys.argv[2], Graph.from_pt(sys.argv[3]), sys.argv[4]
+transcoders, _ = load_transcoders_from_cache(export.name, cache_dir=export.parent, lazy_decoder=False)
+model = ReplacementModel.from_pretrained_and_transcoders(hf, transcoders, backend="nnsight", dtype=torch.float32)
+theirs = attribute(prompt, model, batch_size=64, max_feature_nodes=256).adjacency_matrix
+ours = graph.adjacency_matrix
+print("grouped vs circuit-tracer's contraction: max |diff|", (ours - theirs).abs().max().item(), "of", theirs.abs().max().item())
+assert ours.shape == theirs.shape and torch.allclose(ours, theirs, rtol=1e-4, atol=1e-5 * theirs.abs().max().item())
+"""

@@ -35,7 +35,7 @@ from nn_decomp.analysis.patching import replacement_model
 from nn_decomp.config import UsageError
 from nn_decomp.dictionaries import HookedDictionary, checkpoint_list, load_dictionaries
 from nn_decomp.interop.bridge import WORKERS, require_python, run_worker
-from nn_decomp.interop.circuit_tracer import CIRCUIT_TRACER, circuit_tracer_files
+from nn_decomp.interop.circuit_tracer import CIRCUIT_TRACER, circuit_tracer_files, hf_model_config
 from nn_decomp.interop.formats import write_dir
 from nn_decomp.runtime.checkpoint import read_config
 from nn_decomp.runtime.files import write_atomic
@@ -99,11 +99,7 @@ def model_depth(cfg: DictConfig, model_name: str) -> int:
 
     if not cfg.hf_model:
         return model_n_layers(model_name, cfg.paths.cache_dir)
-    config = Path(cfg.hf_model) / "config.json"
-    if not config.is_file():
-        raise UsageError(f"hf_model={cfg.hf_model} has no config.json: write SmolLM2 there with "
-                         f"python -m nn_decomp.export format=hf_model out={cfg.hf_model}")
-    return json.loads(config.read_text())["num_hidden_layers"]
+    return hf_model_config(Path(cfg.hf_model))["num_hidden_layers"]
 
 
 @torch.no_grad()

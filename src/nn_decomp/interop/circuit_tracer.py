@@ -82,16 +82,21 @@ def circuit_tracer_files(dictionaries: list[HookedDictionary], metas: list[dict]
     return files
 
 
+def hf_model_config(folder: Path) -> dict:
+    """The config.json of a Hugging Face model folder given as hf_model=."""
+    if not (folder / "config.json").is_file():
+        raise UsageError(f"hf_model={folder} has no config.json: write SmolLM2 there with "
+                         f"python -m nn_decomp.export format=hf_model out={folder}")
+    return json.loads((folder / "config.json").read_text())
+
+
 def mlp_input_norm(folder: Path, n_layers: int, hook_in: str) -> Tensor:
     """[L, d] the weights of the RMSNorm before each MLP of the Hugging Face model in `folder`.
     An encoder W reading x / rms(x) reads the same from weight ⊙ x / rms(x) as W / weight."""
     if hook_in != "ln2.hook_normalized":
         raise UsageError(f"hf_model= folds the MLP-input norm into encoders that read ln2.hook_normalized, "
                          f"not {hook_in}: export without hf_model= and use circuit-tracer's TransformerLens backend")
-    if not (folder / "config.json").is_file():
-        raise UsageError(f"hf_model={folder} has no config.json: write SmolLM2 there with "
-                         f"python -m nn_decomp.export format=hf_model out={folder}")
-    config = json.loads((folder / "config.json").read_text())
+    config = hf_model_config(folder)
     arch = config["architectures"][0]
     if arch not in MLP_INPUT_NORM:
         raise UsageError(f"hf_model={folder} is a {arch}; folding knows {sorted(MLP_INPUT_NORM)}")

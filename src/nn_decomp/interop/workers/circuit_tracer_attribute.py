@@ -8,6 +8,7 @@ max_n_logits, desired_logit_prob, node_threshold, edge_threshold, completeness},
 Per prompt it writes the graph (.pt), circuit-tracer's frontend JSON (files/<slug>.json) and a result
 JSON, as it goes (a later call skips nothing itself: the caller passes only the prompts left).
 result: {"results": [the result of each prompt]}.
+Edge scores go through grouped_scores (the same sums, ~10x faster for a CLT on CPU).
 """
 import json
 import time
@@ -19,7 +20,8 @@ from circuit_tracer.graph import compute_graph_scores, prune_graph
 from circuit_tracer.utils.caching import load_transcoders_from_cache
 from circuit_tracer.utils.create_graph_files import create_graph_files
 
-from graph_scores import Layout, pruned_scores  # siblings: this script's dir is first on sys.path
+import grouped_scores  # siblings: this script's dir is first on sys.path
+from graph_scores import Layout, pruned_scores
 from protocol import serve
 
 THRESHOLD_STEPS = 12  # bisection steps for the node threshold that reaches a completeness
@@ -96,6 +98,7 @@ def attribute_prompt(model, prompt: dict, scan: str, s: dict) -> dict:
 
 
 def run(args: dict, tensors: dict[str, Path]) -> dict:
+    grouped_scores.install()
     model = load_model(args)
     results = []
     for prompt in args["prompts"]:
