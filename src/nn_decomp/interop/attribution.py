@@ -45,7 +45,14 @@ SETTINGS = ("batch_size", "max_feature_nodes", "max_n_logits", "desired_logit_pr
             "edge_threshold", "completeness")
 SUMMARY_COLUMNS = ["replacement", "completeness", "pruned.nodes", "pruned.edges", "pruned.error_node_share",
                    "pruned.replacement", "pruned.completeness", "at_completeness.nodes", "at_completeness.edges",
-                   "replacement_kl", "replacement_ce", "clean_ce", "feature_nodes", "seconds"]
+                   "cancellation.features", "cancellation.logits", "replacement_kl", "replacement_ce", "clean_ce",
+                   "feature_nodes", "seconds"]
+
+
+def scored(result: Path) -> bool:
+    """A prompt's result holds every score the worker writes today (one written before a score was
+    added gets it from its saved graph, without attributing again)."""
+    return result.exists() and "cancellation" in json.loads(result.read_text())
 
 
 def read_prompts(path: str | None) -> list[str]:
@@ -135,13 +142,14 @@ def attribute(cfg: DictConfig) -> dict:
         files = circuit_tracer_files(dictionaries, metas, hf_model if backend == "nnsight" else None, None, scan)
     export = out / "export"
     write_dir(export, files, overwrite=True)
-    todo = [(slug(i, p), p) for i, p in enumerate(prompts) if cfg.overwrite or not (out / "prompts" / f"{slug(i, p)}.json").exists()]
+    todo = [(slug(i, p), p) for i, p in enumerate(prompts) if cfg.overwrite or not scored(out / "prompts" / f"{slug(i, p)}.json")]
     for sub in ("graphs", "graph_files", "pages", "prompts"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     if todo:
         print(f"attributing {len(todo)} of {len(prompts)} prompts with circuit-tracer ({backend} backend)", flush=True)
         run_worker(CIRCUIT_TRACER, WORKER, {
             "export": str(export), "model": hf_model, "backend": backend, "scan": scan, "device": cfg.device,
+            "reuse_graphs": not cfg.overwrite,
             "settings": {key: cfg[key] for key in SETTINGS},
             "prompts": [{"slug": s, "text": p, "graph": str(out / "graphs" / f"{s}.pt"), "files": str(out / "graph_files"),
                          "result": str(out / "prompts" / f"{s}.json")} for s, p in todo]})

@@ -2,11 +2,12 @@
 the bridge worker behind `python -m nn_decomp.attribute` (nn_decomp/interop/attribution.py).
 
 args: {"export": DIR (circuit_tracer_files), "model": a Hub name or a local Hugging Face folder,
-"backend": "nnsight" | "transformerlens", "scan": STR, "device": "auto" | "cpu" | "cuda…", "settings": {batch_size, max_feature_nodes,
+"backend": "nnsight" | "transformerlens", "scan": STR, "reuse_graphs": BOOL (a prompt's saved graph and result: rescore it), "device": "auto" | "cpu" | "cuda…", "settings": {batch_size, max_feature_nodes,
 max_n_logits, desired_logit_prob, node_threshold, edge_threshold, completeness},
 "prompts": [{"slug", "text", "graph": PATH.pt, "files": DIR, "result": PATH.json}]}.
 Per prompt it writes the graph (.pt), circuit-tracer's frontend JSON (files/<slug>.json) and a result
-JSON, as it goes (a later call skips nothing itself: the caller passes only the prompts left).
+JSON, as it goes (a later call skips nothing itself: the caller passes only the prompts left, or
+those whose result lacks a score added since, to rescore from the saved graph).
 result: {"results": [the result of each prompt]}.
 Edge scores go through grouped_scores (the same sums, ~10x faster for a CLT on CPU).
 """
@@ -16,12 +17,12 @@ from pathlib import Path
 
 import torch
 from circuit_tracer import ReplacementModel, attribute
-from circuit_tracer.graph import compute_graph_scores, prune_graph
+from circuit_tracer.graph import Graph, compute_graph_scores, prune_graph
 from circuit_tracer.utils.caching import load_transcoders_from_cache
 from circuit_tracer.utils.create_graph_files import create_graph_files
 
 import grouped_scores  # siblings: this script's dir is first on sys.path
-from graph_scores import Layout, pruned_scores
+from graph_scores import Layout, cancellation, pruned_scores
 from protocol import serve
 
 THRESHOLD_STEPS = 12  # bisection steps for the node threshold that reaches a completeness
@@ -73,12 +74,21 @@ def at_completeness(graph, target: float, edge_threshold: float) -> dict | None:
     return best
 
 
-def attribute_prompt(model, prompt: dict, scan: str, s: dict) -> dict:
+def graph_of(model, prompt: dict, s: dict, reuse: bool):
+    """(graph, seconds to attribute it): the one an earlier run saved with its result (rescored when
+    the scores grow), else attributed now."""
+    if reuse and Path(prompt["graph"]).exists() and Path(prompt["result"]).exists():
+        return Graph.from_pt(prompt["graph"]), json.loads(Path(prompt["result"]).read_text())["seconds"]
     start = time.time()
     graph = attribute(prompt["text"], model, max_n_logits=s["max_n_logits"], desired_logit_prob=s["desired_logit_prob"],
                       batch_size=s["batch_size"], max_feature_nodes=s["max_feature_nodes"])
     seconds = time.time() - start
     graph.to_pt(prompt["graph"])
+    return graph, seconds
+
+
+def attribute_prompt(model, prompt: dict, scan: str, s: dict, reuse: bool) -> dict:
+    graph, seconds = graph_of(model, prompt, s, reuse)
     create_graph_files(graph, prompt["slug"], prompt["files"], scan=scan, node_threshold=s["node_threshold"],
                        edge_threshold=s["edge_threshold"])
     replacement, completeness = compute_graph_scores(graph)
@@ -90,6 +100,7 @@ def attribute_prompt(model, prompt: dict, scan: str, s: dict) -> dict:
             "feature_nodes": int(len(graph.selected_features)), "seconds": seconds,
             "replacement": replacement, "completeness": completeness,
             "rescored": {"replacement": ours[0], "completeness": ours[1]},
+            "cancellation": cancellation(graph.adjacency_matrix, layout(graph)),
             "pruned": pruned(graph, s["node_threshold"], s["edge_threshold"]),
             "at_completeness": at_completeness(graph, s["completeness"], s["edge_threshold"]),
             "completeness_target": s["completeness"],
@@ -102,7 +113,7 @@ def run(args: dict, tensors: dict[str, Path]) -> dict:
     model = load_model(args)
     results = []
     for prompt in args["prompts"]:
-        result = attribute_prompt(model, prompt, args["scan"], args["settings"])
+        result = attribute_prompt(model, prompt, args["scan"], args["settings"], args["reuse_graphs"])
         Path(prompt["result"]).write_text(json.dumps(result, indent=1))
         print(f"{prompt['slug']}: replacement {result['replacement']:.3f} completeness {result['completeness']:.3f} "
               f"({result['feature_nodes']} feature nodes, {result['seconds']:.0f} s)", flush=True)

@@ -80,3 +80,13 @@ def pruned_scores(adjacency: Tensor, logit_probs: Tensor, layout: Layout, node_m
     explained = (out * (1 - error_mass)).sum() + error_influence  # error nodes explain themselves
     completeness = explained / (out.sum() + error_influence)
     return replacement.item(), completeness.item()
+
+
+def cancellation(adjacency: Tensor, layout: Layout) -> dict[str, float]:
+    """Σ|edges into a node| / |Σ edges into it|, pooled over the feature nodes and over the logit
+    nodes: 1 when a node's inputs agree in sign, large when big inputs cancel. Both scores above
+    weigh edges by their absolute value, so cancelling inputs count as explanation in full."""
+    def ratio(rows: Tensor) -> float:
+        return (rows.abs().sum() / rows.sum(1).abs().sum().clamp(min=1e-10)).item()
+
+    return {"features": ratio(adjacency[:layout.n_features]), "logits": ratio(adjacency[-layout.n_logits:])}
