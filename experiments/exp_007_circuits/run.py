@@ -100,8 +100,8 @@ def l0_per_layer(checkpoints: list[Path]) -> float:
 
 
 PAIRED = ["replacement", "completeness", "pruned.replacement", "pruned.completeness", "at_completeness.nodes",
-          "at_completeness.edges", "pruned.nodes", "pruned.edges", "pruned.error_node_share", "replacement_kl",
-          "replacement_ce"]
+          "at_completeness.edges", "pruned.nodes", "pruned.edges", "pruned.error_node_share", "cancellation.features",
+          "cancellation.logits", "replacement_kl", "replacement_ce"]
 
 
 def table(exp: Experiment, sets: dict[str, list[Path]]) -> list[dict]:

@@ -74,21 +74,17 @@ def at_completeness(graph, target: float, edge_threshold: float) -> dict | None:
     return best
 
 
-def graph_of(model, prompt: dict, s: dict, reuse: bool):
-    """(graph, seconds to attribute it): the one an earlier run saved with its result (rescored when
-    the scores grow), else attributed now."""
-    if reuse and Path(prompt["graph"]).exists() and Path(prompt["result"]).exists():
-        return Graph.from_pt(prompt["graph"]), json.loads(Path(prompt["result"]).read_text())["seconds"]
+# scores added after results were first written: a saved graph whose result lacks one gets it
+# (and keeps the rest) without being attributed again
+ADDED = {"cancellation": lambda graph: cancellation(graph.adjacency_matrix, layout(graph))}
+
+
+def attribute_prompt(model, prompt: dict, scan: str, s: dict) -> dict:
     start = time.time()
     graph = attribute(prompt["text"], model, max_n_logits=s["max_n_logits"], desired_logit_prob=s["desired_logit_prob"],
                       batch_size=s["batch_size"], max_feature_nodes=s["max_feature_nodes"])
     seconds = time.time() - start
     graph.to_pt(prompt["graph"])
-    return graph, seconds
-
-
-def attribute_prompt(model, prompt: dict, scan: str, s: dict, reuse: bool) -> dict:
-    graph, seconds = graph_of(model, prompt, s, reuse)
     create_graph_files(graph, prompt["slug"], prompt["files"], scan=scan, node_threshold=s["node_threshold"],
                        edge_threshold=s["edge_threshold"])
     replacement, completeness = compute_graph_scores(graph)
@@ -100,12 +96,22 @@ def attribute_prompt(model, prompt: dict, scan: str, s: dict, reuse: bool) -> di
             "feature_nodes": int(len(graph.selected_features)), "seconds": seconds,
             "replacement": replacement, "completeness": completeness,
             "rescored": {"replacement": ours[0], "completeness": ours[1]},
-            "cancellation": cancellation(graph.adjacency_matrix, layout(graph)),
             "pruned": pruned(graph, s["node_threshold"], s["edge_threshold"]),
             "at_completeness": at_completeness(graph, s["completeness"], s["edge_threshold"]),
             "completeness_target": s["completeness"],
             "top_logits": [{"token": t.token_str, "id": int(t.vocab_idx), "prob": float(p)}
-                           for t, p in zip(graph.logit_targets, graph.logit_probabilities)]}
+                           for t, p in zip(graph.logit_targets, graph.logit_probabilities)]
+            } | {name: score(graph) for name, score in ADDED.items()}
+
+
+def result_of(model, prompt: dict, scan: str, s: dict, reuse: bool) -> dict:
+    """A saved graph with its result gets the scores its result lacks; anything else is attributed."""
+    result = Path(prompt["result"])
+    if reuse and Path(prompt["graph"]).exists() and result.exists():
+        old = json.loads(result.read_text())
+        graph = Graph.from_pt(prompt["graph"])
+        return old | {name: score(graph) for name, score in ADDED.items() if name not in old}
+    return attribute_prompt(model, prompt, scan, s)
 
 
 def run(args: dict, tensors: dict[str, Path]) -> dict:
@@ -113,7 +119,7 @@ def run(args: dict, tensors: dict[str, Path]) -> dict:
     model = load_model(args)
     results = []
     for prompt in args["prompts"]:
-        result = attribute_prompt(model, prompt, args["scan"], args["settings"], args["reuse_graphs"])
+        result = result_of(model, prompt, args["scan"], args["settings"], args["reuse_graphs"])
         Path(prompt["result"]).write_text(json.dumps(result, indent=1))
         print(f"{prompt['slug']}: replacement {result['replacement']:.3f} completeness {result['completeness']:.3f} "
               f"({result['feature_nodes']} feature nodes, {result['seconds']:.0f} s)", flush=True)
