@@ -198,10 +198,11 @@ def test_circuit_tracer_attributes_a_two_layer_smollm2_set_and_scores_it(tmp_pat
     hf = write_hf_dir(tmp_path / "smol2", 2)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("The capital of France is\n")
-    results = {}
+    results, checkpoints = {}, {}
     for name, decoder_scale in (("zeroed", 0.0), ("loud", 50.0)):
         ckpt, coder = random_checkpoint(tmp_path / name, "clt", "jumprelu", "arch.layers=[0,1]", d=576,
                                         model="smollm2_135m")
+        checkpoints[name] = ckpt
         cfg, meta = read_config(ckpt)
         with torch.no_grad():
             for w in coder.decoder_weights():
@@ -220,8 +221,14 @@ def test_circuit_tracer_attributes_a_two_layer_smollm2_set_and_scores_it(tmp_pat
         assert r["pruned"]["completeness"] <= r["completeness"] + 1e-6
         assert sum(t["prob"] for t in r["top_logits"]) <= 1 + 1e-6
     assert results["zeroed"]["pruned"]["feature_nodes"] == 0 < results["loud"]["pruned"]["feature_nodes"]
-    # the worker's edge contraction (workers/grouped_scores.py) against circuit-tracer's own, unpatched
+    # a result from before a score was added gets it from the saved graph, the rest kept as it was
     out = tmp_path / "loud" / "out"
+    result = out / "prompts" / f"{slug}.json"
+    result.write_text(json.dumps({k: v for k, v in results["loud"].items() if k != "cancellation"}))
+    attribute(attribute_cfg(f"checkpoint={checkpoints['loud']}", f"prompts={prompts}", f"out={out}",
+                            f"hf_model={hf}", "max_feature_nodes=256"))
+    assert json.loads(result.read_text()) == results["loud"]
+    # the worker's edge contraction (workers/grouped_scores.py) against circuit-tracer's own, unpatched
     subprocess.run([str(find_python(CIRCUIT_TRACER)), "-c", UNPATCHED_GRAPH, str(out / "export"), str(hf),
                     str(out / "graphs" / f"{slug}.pt"), "The capital of France is"], check=True)
 

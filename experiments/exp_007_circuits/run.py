@@ -159,12 +159,14 @@ def output_shares(exp: Experiment, sets: dict[str, list[Path]]) -> list[Path]:
         dictionaries = load_dictionaries(converted(checkpoints))
         hooks = {h for d in dictionaries for h in d.hooks_in + d.hooks_out}
         total = torch.zeros(4)  # output, error, features, skip
+        for d in dictionaries:
+            d.coder.eval()
         for prompt in prompts:
             _, cache = model.run_with_cache(prompt, names_filter=lambda name: name in hooks)
             for d in dictionaries:
                 x = torch.stack([cache[h][0, 1:] for h in d.hooks_in], 1)
                 y = torch.stack([cache[h][0, 1:] for h in d.hooks_out], 1)
-                recon = d.coder.eval()(x).recon
+                recon = d.coder(x).recon
                 skip = torch.einsum("bld,lde->ble", x, d.coder.W_skip) if d.coder.W_skip is not None else 0 * y
                 parts = [y, y - recon, recon - d.coder.b_dec - skip, skip]
                 total += torch.stack([p.pow(2).sum() for p in parts])

@@ -37,6 +37,7 @@ from nn_decomp.dictionaries import HookedDictionary, checkpoint_list, load_dicti
 from nn_decomp.interop.bridge import WORKERS, require_python, run_worker
 from nn_decomp.interop.circuit_tracer import CIRCUIT_TRACER, circuit_tracer_files, hf_model_config
 from nn_decomp.interop.formats import write_dir
+from nn_decomp.interop.workers.graph_scores import ADDED
 from nn_decomp.runtime.checkpoint import read_config
 from nn_decomp.runtime.files import write_atomic
 
@@ -51,8 +52,8 @@ SUMMARY_COLUMNS = ["replacement", "completeness", "pruned.nodes", "pruned.edges"
 
 def scored(result: Path) -> bool:
     """A prompt's result holds every score the worker writes today (one written before a score was
-    added gets it from its saved graph, without attributing again)."""
-    return result.exists() and "cancellation" in json.loads(result.read_text())
+    added, graph_scores.ADDED, gets it from its saved graph, without attributing again)."""
+    return result.exists() and ADDED.keys() <= json.loads(result.read_text()).keys()
 
 
 def read_prompts(path: str | None) -> list[str]:

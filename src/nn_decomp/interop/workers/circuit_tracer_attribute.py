@@ -22,7 +22,7 @@ from circuit_tracer.utils.caching import load_transcoders_from_cache
 from circuit_tracer.utils.create_graph_files import create_graph_files
 
 import grouped_scores  # siblings: this script's dir is first on sys.path
-from graph_scores import Layout, cancellation, pruned_scores
+from graph_scores import ADDED, Layout, pruned_scores
 from protocol import serve
 
 THRESHOLD_STEPS = 12  # bisection steps for the node threshold that reaches a completeness
@@ -74,9 +74,9 @@ def at_completeness(graph, target: float, edge_threshold: float) -> dict | None:
     return best
 
 
-# scores added after results were first written: a saved graph whose result lacks one gets it
-# (and keeps the rest) without being attributed again
-ADDED = {"cancellation": lambda graph: cancellation(graph.adjacency_matrix, layout(graph))}
+def added(graph, old: dict) -> dict:
+    """The scores of graph_scores.ADDED that `old` lacks."""
+    return {name: score(graph.adjacency_matrix, layout(graph)) for name, score in ADDED.items() if name not in old}
 
 
 def attribute_prompt(model, prompt: dict, scan: str, s: dict) -> dict:
@@ -101,7 +101,7 @@ def attribute_prompt(model, prompt: dict, scan: str, s: dict) -> dict:
             "completeness_target": s["completeness"],
             "top_logits": [{"token": t.token_str, "id": int(t.vocab_idx), "prob": float(p)}
                            for t, p in zip(graph.logit_targets, graph.logit_probabilities)]
-            } | {name: score(graph) for name, score in ADDED.items()}
+            } | added(graph, {})
 
 
 def result_of(model, prompt: dict, scan: str, s: dict, reuse: bool) -> dict:
@@ -110,7 +110,7 @@ def result_of(model, prompt: dict, scan: str, s: dict, reuse: bool) -> dict:
     if reuse and Path(prompt["graph"]).exists() and result.exists():
         old = json.loads(result.read_text())
         graph = Graph.from_pt(prompt["graph"])
-        return old | {name: score(graph) for name, score in ADDED.items() if name not in old}
+        return old | added(graph, old)
     return attribute_prompt(model, prompt, scan, s)
 
 

@@ -1,5 +1,5 @@
 """Scores of a circuit-tracer attribution graph, pruned or not (torch only: the attribute worker
-imports it as a sibling, our tests import it as nn_decomp.interop.workers.graph_scores).
+imports it as a sibling; `attribute` and our tests as nn_decomp.interop.workers.graph_scores).
 
 A graph's adjacency [N, N] (rows: targets, columns: sources) orders its nodes as features, error
 nodes (n_layers × n_pos), tokens, logits. circuit-tracer's `compute_graph_scores` scores the whole
@@ -90,3 +90,8 @@ def cancellation(adjacency: Tensor, layout: Layout) -> dict[str, float]:
         return (rows.abs().sum() / rows.sum(1).abs().sum().clamp(min=1e-10)).item()
 
     return {"features": ratio(adjacency[:layout.n_features]), "logits": ratio(adjacency[-layout.n_logits:])}
+
+
+# scores added after results were first written: a saved graph whose result lacks one gets it (and
+# keeps the rest) without being attributed again (the worker computes them, `attribute` checks them)
+ADDED = {"cancellation": cancellation}
