@@ -27,6 +27,8 @@ from nn_decomp.config.arch import arch_hooks
 from nn_decomp.export import export
 from nn_decomp.interop.bridge import WORKERS, find_python, run_worker
 from nn_decomp.interop.circuit_tracer import CIRCUIT_TRACER
+from nn_decomp.dictionaries import load_dictionaries
+from nn_decomp.interop.formats import export_decoders
 from nn_decomp.interop.saelens import SAELENS_CFG, SAELENS_WEIGHTS, import_saelens
 from test_evaluate import eval_cfg, lm, run_cli, save  # noqa: F401  (lm: fixture)
 from test_patching import mlp_transcoder
@@ -43,8 +45,10 @@ def export_cfg(*overrides: str):
         return compose("export", overrides=list(overrides))
 
 
-def random_checkpoint(path, arch: str, act: str, *overrides: str, seed: int = 0, d: int = 12, model: str = "tiny"):
-    """A checkpoint of random weights (biases, W_skip and thresholds included) on d-dim hooks. A
+def random_checkpoint(path, arch: str, act: str, *overrides: str, seed: int = 0, d: int = 12, model: str = "tiny",
+                      decoder_scale: float = 1.0):
+    """A checkpoint of random weights (biases, W_skip and thresholds included) on d-dim hooks, decoder
+    rows scaled by `decoder_scale` (as a folded input normalisation leaves them). A
     BatchTopK transcoder does not normalise tokens unless asked: SAELens and circuit-tracer have no
     token normalisation, and the random rows the tests feed are no norm's output."""
     if act == "batchtopk" and arch != "sae" and not any(o.startswith("act.token_norm") for o in overrides):
@@ -59,6 +63,8 @@ def random_checkpoint(path, arch: str, act: str, *overrides: str, seed: int = 0,
         for p in (coder.W_dec_scale, coder.feature_scale):
             if p is not None:
                 p.uniform_(0.5, 1.5)
+        for w in coder.W_dec:
+            w.mul_(decoder_scale)
     hooks_in, hooks_out = arch_hooks(cfg.arch)
     meta = {"model": model, "arch": arch, "act": act, "layers": list(cfg.arch.layers), "hooks_in": hooks_in,
             "hooks_out": hooks_out, "d_in": coder.d_in, "d_out": coder.d_out, "n_latents": coder.n_latents}
@@ -98,13 +104,17 @@ def test_saelens_loads_the_export_and_computes_what_we_do(tmp_path, arch, act):
 
     # a Matryoshka dictionary (training-only prefixes) and a feature scale export like any other
     extra = ["arch.matryoshka=[8,32]", "arch.feature_scale=true"] if (arch, act) == ("transcoder", "batchtopk") else []
-    ckpt, coder = random_checkpoint(tmp_path / "ckpt", arch, act, *extra)
+    ckpt, coder = random_checkpoint(tmp_path / "ckpt", arch, act, *extra, decoder_scale=5.18)
     out = export(export_cfg(f"checkpoint={ckpt}", "format=saelens", f"out={tmp_path / 'sl'}"))
     sae = SAE.load_from_disk(out)
+    # SAELens-based tools (SAEBench) assume unit decoder rows; the row norms move to the latents
+    norms_F = torch.cat([w[:, 0] for w in export_decoders(load_dictionaries([ckpt])[0], "test")]).norm(dim=-1)
+    assert not torch.allclose(norms_F, torch.ones_like(norms_F))
+    torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(64), atol=1e-6, rtol=0)
     x_ND = torch.randn(50, 12)
     ours = coder(x_ND[:, None])
     feats = sae.encode(x_ND)
-    torch.testing.assert_close(feats, ours.latents.dense()[:, 0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(feats, ours.latents.dense()[:, 0] * norms_F, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(sae(x_ND), ours.recon[:, 0], atol=1e-5, rtol=1e-5)
 
 
@@ -413,6 +423,14 @@ def test_unrepresentable_export_fails_naming_the_fix(tmp_path, arch, act, fmt, m
     ckpt, _ = random_checkpoint(tmp_path / "ckpt", arch, act, *["act.token_norm=true"] * (act == "batchtopk"))
     with pytest.raises(UsageError, match=message):
         export(export_cfg(f"checkpoint={ckpt}", f"format={fmt}", f"out={tmp_path / 'out'}"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_topk_sae_with_unequal_decoder_norms_is_refused_naming_the_conversion(tmp_path):
+    # unit rows would rescale each latent differently and change SAELens' top-k selection
+    ckpt, _ = random_checkpoint(tmp_path / "ckpt", "sae", "topk", decoder_scale=torch.linspace(1, 2, 64)[:, None, None])
+    with pytest.raises(UsageError, match="decoder rows differ in norm .*" + CONVERT_HINT):
+        export(export_cfg(f"checkpoint={ckpt}", "format=saelens", f"out={tmp_path / 'out'}"))
     assert not (tmp_path / "out").exists()
 
 

@@ -3,7 +3,8 @@ loaded dictionary (`saelens_files`) and read back as our checkpoint (`import_sae
   W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_out], b_dec [d_out]; `threshold` [d_sae]
   for jumprelu*, applied as relu(pre)·(pre > θ); `W_skip` [d_out, d_in] applied as x @ W_skip.T.
   Our SAEs never subtract b_dec from the input, so apply_b_dec_to_input is false (SAELens refuses
-  it for transcoders anyway), and the weights have the normalisation folded in ("none"). An SAE's
+  it for transcoders anyway), and the weights have the normalisation folded in ("none"). Decoder rows
+  are written at norm 1, their norms folded into W_enc, b_enc and the threshold (`unit_norm_scale`). An SAE's
   act.token_norm is SAELens' constant_norm_rescale; a transcoder's is dropped where it is the
   identity, on a norm's output (`formats.token_norm_is_identity`), and refused elsewhere.
   | ours \\ act     | relu            | topk   | jumprelu / batchtopk (its eval threshold)  |
@@ -16,6 +17,7 @@ import json
 from pathlib import Path
 
 import torch
+from torch import Tensor
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
@@ -29,6 +31,7 @@ from nn_decomp.runtime.checkpoint import build_coder, save_checkpoint
 from nn_decomp.runtime.files import refuse_existing
 
 SAELENS_CFG, SAELENS_WEIGHTS = "cfg.json", "sae_weights.safetensors"
+UNIFORM_NORM_RTOL = 1e-5  # TopK rows this close in norm count as equal (float32 renormalisation)
 SAELENS_FORMAT_VERSION = "6.0.0"  # the config layout we write; older ones are read as pre-6 configs
 SAELENS_ARCH = {("sae", "relu"): "standard", ("sae", "topk"): "topk", ("sae", "jumprelu"): "jumprelu",
                 ("transcoder", "relu"): "transcoder", ("transcoder", "jumprelu"): "jumprelu_transcoder",
@@ -50,13 +53,15 @@ def saelens_files(d: HookedDictionary, meta: dict, ckpt_cfg: DictConfig) -> dict
         raise UsageError(f"SAELens applies constant_norm_rescale to an SAE's output only, and at {d.hooks_in[0]} "
                          f"(no norm's output) act.token_norm is not the identity: retrain the {arch} with "
                          "act.token_norm=false")
-    tensors = {"W_enc": coder.W_enc[0].T, "b_enc": coder.b_enc[0], "W_dec": export_decoders(d, "SAELens")[0][:, 0],
+    W_dec = export_decoders(d, "SAELens")[0][:, 0]
+    norms = unit_norm_scale(W_dec, act, d)
+    tensors = {"W_enc": coder.W_enc[0].T * norms, "b_enc": coder.b_enc[0] * norms, "W_dec": W_dec / norms[:, None],
                "b_dec": coder.b_dec[0]}
     if coder.W_skip is not None:
         tensors["W_skip"] = coder.W_skip[0].T  # ours: x @ W_skip; SAELens: x @ W_skip.T
     theta = thresholds(d)
     if theta is not None:
-        tensors["threshold"] = theta[0]
+        tensors["threshold"] = theta[0] * norms
     architecture = SAELENS_ARCH[(arch, act)]
     cfg = {"architecture": architecture, "d_in": coder.d_in, "d_sae": coder.n_latents, "dtype": "float32",
            "device": "cpu", "apply_b_dec_to_input": False,
@@ -75,6 +80,20 @@ def saelens_files(d: HookedDictionary, meta: dict, ckpt_cfg: DictConfig) -> dict
     if arch != "sae":
         cfg["metadata"] |= {"hook_name_out": d.hooks_out[0], "hook_head_index_out": None}
     return {SAELENS_CFG: json.dumps(cfg, indent=2), SAELENS_WEIGHTS: tensors}
+
+
+def unit_norm_scale(W_dec: Tensor, act: str, d: HookedDictionary) -> Tensor:
+    """[F] decoder row norms, to be folded into the encoder side so the exported rows have norm 1, as
+    SAELens-based tools assume (SAEBench's absorption reads cosines and magnitudes off W_dec; it moved
+    10x on rows left at the folded normalisation's norm). Exact for ReLU / JumpReLU (positively
+    homogeneous, thresholds scaled alike) and for TopK when every row has the same norm (the selection
+    is unchanged); a dead latent's zero row stays zero."""
+    norms = W_dec.norm(dim=-1)
+    if act == "topk" and norms.max() - norms.min() > UNIFORM_NORM_RTOL * norms.max():
+        raise UsageError(f"SAELens' TopK has no per-latent scale, and {d.path}'s decoder rows differ in norm "
+                         f"({norms.min():.3g}..{norms.max():.3g}): unit rows would change which latents fire; "
+                         f"{convert_hint([d], [d])}")
+    return torch.where(norms > 0, norms, torch.ones_like(norms))
 
 
 def import_saelens(src: str | Path, out: str | Path, overwrite: bool = False, model_name: str | None = None) -> Path:
