@@ -44,6 +44,9 @@ def sweep(tmp_path):
              "error": "AssertionError: act.k=300 must be < arch.n_latents=64"}, checkpoint=False, k=300)
     make_job(root, "2_act.k=16", ["act.k=16"], {"status": "running", "attempts": 2}, k=16)  # killed mid-run
     make_job(root, "3_act.k=32", ["act.k=32"], None, {"nmse": 0.1, "l0": 32.0}, k=32)  # before status.json
+    # python -m nn_decomp.saebench's flat row
+    (root / "0_act.k=8" / "checkpoint" / "saebench.json").write_text(json.dumps(
+        {"absorption.mean.mean_absorption_fraction_score": 0.21, "core.sparsity.l0": 8.0}))
     return root
 
 
@@ -55,6 +58,8 @@ def test_one_row_per_job_with_status_overrides_config_and_metrics(sweep):
     assert ok["act.k"] == 8 and ok["overrides"] == "act.k=8" and ok["arch.n_latents"] == 64
     assert ok["nmse"] == 0.25 and ok["steps"] == 10
     assert ok["eval.nmse"] == 0.3 and ok["eval.ce_recovered_zero"] == 0.9 and ok["eval.l0_per_layer"] == [8.0]
+    assert ok["saebench.absorption.mean.mean_absorption_fraction_score"] == 0.21 and ok["saebench.core.sparsity.l0"] == 8.0
+    assert not any(k.startswith("saebench.") for k in legacy)
     assert failed["act.k"] == 300 and "must be < arch.n_latents" in failed["error"] and "nmse" not in failed
     assert failed["arch.name"] == "transcoder"  # from .hydra/config.yaml: no checkpoint was written
     assert running["attempts"] == 2 and legacy["l0"] == 32.0

@@ -12,7 +12,7 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src"
 LAYERS = {"config": 0, "core": 1, "data": 2, "runtime": 2, "models": 2, "dictionaries": 2, "analysis": 3,
           "interop": 3}
-COMMANDS = {"train", "evaluate", "convert", "export", "cache", "collect", "attribute"}
+COMMANDS = {"train", "evaluate", "convert", "export", "cache", "collect", "attribute", "saebench"}
 COMMAND_LAYER = 4
 
 

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from nn_decomp.config.act import BatchTopKConfig, JumpReLUConfig, ReLUConfig, TopKConfig
 from nn_decomp.config.arch import ArchConfig
-from nn_decomp.config.commands import AttributeConfig, ConvertConfig, EvaluateConfig, ExportConfig
+from nn_decomp.config.commands import AttributeConfig, ConvertConfig, EvaluateConfig, ExportConfig, SaebenchConfig
 from nn_decomp.config.data import CacheConfig, DataConfig, SyntheticDataConfig
 from nn_decomp.config.errors import UsageError, require
 from nn_decomp.config.logger import LoggerConfig
@@ -86,6 +86,7 @@ def register_configs() -> None:
     cs.store(name="base_convert", node=ConvertConfig)
     cs.store(name="base_export", node=ExportConfig)
     cs.store(name="base_attribute", node=AttributeConfig)
+    cs.store(name="base_saebench", node=SaebenchConfig)
     if not OmegaConf.has_resolver("join"):  # `${join:${arch.layers}}` -> "0-1-2" in file names
         OmegaConf.register_new_resolver("join", lambda items, sep="-": sep.join(str(i) for i in items))
     if not OmegaConf.has_resolver("path_safe"):

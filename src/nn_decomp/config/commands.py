@@ -140,3 +140,51 @@ class AttributeConfig(CommandConfig):
         for name in ("node_threshold", "edge_threshold", "completeness", "desired_logit_prob"):
             value = getattr(self, name)
             require(0 < value <= 1, f"{name}={value}: must lie in (0, 1]")
+
+
+SAEBENCH_EVALS = ("core", "absorption", "sparse_probing", "autointerp")
+
+
+@dataclass
+class SaebenchConfig(CommandConfig):
+    """`python -m nn_decomp.saebench` (conf/saebench.yaml): SAEBench's evals on `checkpoint` (or each of
+    `checkpoints`, scored independently), run by sae-bench in its own Python. Results go into each
+    checkpoint dir: `saebench/<eval>/` (SAEBench's JSON) and `saebench.json` (one flat row, which
+    `collect` reads); an eval already in saebench.json is skipped unless `overwrite`. `out` is unused."""
+
+    evals: list[str] = field(default_factory=lambda: list(SAEBENCH_EVALS))
+    """Any of core, absorption, sparse_probing, autointerp."""
+    device: str = "auto"
+    cache_dir: str = "${paths.cache_dir}"
+    paths: Any = None
+    llm_batch_size: int = 16
+    """Contexts (or prompts) per LM forward in every eval."""
+    core_tokens: int = 32768
+    """core: held-out tokens (whole contexts of the checkpoint's data.context_size) for CE / KL / EV."""
+    probing_sets: list[str] = field(default_factory=lambda: ["sotu_party", "sotu_era", "sotu_president"])
+    """sparse_probing: built-in SOTU sets (data/probing.py) or JSONL files (text, label, group)."""
+    probe_train_per_class: int = 100
+    probe_test_per_class: int = 30
+    probe_test_fraction: float = 0.25
+    """Fraction of each label's groups (speeches) held out for the probes' test texts."""
+    probe_context_length: int = 128
+    autointerp_latents: int = 100
+    """autointerp: latents scored (SAEBench's default 1000 costs 2000 judge calls)."""
+    autointerp_tokens: int = 131072
+    """autointerp: held-out tokens scanned for each latent's examples (SAEBench's default: 2M)."""
+    judge: str = "offline"
+    """autointerp's judge: offline (the worker's token-matching stand-in, no network) | openai."""
+    judge_url: str = "https://api.openai.com/v1"
+    judge_model: str = "gpt-4o-mini"
+    judge_api_key_env: str = "OPENAI_API_KEY"
+    """Name of the environment variable holding the API key (never the key itself)."""
+    seed: int = 42
+
+    def __post_init__(self):
+        unknown = sorted(set(self.evals) - set(SAEBENCH_EVALS))
+        require(self.evals and not unknown, f"evals={list(self.evals)}: choose from {list(SAEBENCH_EVALS)}")
+        require(self.judge in ("offline", "openai"), f"judge={self.judge!r}: use offline or openai")
+        require(min(self.llm_batch_size, self.core_tokens, self.probe_train_per_class, self.probe_test_per_class,
+                    self.probe_context_length, self.autointerp_latents, self.autointerp_tokens) > 0,
+                "llm_batch_size, core_tokens, probe_*_per_class, probe_context_length and autointerp_* must be > 0")
+        require(0 < self.probe_test_fraction < 1, f"probe_test_fraction={self.probe_test_fraction}: must lie in (0, 1)")

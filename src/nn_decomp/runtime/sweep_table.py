@@ -10,9 +10,10 @@ A job is a directory under DIR holding a Hydra record (`.hydra/overrides.yaml`),
 - the job's config flattened with dotted keys (`arch.n_latents`, `train.n_tokens`, ...): the
   checkpoint's resolved `config.yaml`, else Hydra's `.hydra/config.yaml` (a job that failed before
   its first checkpoint);
-- every metric of `metrics.json` (training's final eval) as is, and every metric of `eval.json`
-  (`python -m nn_decomp.evaluate`, in the checkpoint dir or the job dir) prefixed `eval.`; list
-  values become JSON strings.
+- every metric of `metrics.json` (training's final eval) as is, every metric of `eval.json`
+  (`python -m nn_decomp.evaluate`, in the checkpoint dir or the job dir) prefixed `eval.`, and the
+  flat row of `saebench.json` (`python -m nn_decomp.saebench`, in the checkpoint dir) prefixed
+  `saebench.`; list values become JSON strings.
 
 `write_table` writes the rows as CSV and, when pyarrow imports, as Parquet next to it. `status.json` is
 read here and written by `jobs.JobStatusCallback` (jobs imports this module: the table is read in
@@ -26,7 +27,7 @@ from typing import Any
 import yaml
 
 STATUS_JSON = "status.json"
-CHECKPOINT, METRICS, EVAL = "checkpoint", "metrics.json", "eval.json"
+CHECKPOINT, METRICS, EVAL, SAEBENCH = "checkpoint", "metrics.json", "eval.json", "saebench.json"
 FIRST_COLUMNS = ["job", "status", "attempts", "error", "overrides"]
 SKIP_DIRS = {CHECKPOINT, ".hydra", ".submitit", "checkpoint.tmp", "checkpoint.old", "wandb"}
 
@@ -121,6 +122,7 @@ def job_row(job_dir: Path, root: Path) -> dict[str, Any]:
     row |= {k: v for k, v in job_config(job_dir).items() if k not in row}
     row |= metrics
     row |= {f"eval.{k}": v for k, v in flatten(evals).items()}
+    row |= {f"saebench.{k}": v for k, v in read_json(job_dir / CHECKPOINT / SAEBENCH).items()}
     return row
 
 
