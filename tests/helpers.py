@@ -147,3 +147,15 @@ class PlantedFeatures:
             else:
                 y_BLD[:, i] += write_BTD[:, 0]
         return x_BLD, y_BLD, z_BLN
+
+
+def forbid_loading(monkeypatch, *targets) -> None:
+    """Refusals must come before any model loads or worker runs: each (module, attribute) of `targets`,
+    and nn_decomp.models.load_model, fails the test if called."""
+    import nn_decomp.models
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("a model was loaded or a worker run before the input was refused")
+
+    for module, name in [(nn_decomp.models, "load_model"), *targets]:
+        monkeypatch.setattr(module, name, loaded)

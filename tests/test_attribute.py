@@ -9,7 +9,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from helpers import CONF
+from helpers import CONF, forbid_loading
 from nn_decomp.config import UsageError
 from nn_decomp.interop import attribution
 from nn_decomp.interop.attribution import attribute
@@ -65,14 +65,7 @@ def layer_set(tmp_path, act: str = "jumprelu", layers=(0, 1, 2), d: int = 12) ->
 
 @pytest.fixture
 def no_models(monkeypatch):
-    """Refusals must come before any model or worker runs."""
-    import nn_decomp.models
-
-    def loaded(*args, **kwargs):
-        raise AssertionError("a model was loaded or a worker run before the input was refused")
-
-    monkeypatch.setattr(nn_decomp.models, "load_model", loaded)
-    monkeypatch.setattr(attribution, "run_worker", loaded)
+    forbid_loading(monkeypatch, (attribution, "run_worker"))
 
 
 @pytest.mark.parametrize("case, message", [

@@ -9,7 +9,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from helpers import CONF
+from helpers import CONF, forbid_loading
 from nn_decomp.config import UsageError
 from nn_decomp.data.probing import Record, jsonl_records, labelled_split, sotu_records
 from nn_decomp.interop import saebench as saebench_module
@@ -26,14 +26,7 @@ def saebench_cfg(*overrides: str):
 
 @pytest.fixture
 def no_models(monkeypatch):
-    import nn_decomp.models
-
-    def loaded(*args, **kwargs):
-        raise AssertionError("a model was loaded or a worker run before the input was refused")
-
-    monkeypatch.setattr(nn_decomp.models, "load_model", loaded)
-    monkeypatch.setattr(saebench_module, "run_worker", loaded)
-    monkeypatch.setattr(saebench_module, "heldout_contexts", loaded)
+    forbid_loading(monkeypatch, (saebench_module, "run_worker"), (saebench_module, "heldout_contexts"))
 
 
 @pytest.mark.parametrize("case, message", [
