@@ -20,7 +20,7 @@ from nn_decomp.runtime import training as training_module
 from nn_decomp.data.cache_file import (CacheError, build_cache, check_matches, escape, from_storage, read_meta,
                                        to_storage)
 from nn_decomp.data.cached import CachedActivations
-from nn_decomp.runtime.checkpoint import TRAINER_STATE, read_config
+from nn_decomp.runtime.checkpoint import TRAINER_STATE, load_dictionary, read_config
 from nn_decomp.config import UsageError
 from nn_decomp.config.arch import arch_hooks
 from nn_decomp.data.store import ActivationsStore, lm_stores
@@ -324,6 +324,28 @@ def test_a_peer_trains_on_exactly_the_rows_our_run_trained_on(tiny_lm, tmp_path,
         torch.testing.assert_close(px, x)
         torch.testing.assert_close(py, y)
     assert scores["l0"] <= 4 and 0 < scores["nmse"] < 10
+
+
+@pytest.mark.parametrize("name", ["saelens_topk", "sparsify_topk"])
+def test_a_topk_peer_saved_as_our_checkpoint_computes_what_it_computes(tmp_path, name):
+    """peers.peer_checkpoint: b_dec subtraction, SAELens' decoder-norm rescaling and the input scale
+    folded into our TopK SAE, which then reconstructs raw rows as the peer does scaled ones."""
+    from nn_decomp.analysis import peers
+    from helpers import arch_act_cfg
+
+    torch.manual_seed(0)
+    peer = peers.build_peer(name, 12, 64, 4, transcode=False)
+    with torch.no_grad():
+        for param in peer.module.parameters():
+            param.normal_(0, 0.3)
+    cfg = arch_act_cfg("sae", "topk", n_latents=64, k=4)
+    meta = {"model": "tiny", "arch": "sae", "act": "topk", "layers": [2], "hooks_in": ["blocks.2.hook_resid_post"],
+            "hooks_out": ["blocks.2.hook_resid_post"], "d_in": 12, "d_out": 12, "n_latents": 64}
+    out = peers.peer_checkpoint(name, peer, 0.3, cfg, meta, tmp_path / "peer")
+    x = torch.randn(50, 12) * 3
+    ours = load_dictionary(out)(x[:, None]).recon[:, 0]
+    torch.testing.assert_close(ours, peer.reconstruct(x * 0.3) / 0.3, atol=1e-5, rtol=1e-5)
+    assert json.loads((out / "metadata.json").read_text())["peer"] == name
 
 
 # --- bad caches -------------------------------------------------------------------------------

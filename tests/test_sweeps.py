@@ -49,9 +49,9 @@ def representative_jobs(grid: list[str]) -> list[list[str]]:
 
 # --- configs ---------------------------------------------------------------------------------------
 
-def test_experiments_are_the_seven_numbered_ones():
+def test_experiments_are_the_eight_numbered_ones():
     assert EXPERIMENTS == ["exp_001_l0_sweep", "exp_002_pareto", "exp_003_all_layers_patching", "exp_004_interp",
-                           "exp_005_ground_truth", "exp_006_crosscoder", "exp_007_circuits"]
+                           "exp_005_ground_truth", "exp_006_crosscoder", "exp_007_circuits", "exp_008_saebench"]
     for name in EXPERIMENTS:
         assert (REPO / "conf" / "experiment" / f"{name}.yaml").read_text().startswith("# @package _global_")
 
@@ -71,7 +71,7 @@ def test_every_experiment_job_composes_and_validates(name, scale):
         cfg = compose_cfg(f"experiment={name}", f"scale={scale}", *job)
         validate(cfg)
         assert cfg.analysis.name == scale
-    source = ("synthetic" if name == "exp_005_ground_truth" else
+    source = ("synthetic" if name == "exp_005_ground_truth" else "cache" if name == "exp_008_saebench" else
               {"gpu": "hf", "cpu_2m": "cache", "full_depth_cpu": "cache", "full_depth_gpu": "hf"}.get(scale, "sotu"))
     assert cfg.data.source == source
 

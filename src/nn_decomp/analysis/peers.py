@@ -11,6 +11,7 @@ AuxK; gradient clipping is the caller's choice (train.grad_clip for quality, the
 for speed). Needs `pip install -e .[bench]`.
 """
 from collections.abc import Callable
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -21,6 +22,7 @@ from nn_decomp.config.arch import arch_hooks
 from nn_decomp.core.coder import SparseCoder
 from nn_decomp.core.losses import fvu
 from nn_decomp.data.sources import take_tokens
+from nn_decomp.runtime.checkpoint import build_coder, save_checkpoint
 from nn_decomp.runtime.trainer import lr_scheduler
 from nn_decomp.runtime.training import INIT_BATCHES, norm_scale, setup
 
@@ -234,11 +236,12 @@ def held_out(peer: Peer, x_ND: Tensor, y_ND: Tensor, batch_size: int) -> dict:
             "dead_fraction_eval": (latents == 0).all(0).float().mean().item()}
 
 
-def train_peer_on_run(name: str, cfg) -> dict:
+def train_peer_on_run(name: str, cfg, out: Path | None = None, meta: dict | None = None) -> dict:
     """Peer `name` trained on exactly the rows our run `cfg` trained on (its stream after init_coder's
     batches, each layer scaled to E‖x‖² = d by the same init batches as ours), scored on the run's
     held-out rows. FVU does not depend on that scale, so it compares as is with the run's own held-out
-    nmse (metrics.json, the same rows; eval.nmse is the evaluator's, on other tokens)."""
+    nmse (metrics.json, the same rows; eval.nmse is the evaluator's, on other tokens). `out`: also save
+    a TopK SAE peer there as our checkpoint (`peer_checkpoint`; `meta`: the run's metadata)."""
     hooks_in, hooks_out = arch_hooks(cfg.arch)
     assert len(hooks_in) == 1, "peers train single-layer dictionaries"
     _, store, (x_eval, y_eval), _ = setup(cfg)
@@ -254,4 +257,38 @@ def train_peer_on_run(name: str, cfg) -> dict:
         train_peer(peer, next_batch, cfg.train, cfg.arch.n_latents)
     finally:
         store.close()
+    if out is not None:
+        peer_checkpoint(name, peer, s_in, cfg, meta, out)
     return held_out(peer, x_eval[:, 0] * s_in, y_eval[:, 0] * s_out, cfg.train.batch_size)
+
+
+@torch.no_grad()
+def topk_sae_weights(name: str, peer: Peer, scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A TopK SAE peer trained on rows × `scale` as our TopK SAE on raw rows computes it: (W_enc_FD,
+    b_enc_F, W_dec_FD, b_dec_D) with pre = x W_encᵀ + b_enc, the k largest kept, decoded by W_dec. Both
+    peers subtract b_dec before encoding (folded into b_enc); SAELens' TopK also multiplies the
+    pre-activations by the decoder row norms and divides them back out when decoding (folded: unit rows)."""
+    module = peer.module
+    if name == "sparsify_topk":
+        W_enc, b_enc, W_dec, b_dec = module.encoder.weight, module.encoder.bias, module.W_dec, module.b_dec
+    else:
+        assert name == "saelens_topk" and module.cfg.apply_b_dec_to_input, name
+        W_enc, b_enc, W_dec, b_dec = module.W_enc.T, module.b_enc, module.W_dec, module.b_dec
+        if module.cfg.rescale_acts_by_decoder_norm:
+            norms = W_dec.norm(dim=-1)
+            W_enc, b_enc, W_dec = W_enc * norms[:, None], b_enc * norms, W_dec / norms[:, None]
+    b_enc = b_enc - W_enc @ b_dec
+    return W_enc * scale, b_enc, W_dec / scale, b_dec / scale
+
+
+def peer_checkpoint(name: str, peer: Peer, scale: float, cfg, meta: dict, out: Path) -> Path:
+    """Save a trained TopK SAE peer as our checkpoint of the run it trained on (`cfg`, `meta`): loadable
+    by load_dictionary, evaluable and exportable like our own (SAEBench scores it through that path)."""
+    assert cfg.arch.name == "sae" and cfg.act.k is not None, "only TopK SAE peers are saved as checkpoints"
+    W_enc, b_enc, W_dec, b_dec = topk_sae_weights(name, peer, scale)
+    coder = build_coder(cfg, W_enc.shape[1], W_dec.shape[1])
+    state = coder.state_dict() | {"W_enc": W_enc[None], "b_enc": b_enc[None], "W_dec.0": W_dec[:, None],
+                                  "b_dec": b_dec[None]}
+    coder.load_state_dict(state)
+    save_checkpoint(out, coder.eval(), cfg, meta | {"peer": name})
+    return out
