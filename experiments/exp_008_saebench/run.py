@@ -83,9 +83,9 @@ def train_peers(rows: list[dict], peers_dir: Path) -> None:
 def score(checkpoints: list[Path], scale: str) -> None:
     from nn_decomp.interop.saebench import saebench
 
+    paths = f"checkpoints=[{','.join(json.dumps(str(p)) for p in checkpoints)}]"  # quoted: Hydra's grammar
     for name in EVALS:  # each eval over every dictionary in one worker, filed before the next starts
-        saebench(compose_config("saebench", [f"checkpoints=[{','.join(map(str, checkpoints))}]", f"evals=[{name}]",
-                                             *SAEBENCH[scale]]))
+        saebench(compose_config("saebench", [paths, f"evals=[{name}]", *SAEBENCH[scale]]))
 
 
 def bootstrap(values: list[float], n: int = 2000, seed: int = 0) -> tuple[float, float]:
