@@ -90,6 +90,12 @@ class Job:
     def model(self) -> tuple:
         return self.meta["model"], self.cfg.model.get("first_n_layers")
 
+    @property
+    def heldout(self) -> str:
+        """What decides its held-out text: checkpoints scored in one worker share it."""
+        text = text_config(self.cfg, self.meta)
+        return json.dumps([OmegaConf.to_container(text.data), text.train.seed])
+
 
 def model_spec(name: str, first_n_layers: int | None, cache_dir: str) -> dict:
     if name == SMOLLM2:
@@ -144,7 +150,8 @@ def settings(cfg: DictConfig, model_name: str, n_core_contexts: int) -> dict:
 
 
 def score_group(cfg: DictConfig, jobs: list[Job], evals: list[str], probing: dict | None) -> None:
-    """One worker call: `evals` on every job's dictionary (one model); results filed per checkpoint."""
+    """One worker call: `evals` on every job's dictionary (one model, one held-out text); results filed
+    per checkpoint."""
     name, first_n_layers = jobs[0].model
     tokenizer = load_tokenizer(name, cfg.cache_dir) if {"core", "autointerp"} & set(evals) else None
     tensors = {}
@@ -193,8 +200,8 @@ def saebench(cfg: DictConfig) -> dict[Path, dict]:
     groups = defaultdict(list)
     for job in jobs:
         if job.evals:
-            groups[(job.model, tuple(job.evals))].append(job)
-    for (_, evals), group in groups.items():
+            groups[(job.model, job.heldout, tuple(job.evals))].append(job)
+    for (_, _, evals), group in groups.items():
         score_group(cfg, group, list(evals), probing)
     return {job.path: read_row(job.path) for job in jobs}
 
