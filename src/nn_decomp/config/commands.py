@@ -159,7 +159,7 @@ class SaebenchConfig(CommandConfig):
     paths: Any = None
     llm_batch_size: int = 16
     """Contexts (or prompts) per LM forward in every eval."""
-    core_tokens: int = 32768
+    core_tokens: int = 16384
     """core: held-out tokens (whole contexts of the checkpoint's data.context_size) for CE / KL / EV."""
     probing_sets: list[str] = field(default_factory=lambda: ["sotu_party", "sotu_era", "sotu_president"])
     """sparse_probing: built-in SOTU sets (data/probing.py) or JSONL files (text, label, group)."""
