@@ -142,7 +142,9 @@ def settings(cfg: DictConfig, model_name: str, n_core_contexts: int) -> dict:
                               "compute_sparsity_metrics": True, "compute_variance_metrics": True,
                               "compute_featurewise_density_statistics": True,
                               "compute_featurewise_weight_based_metrics": True},
-            "absorption": common | {"llm_batch_size": cfg.llm_batch_size, "random_seed": cfg.seed},
+            # the SAE's latents on the vocabulary's activations once, not once per (k, letter) probe
+            "absorption": common | {"llm_batch_size": cfg.llm_batch_size, "random_seed": cfg.seed,
+                                    "precalc_k_sparse_probe_sae_acts": True},
             "sparse_probing": common | {"llm_batch_size": cfg.llm_batch_size, "random_seed": cfg.seed,
                                         "context_length": cfg.probe_context_length},
             "autointerp": common | {"llm_batch_size": cfg.llm_batch_size, "random_seed": cfg.seed,
