@@ -165,7 +165,22 @@ def test_saebench_scores_absorption_and_core_of_a_small_smollm2_sae(tmp_path):
     rows = saebench(saebench_cfg(f"checkpoint={ckpt}", "evals=[core,absorption]", "core_tokens=2048"))
     row = rows[ckpt]
     assert row["core.sparsity.l0"] == pytest.approx(16, abs=0.5)
-    assert 0.5 < row["core.reconstruction_quality.explained_variance"] <= 1
+    # what sae-bench read is our model, text and dictionary: on the same held-out contexts, our model's
+    # activations have its mean norm and our dictionary's reconstructions its mean cosine (special tokens out)
+    from nn_decomp.models import load_model
+    from nn_decomp.dictionaries import HookedDictionary
+
+    model = load_model("smollm2_135m", device="cpu", first_n_layers=3)
+    tokens = saebench_module.contexts(saebench_module.Job(ckpt, ["core"], True), model.tokenizer, 2048, 16)
+    x = model.run_with_cache(tokens, names_filter="blocks.2.hook_resid_post", stop_at_layer=3)[1][
+        "blocks.2.hook_resid_post"]
+    keep = ~torch.isin(tokens, torch.tensor([model.tokenizer.bos_token_id, model.tokenizer.eos_token_id,
+                                             model.tokenizer.pad_token_id]))
+    x = x[keep]
+    recon = HookedDictionary.load(ckpt).coder.eval()(x[:, None]).recon[:, 0].detach()
+    assert row["core.shrinkage.l2_norm_in"] == pytest.approx(x.norm(dim=-1).mean().item(), rel=1e-3)
+    assert row["core.reconstruction_quality.cossim"] == pytest.approx(
+        torch.cosine_similarity(x, recon, dim=-1).mean().item(), abs=1e-3)
     assert 0 <= row["absorption.mean.mean_absorption_fraction_score"] <= 1
     core = json.loads((ckpt / "saebench" / "core.json").read_text())
     assert core["eval_result_metrics"]["sparsity"]["l0"] == row["core.sparsity.l0"]
