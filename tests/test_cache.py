@@ -333,6 +333,8 @@ def test_a_topk_peer_saved_as_our_checkpoint_computes_what_it_computes(tmp_path,
     from nn_decomp.analysis import peers
     from helpers import arch_act_cfg
 
+    if name == "sparsify_topk":
+        pytest.importorskip("sparsify", reason="sparsify is in the bench extra: pip install -e '.[bench]'")
     torch.manual_seed(0)
     peer = peers.build_peer(name, 12, 64, 4, transcode=False)
     with torch.no_grad():
