@@ -119,15 +119,21 @@ def probing_data(cfg: DictConfig) -> dict:
     return data
 
 
+def n_contexts(job: Job, n_tokens: int, batch: int) -> int:
+    """Held-out contexts covering n_tokens, a whole number of LM batches (core counts its batches)."""
+    return max(1, math.ceil(n_tokens / text_config(job.cfg, job.meta).data.context_size / batch)) * batch
+
+
 def contexts(job: Job, tokenizer, n_tokens: int, batch: int):
-    """Held-out contexts, a whole number of LM batches (core counts its batches)."""
+    """The first n_contexts(job, n_tokens, batch) held-out contexts (document order: a smaller count
+    is a prefix of a larger one)."""
     ckpt_cfg = text_config(job.cfg, job.meta)
     context_size = ckpt_cfg.data.context_size
-    n_contexts = max(1, math.ceil(n_tokens / context_size / batch)) * batch
-    found = heldout_contexts(ckpt_cfg, tokenizer, n_contexts * context_size)
-    if len(found) < n_contexts:
+    n_contexts_ = n_contexts(job, n_tokens, batch)
+    found = heldout_contexts(ckpt_cfg, tokenizer, n_contexts_ * context_size)
+    if len(found) < n_contexts_:
         raise UsageError(f"{job.path}: the held-out split has {len(found)} contexts of {context_size} tokens, fewer than "
-                         f"the {n_contexts} asked: lower core_tokens / autointerp_tokens or llm_batch_size")
+                         f"the {n_contexts_} asked: lower core_tokens / autointerp_tokens or llm_batch_size")
     return found
 
 
@@ -156,11 +162,12 @@ def score_group(cfg: DictConfig, jobs: list[Job], evals: list[str], probing: dic
     per checkpoint."""
     name, first_n_layers = jobs[0].model
     tokenizer = load_tokenizer(name, cfg.cache_dir) if {"core", "autointerp"} & set(evals) else None
+    wanted = {e: n for e, n in (("core", cfg.core_tokens), ("autointerp", cfg.autointerp_tokens)) if e in evals}
     tensors = {}
-    if "core" in evals:
-        tensors["core_contexts"] = {"tokens": contexts(jobs[0], tokenizer, cfg.core_tokens, cfg.llm_batch_size)}
-    if "autointerp" in evals:
-        tensors["autointerp_contexts"] = {"tokens": contexts(jobs[0], tokenizer, cfg.autointerp_tokens, cfg.llm_batch_size)}
+    if wanted:  # the held-out text read and tokenized once, each eval taking its prefix
+        tokens = contexts(jobs[0], tokenizer, max(wanted.values()), cfg.llm_batch_size)
+        tensors = {f"{e}_contexts": {"tokens": tokens[:n_contexts(jobs[0], n, cfg.llm_batch_size)]}
+                   for e, n in wanted.items()}
     n_core = len(tensors["core_contexts"]["tokens"]) if "core" in evals else cfg.llm_batch_size
     with tempfile.TemporaryDirectory(prefix="saebench_") as tmp:
         saes = []
