@@ -13,7 +13,7 @@ import torch
 from omegaconf import DictConfig
 
 import nn_decomp.config  # noqa: F401  (registers base_export)
-from nn_decomp.config import UsageError
+from nn_decomp.config import UsageError, check_command
 from nn_decomp.config.arch import CHECKPOINT_ONLY
 from nn_decomp.dictionaries import checkpoint_list, load_dictionaries
 from nn_decomp.interop.circuit_tracer import circuit_tracer_files
@@ -28,6 +28,7 @@ FORMATS = ("saelens", "circuit_tracer", "hf_model")
 
 def export(cfg: DictConfig) -> Path:
     """Export (or, with from_saelens, import) as `cfg` says; returns the written dir."""
+    check_command(cfg)
     if not cfg.out:
         raise UsageError("pass out=DIR for the exported files")
     if cfg.get("from_saelens"):

@@ -29,7 +29,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from nn_decomp.config import UsageError
+from nn_decomp.config import UsageError, check_command
 from nn_decomp.config.act import JumpReLUConfig
 from nn_decomp.core.coder import SparseCoder
 from nn_decomp.data.heldout import heldout_activations, text_config
@@ -125,6 +125,7 @@ def convert(cfg: DictConfig, model=None) -> list[dict]:
     """Convert the checkpoint(s) `cfg` names; returns each one's before/after report. A set
     (`checkpoints=[...]`, e.g. a transcoder per layer) is fitted from one LM pass over the held-out
     text of every layer it covers, each written next to its source as <checkpoint>_jumprelu."""
+    check_command(cfg)
     if cfg.to != "jumprelu":
         raise UsageError(f"to={cfg.to}: only to=jumprelu is supported")
     paths = checkpoint_list(cfg)

@@ -34,7 +34,7 @@ from nn_decomp.analysis.metrics import (CE_RECOVERED_DEFINITION, KL_DEFINITION, 
                                         REPLACEMENT_METRICS, STDERR_DEFINITION, DownstreamStats, ReconstructionStats,
                                         ce_recovered)
 from nn_decomp.analysis.patching import patched
-from nn_decomp.config import UsageError
+from nn_decomp.config import UsageError, check_command
 from nn_decomp.data.heldout import excluded_token_ids, heldout_contexts, text_config
 from nn_decomp.data.hooks import hook_layer
 from nn_decomp.dictionaries import (HookedDictionary, check_compatible, check_model_choice, checkpoint_list,
@@ -243,6 +243,7 @@ def table(result: dict) -> str:
 def evaluate(cfg: DictConfig, model: HookedTransformer | None = None) -> dict:
     """Evaluate the checkpoint(s) `cfg` names; writes eval.json + feature_density.png, returns the
     metrics. `model` replaces the LM the checkpoint names (tests pass a tiny one)."""
+    check_command(cfg)
     paths = checkpoint_list(cfg)
     if len(paths) > 1 and not cfg.out:
         raise UsageError("several checkpoints: pass out=DIR for their eval.json")

@@ -11,9 +11,11 @@ at composition with Hydra's own message; each schema's `__post_init__` checks it
 - `commands`     the entry configs of evaluate, convert, export over one `CommandConfig` base.
 - `experiments`  `AnalysisConfig`, `InterpConfig`: the experiment scripts' `analysis:` / `interp:`.
 - here           `validate(cfg)`: the checks that need the whole config (k vs n_latents, devices);
+                 `check_command(cfg)`: a command's entry config through its schema's checks;
                  `path_safe`, the `${path_safe:…}` resolver of sweep subdir names.
 """
 import re
+from dataclasses import fields, is_dataclass
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -27,7 +29,7 @@ from nn_decomp.config.logger import LoggerConfig
 from nn_decomp.config.model import ModelConfig
 from nn_decomp.config.train import TrainConfig
 
-__all__ = ["UsageError", "require", "validate"]  # what every module imports from here
+__all__ = ["UsageError", "require", "validate", "check_command"]  # what every module imports from here
 
 
 def validate(cfg: DictConfig) -> None:
@@ -58,6 +60,18 @@ def validate(cfg: DictConfig) -> None:
         device = str(OmegaConf.select(cfg, key, default="auto"))
         require(not device.startswith("cuda") or torch.cuda.is_available(),
                 f"{key}={device}: this machine has no CUDA device; use {key}=cpu or auto")
+
+
+def check_command(cfg: DictConfig) -> None:
+    """Run the `__post_init__` checks of a command's schema (and of its nested ones, e.g. `eval:`) on
+    the values the user gave: Hydra's composition only checks their types. Interpolations stay
+    unresolved: `${hydra:...}` in paths has no value outside a running app (tests, experiments), and
+    OmegaConf's own instantiation resolves them all."""
+    def instantiate(schema: type, values: dict) -> object:
+        return schema(**{f.name: instantiate(f.type, values[f.name]) if is_dataclass(f.type) else values[f.name]
+                         for f in fields(schema) if f.name in values})
+
+    instantiate(OmegaConf.get_type(cfg), OmegaConf.to_container(cfg, resolve=False))
 
 
 def path_safe(name: str) -> str:

@@ -32,7 +32,7 @@ from torch.nn import functional as F
 from nn_decomp.analysis.graph_page import write_graph_page
 from nn_decomp.analysis.metrics import mean_stderr
 from nn_decomp.analysis.patching import replacement_model
-from nn_decomp.config import UsageError
+from nn_decomp.config import UsageError, check_command
 from nn_decomp.dictionaries import HookedDictionary, checkpoint_list, load_dictionaries
 from nn_decomp.interop.bridge import WORKERS, require_python, run_worker
 from nn_decomp.interop.circuit_tracer import CIRCUIT_TRACER, circuit_tracer_files, hf_model_config
@@ -127,6 +127,7 @@ def replacement_scores(model, dictionaries: list[HookedDictionary], prompt: str)
 
 def attribute(cfg: DictConfig) -> dict:
     """Attribute every prompt of cfg.prompts not yet done in cfg.out; returns the summary."""
+    check_command(cfg)
     if not cfg.out:
         raise UsageError("pass out=DIR for the graphs and scores")
     prompts = read_prompts(cfg.prompts)

@@ -31,8 +31,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoTokenizer
 
-from nn_decomp.config import UsageError
-from nn_decomp.config.commands import SaebenchConfig
+from nn_decomp.config import UsageError, check_command
 from nn_decomp.data.heldout import heldout_contexts, text_config
 from nn_decomp.data.probing import labelled_split, load_records
 from nn_decomp.dictionaries import HookedDictionary, checkpoint_list
@@ -199,7 +198,7 @@ def file_results(job: Job, files: dict[str, Path], seconds: dict[str, float]) ->
 
 def saebench(cfg: DictConfig) -> dict[Path, dict]:
     """Score every checkpoint; returns {checkpoint: its flat row}."""
-    SaebenchConfig(**OmegaConf.to_container(cfg))  # the schema's checks (__post_init__), paths unresolved
+    check_command(cfg)
     require_python(SAE_BENCH)
     if "autointerp" in cfg.evals and cfg.judge == "openai" and not os.environ.get(cfg.judge_api_key_env):
         raise UsageError(f"judge=openai reads its API key from ${cfg.judge_api_key_env}, which is unset: export it, "
