@@ -24,17 +24,17 @@ LAYER = 2
 L0S = {"smoke": [4, 8], "cpu": [16, 64], "gpu": [32, 128]}
 L1 = {"smoke": [1, 10], "cpu": [1, 4], "gpu": [1, 4]}  # ReLU's L1 coefficient: its L0 is what it is
 SIZES = {"smoke": ["arch.n_latents=256", "train.n_tokens=8192", "train.batch_size=256"],
-         "cpu": ["arch.n_latents=4096", "train.n_tokens=1024000", "train.batch_size=1024", "train.eval_every=250",
+         "cpu": ["arch.n_latents=2048", "train.n_tokens=1024000", "train.batch_size=1024", "train.eval_every=250",
                  "train.checkpoint_every=250"],
          "gpu": ["arch.n_latents=16384", "train.n_tokens=50000000", "train.batch_size=4096"]}
-MATRYOSHKA = {"smoke": "[64,128]", "cpu": "[256,1024]", "gpu": "[1024,4096]"}
+MATRYOSHKA = {"smoke": "[64,128]", "cpu": "[128,512]", "gpu": "[1024,4096]"}
 SCALES = list(L0S)
 PEERS = ("saelens_topk", "sparsify_topk")
-EVALS = ("core", "sparse_probing", "autointerp", "absorption")  # cheapest first: a cut-short run keeps the most
+ABSORPTION_FIRST = ("matryoshka", "batchtopk")  # Matryoshka's claim is against its own base activation
 # the SAEBench run's sizes per scale (conf/saebench.yaml's defaults at cpu)
 SAEBENCH = {"smoke": ["core_tokens=256", "autointerp_tokens=2048", "autointerp_latents=8", "probe_train_per_class=16",
                       "probe_test_per_class=4", "probe_context_length=32", "probing_sets=[sotu_party]"],
-            "cpu": ["core_tokens=8192", "autointerp_tokens=32768"], "gpu": ["llm_batch_size=64"]}
+            "cpu": ["core_tokens=4096", "autointerp_tokens=32768"], "gpu": ["llm_batch_size=64"]}
 # (column of saebench.json, label, lower is better)
 METRICS = [("absorption.mean.mean_absorption_fraction_score", "absorption fraction (first letter)", True),
            ("sparse_probing.sae.sae_top_1_test_accuracy", "sparse probing, top-1 latent accuracy", False),
@@ -80,12 +80,24 @@ def train_peers(rows: list[dict], peers_dir: Path) -> None:
                 (out / "metrics.json").write_text(json.dumps(scores, indent=1))
 
 
-def score(checkpoints: list[Path], scale: str) -> None:
+def score(checkpoints: dict[Path, str], scale: str) -> None:
+    """Each eval over every dictionary in one worker, filed before the next starts. Absorption (~10 min
+    per dictionary on 2 cores) runs one dictionary per worker: the families Matryoshka's claim is about
+    right after core, the others last, so that a run cut short keeps the comparison."""
     from nn_decomp.interop.saebench import saebench
 
-    paths = f"checkpoints=[{','.join(json.dumps(str(p)) for p in checkpoints)}]"  # quoted: Hydra's grammar
-    for name in EVALS:  # each eval over every dictionary in one worker, filed before the next starts
-        saebench(compose_config("saebench", [paths, f"evals=[{name}]", *SAEBENCH[scale]]))
+    def run(paths: list[Path], name: str) -> None:
+        listed = f"checkpoints=[{','.join(json.dumps(str(p)) for p in paths)}]"  # quoted: Hydra's grammar
+        saebench(compose_config("saebench", [listed, f"evals=[{name}]", *SAEBENCH[scale]]))
+
+    first = [p for p in checkpoints if checkpoints[p] in ABSORPTION_FIRST]
+    run(list(checkpoints), "core")
+    for path in first:
+        run([path], "absorption")
+    run(list(checkpoints), "sparse_probing")
+    run(list(checkpoints), "autointerp")
+    for path in checkpoints:
+        run([path], "absorption")  # a no-op where done
 
 
 def bootstrap(values: list[float], n: int = 2000, seed: int = 0) -> tuple[float, float]:
@@ -170,7 +182,8 @@ def main(argv: list[str]) -> list[Path]:
     rows = [r | {"job_dir": root / r["job"]} for root in (exp.sweep_dir, peers_dir) if root.exists()
             for r in collect(root)]
     if "--plot-only" not in flags:
-        score([r["job_dir"] / "checkpoint" for r in rows if r["status"] == "completed"], exp.scale)
+        score({r["job_dir"] / "checkpoint": family(r, r["job_dir"] / "checkpoint") for r in rows
+               if r["status"] == "completed"}, exp.scale)
         rows = [r | {"job_dir": root / r["job"]} for root in (exp.sweep_dir, peers_dir) for r in collect(root)]
     return report_written(plot(points(rows), exp.out_dir))
 
