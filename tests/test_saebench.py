@@ -1,9 +1,10 @@
 """`python -m nn_decomp.saebench`: refusals before any model or worker runs, the offline probing sets
 (balanced, split by speech), the offline judge, the lab's side of the bridge (a fake worker), and,
-where sae-bench's own Python exists (`bash setup_env.sh --with sae-bench`), its absorption and core
+opt-in with sae-bench's own Python (`bash setup_env.sh --with sae-bench`), its absorption and core
 evals on a small SAE of SmolLM2's first blocks."""
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,9 +15,11 @@ from helpers import CONF, forbid_loading
 from nn_decomp.config import UsageError
 from nn_decomp.data.probing import Record, jsonl_records, labelled_split, sotu_records
 from nn_decomp.interop import saebench as saebench_module
+from nn_decomp.export import export
+from nn_decomp.interop.bridge import WORKERS
 from nn_decomp.interop.saebench import SAE_BENCH, saebench
 from nn_decomp.interop.workers.offline_judge import respond
-from test_export import random_checkpoint
+from test_export import export_cfg, random_checkpoint
 
 
 def saebench_cfg(*overrides: str):
@@ -186,3 +189,26 @@ def test_saebench_scores_absorption_and_core_of_a_small_smollm2_sae(tmp_path):
     core = json.loads((ckpt / "saebench" / "core.json").read_text())
     assert core["eval_result_metrics"]["sparsity"]["l0"] == row["core.sparsity.l0"]
     assert (ckpt / "saebench" / "absorption.json").exists()
+
+
+def test_a_zero_row_encodes_to_finite_latents_in_the_worker(tmp_path):
+    """Sparse probing zeroes padded positions before encoding and masks them by a product: an SAE that
+    rescales its input to norm √d (act.token_norm, SAELens' constant_norm_rescale) made them NaN, and
+    every probe's input with them. The worker's SAE keeps every other row as SAELens encodes it."""
+    SAE = pytest.importorskip("sae_lens").SAE
+    sys.path.insert(0, str(WORKERS))
+    try:
+        from saebench_evals import zero_rows_safe
+    finally:
+        sys.path.remove(str(WORKERS))
+    ckpt, _ = random_checkpoint(tmp_path / "ckpt", "sae", "batchtopk")
+    out = export(export_cfg(f"checkpoint={ckpt}", "format=saelens", f"out={tmp_path / 'sl'}"))
+    assert json.loads((out / "cfg.json").read_text())["normalize_activations"] == "constant_norm_rescale"
+    x_ND = torch.cat([torch.randn(5, 12), torch.zeros(2, 12)])
+    shipped = SAE.load_from_disk(out).encode(x_ND)
+    assert shipped[5:].isnan().all() and not shipped[:5].isnan().any()
+    safe = zero_rows_safe(SAE.load_from_disk(out))
+    latents = safe.encode(x_ND)
+    assert latents.isfinite().all()
+    torch.testing.assert_close(latents[:5], shipped[:5])
+    torch.testing.assert_close(safe(x_ND[:5]), SAE.load_from_disk(out)(x_ND[:5]))

@@ -94,10 +94,10 @@ def score(checkpoints: dict[Path, str], scale: str) -> None:
     run(list(checkpoints), "core")
     for path in first:
         run([path], "absorption")
-    run(list(checkpoints), "sparse_probing")
     run(list(checkpoints), "autointerp")
     for path in checkpoints:
         run([path], "absorption")  # a no-op where done
+    run(list(checkpoints), "sparse_probing")
 
 
 def bootstrap(values: list[float], n: int = 2000, seed: int = 0) -> tuple[float, float]:
@@ -109,13 +109,20 @@ def bootstrap(values: list[float], n: int = 2000, seed: int = 0) -> tuple[float,
     return means[int(0.025 * n)], means[int(0.975 * n) - 1]
 
 
+def letters(checkpoint: Path) -> dict[str, float]:
+    """Absorption fraction per first letter SAEBench scored (those its ground-truth probe found)."""
+    path = checkpoint / "saebench" / "absorption.json"
+    details = json.loads(path.read_text())["eval_result_details"] if path.exists() else []
+    return {d["first_letter"]: d["mean_absorption_fraction"] for d in details}
+
+
 def items(checkpoint: Path, name: str) -> list[float]:
+    if name == "absorption":
+        return list(letters(checkpoint).values())
     path = checkpoint / "saebench" / f"{name}.json"
     if not path.exists():
         return []
     result = json.loads(path.read_text())
-    if name == "absorption":
-        return [d["mean_absorption_fraction"] for d in result["eval_result_details"]]
     if name == "autointerp":
         return [v["score"] for v in result["eval_result_unstructured"].values() if "score" in v]
     return [acc for per_set in result["eval_result_unstructured"].values()
@@ -147,6 +154,28 @@ def points(rows: list[dict]) -> list[dict]:
                     "autointerp": s("autointerp.autointerp.autointerp_score"), "autointerp_lo": autointerp[0],
                     "autointerp_hi": autointerp[1], "frac_alive": s("core.misc_metrics.frac_alive"), "job": r["job"]})
     return sorted(out, key=lambda p: (p["family"], p["l0"]))
+
+
+def matryoshka_vs_base(rows: list[dict], out_dir: Path) -> Path:
+    """Matryoshka minus its base activation (BatchTopK, same k) in absorption fraction, letter by letter:
+    the mean paired difference with its 95% bootstrap interval over the letters both scored."""
+    by = {(family(r, r["job_dir"] / "checkpoint"), r.get("act.k")): r["job_dir"] / "checkpoint"
+          for r in rows if r["status"] == "completed"}
+    out = []
+    for (fam, k), checkpoint in sorted(by.items(), key=str):
+        if fam != "matryoshka" or ("batchtopk", k) not in by:
+            continue
+        ours, base = letters(checkpoint), letters(by[("batchtopk", k)])
+        diffs = [ours[x] - base[x] for x in sorted(ours.keys() & base.keys())]
+        if diffs:
+            lo, hi = bootstrap(diffs)
+            out.append({"k": k, "letters": len(diffs), "matryoshka": sum(ours[x] for x in ours.keys() & base.keys()) / len(diffs),
+                        "batchtopk": sum(base[x] for x in ours.keys() & base.keys()) / len(diffs),
+                        "difference": sum(diffs) / len(diffs), "difference_lo": lo, "difference_hi": hi,
+                        "letters_lower": sum(d < 0 for d in diffs)})
+    return write_points(out, out_dir / "matryoshka_vs_batchtopk.csv", ["k", "letters", "matryoshka", "batchtopk",
+                                                                     "difference", "difference_lo", "difference_hi",
+                                                                     "letters_lower"])
 
 
 def plot(pts: list[dict], out_dir: Path) -> list[Path]:
@@ -185,7 +214,7 @@ def main(argv: list[str]) -> list[Path]:
         score({r["job_dir"] / "checkpoint": family(r, r["job_dir"] / "checkpoint") for r in rows
                if r["status"] == "completed"}, exp.scale)
         rows = [r | {"job_dir": root / r["job"]} for root in (exp.sweep_dir, peers_dir) for r in collect(root)]
-    return report_written(plot(points(rows), exp.out_dir))
+    return report_written([*plot(points(rows), exp.out_dir), matryoshka_vs_base(rows, exp.out_dir)])
 
 
 if __name__ == "__main__":

@@ -18,7 +18,10 @@ What is patched, and why (sae-bench's code is otherwise run as shipped):
   runs full forwards for one residual hook: ~10x the work on a 30-layer model);
 - datasets: core reads the lab's held-out contexts (a pre-tokenized Dataset), autointerp the same
   tokens, sparse probing the lab's labelled sets (`probing`) in place of its Hub datasets;
-- autointerp's LLM calls go to the lab's judge: an OpenAI-compatible endpoint, or offline_judge.py.
+- autointerp's LLM calls go to the lab's judge: an OpenAI-compatible endpoint, or offline_judge.py;
+- an SAE that rescales its input to norm √d (SAELens' constant_norm_rescale: ours with act.token_norm)
+  maps a zero row to NaN latents, and sparse probing zeroes padded positions before encoding and masks
+  by a product, so one padded text made every probe's input NaN: a zero row keeps scale 1 (zero_rows_safe).
 """
 import os
 import re
@@ -154,6 +157,21 @@ def autointerp(saes, model, device, out: Path, settings: dict, contexts: torch.T
 EVALS = {"core": core, "absorption": absorption, "sparse_probing": sparse_probing, "autointerp": autointerp}
 
 
+def zero_rows_safe(sae):
+    """`sae` with constant_norm_rescale scaling a zero row by 1, not √d/0 (module docstring); any other
+    row as SAELens scales it."""
+    if sae.cfg.normalize_activations != "constant_norm_rescale":
+        return sae
+
+    def norm_in(x: torch.Tensor) -> torch.Tensor:
+        norm = x.norm(dim=-1, keepdim=True)
+        sae.x_norm_coeff = torch.where(norm > 0, sae.cfg.d_in ** 0.5 / norm, torch.ones_like(norm))
+        return x * sae.x_norm_coeff
+
+    sae.run_time_activation_norm_fn_in = norm_in
+    return sae
+
+
 def run(args: dict, tensors: dict[str, Path]) -> dict:
     from sae_lens import SAE
     from sae_bench.sae_bench_utils import general_utils
@@ -164,8 +182,8 @@ def run(args: dict, tensors: dict[str, Path]) -> dict:
     stop_early(model)
     HookedTransformer.from_pretrained_no_processing = lambda *_, **__: model  # every eval's loader
     # as sae-bench formats a custom SAE (hook_layer, hook_name on cfg; warns on non-unit decoder rows)
-    saes = [(s["name"], general_utils.load_and_format_sae(s["name"], SAE.load_from_disk(s["dir"], device=device),
-                                                          device)[1]) for s in args["saes"]]
+    saes = [(s["name"], zero_rows_safe(general_utils.load_and_format_sae(
+        s["name"], SAE.load_from_disk(s["dir"], device=device), device)[1])) for s in args["saes"]]
     tokens = {name: load_file(file)["tokens"] for name, file in tensors.items()}
     out = Path(args["out"])
     files, seconds = {}, {}
