@@ -212,3 +212,32 @@ def test_a_zero_row_encodes_to_finite_latents_in_the_worker(tmp_path):
     assert latents.isfinite().all()
     torch.testing.assert_close(latents[:5], shipped[:5])
     torch.testing.assert_close(safe(x_ND[:5]), SAE.load_from_disk(out)(x_ND[:5]))
+
+
+def test_absorption_reads_a_rescaling_saes_latents_as_contributions_to_the_input(tmp_path):
+    """Absorption compares Σ latent × cos(probe, decoder row) with the probe's projection of the raw
+    input: for an SAE that rescales its input to norm √d the worker hands it latents × ‖x‖/√d, whose sum
+    over unit decoder rows is the reconstruction of x itself (minus its bias term); the others unchanged."""
+    SAE = pytest.importorskip("sae_lens").SAE
+    sys.path.insert(0, str(WORKERS))
+    try:
+        from saebench_evals import latents_in_input_units
+    finally:
+        sys.path.remove(str(WORKERS))
+    saes = {}
+    for name, act in (("rescaled", "batchtopk"), ("plain", "topk")):
+        ckpt, _ = random_checkpoint(tmp_path / name, "sae", act)
+        saes[name] = SAE.load_from_disk(export(export_cfg(f"checkpoint={ckpt}", "format=saelens",
+                                                          f"out={tmp_path / name / 'sl'}")))
+    x_ND = 3 * torch.randn(6, 12)
+    before = {name: sae.encode(x_ND) for name, sae in saes.items()}
+    with latents_in_input_units(list(saes.items())):
+        inside = {name: sae.encode(x_ND) for name, sae in saes.items()}
+    rescaled = saes["rescaled"]
+    scale_N1 = x_ND.norm(dim=-1, keepdim=True) / 12 ** 0.5
+    torch.testing.assert_close(inside["rescaled"], before["rescaled"] * scale_N1)
+    torch.testing.assert_close(inside["rescaled"] @ rescaled.W_dec, rescaled(x_ND) - rescaled.b_dec * scale_N1,
+                               atol=1e-5, rtol=1e-5)
+    assert json.loads((tmp_path / "plain" / "sl" / "cfg.json").read_text())["normalize_activations"] == "none"
+    torch.testing.assert_close(inside["plain"], before["plain"])
+    torch.testing.assert_close(rescaled.encode(x_ND), before["rescaled"])  # restored after absorption

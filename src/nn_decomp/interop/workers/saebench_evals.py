@@ -21,12 +21,15 @@ What is patched, and why (sae-bench's code is otherwise run as shipped):
 - autointerp's LLM calls go to the lab's judge: an OpenAI-compatible endpoint, or offline_judge.py;
 - an SAE that rescales its input to norm √d (SAELens' constant_norm_rescale: ours with act.token_norm)
   maps a zero row to NaN latents, and sparse probing zeroes padded positions before encoding and masks
-  by a product, so one padded text made every probe's input NaN: a zero row keeps scale 1 (zero_rows_safe).
+  by a product, so one padded text made every probe's input NaN: a zero row keeps scale 1 (zero_rows_safe);
+  absorption reads such an SAE's latents in the input's units (latents_in_input_units: it compares
+  latent × decoder cosine with the raw input's probe projection).
 """
 import os
 import re
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -122,12 +125,30 @@ def core(saes, model, device, out: Path, settings: dict, contexts: torch.Tensor,
                                           general_utils.get_results_filepath(str(out), name, "custom_sae"), sae)
 
 
+@contextmanager
+def latents_in_input_units(saes):
+    """Absorption weighs each latent by activation × cos(probe, decoder row) and compares the sum with
+    the probe's projection of the raw input: a latent's contribution in input space only if the decoder
+    row has norm 1 and the input was not rescaled. constant_norm_rescale encodes x·√d/‖x‖ (and divides
+    the reconstruction back), so there the latents are read × ‖x‖/√d, their contribution to the
+    reconstruction of x itself (every latent of a token by one factor: which fire is unchanged)."""
+    rescaled = [sae for _, sae in saes if sae.cfg.normalize_activations == "constant_norm_rescale"]
+    for sae in rescaled:
+        def encode(x, encode=sae.encode, d_in=sae.cfg.d_in):
+            return encode(x) * (x.norm(dim=-1, keepdim=True) / d_in ** 0.5)
+        sae.encode = encode
+    yield
+    for sae in rescaled:
+        del sae.encode  # the class's own again, for the other evals (an error ends the worker)
+
+
 def absorption(saes, model, device, out: Path, settings: dict, **_) -> None:
     from sae_bench.evals.absorption import main as absorption_main
     from sae_bench.evals.absorption.eval_config import AbsorptionEvalConfig
 
     config = AbsorptionEvalConfig(**settings)
-    absorption_main.run_eval(config, saes, device, str(out), force_rerun=True)
+    with latents_in_input_units(saes):
+        absorption_main.run_eval(config, saes, device, str(out), force_rerun=True)
 
 
 def sparse_probing(saes, model, device, out: Path, settings: dict, probing: dict, **_) -> None:
