@@ -180,7 +180,8 @@ def matryoshka_vs_base(rows: list[dict], out_dir: Path) -> Path:
 
 def plot(pts: list[dict], out_dir: Path) -> list[Path]:
     plt = pyplot()
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(4.6 * len(METRICS), 4.2))
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8.4))
+    axes = axes.ravel()
     columns = {"absorption.mean.mean_absorption_fraction_score": "absorption",
                "sparse_probing.sae.sae_top_1_test_accuracy": "probing_top1",
                "autointerp.autointerp.autointerp_score": "autointerp",
@@ -192,7 +193,11 @@ def plot(pts: list[dict], out_dir: Path) -> list[Path]:
             lo = [p[key] - p.get(f"{key}_lo", p[key]) for p in series]
             hi = [p.get(f"{key}_hi", p[key]) - p[key] for p in series]
             ax.errorbar([p["l0"] for p in series], [p[key] for p in series], yerr=[lo, hi], fmt="o-", capsize=3, label=fam)
-        ax.set(xscale="log", xlabel="L0 (SAEBench core)", ylabel=label + (" (lower is better)" if lower_better else ""))
+        l0s = [p["l0"] for p in pts]
+        ticks = [t for t in (2 ** i for i in range(1, 10)) if min(l0s) / 1.5 <= t <= max(l0s) * 1.5]
+        ax.set(xscale="log", xlabel="L0 (SAEBench core)", ylabel=label + (" (lower is better)" if lower_better else ""),
+               xticks=ticks, xticklabels=[str(t) for t in ticks])
+        ax.minorticks_off()
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(f"SAEBench on SmolLM2 layer {LAYER} (resid_post): ours and peers on the same cached rows")
