@@ -100,12 +100,14 @@ def score(checkpoints: dict[Path, str], scale: str) -> None:
     run(list(checkpoints), "sparse_probing")
 
 
-def bootstrap(values: list[float], n: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95% interval of the mean over the eval's items (letters, probing classes, latents)."""
-    if not values:
+def bootstrap(groups: list[list[float]], n: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% interval of SAEBench's statistic, the mean over groups of each group's mean item (letters or
+    latents: one group; sparse probing: each set's one-vs-rest classes), items resampled within groups."""
+    groups = [g for g in groups if g]
+    if not groups:
         return float("nan"), float("nan")
     rng = random.Random(seed)
-    means = sorted(sum(rng.choices(values, k=len(values))) / len(values) for _ in range(n))
+    means = sorted(sum(sum(rng.choices(g, k=len(g))) / len(g) for g in groups) / len(groups) for _ in range(n))
     return means[int(0.025 * n)], means[int(0.975 * n) - 1]
 
 
@@ -116,17 +118,17 @@ def letters(checkpoint: Path) -> dict[str, float]:
     return {d["first_letter"]: d["mean_absorption_fraction"] for d in details}
 
 
-def items(checkpoint: Path, name: str) -> list[float]:
+def items(checkpoint: Path, name: str) -> list[list[float]]:
+    """The eval's items, grouped as SAEBench averages them (bootstrap)."""
     if name == "absorption":
-        return list(letters(checkpoint).values())
+        return [list(letters(checkpoint).values())]
     path = checkpoint / "saebench" / f"{name}.json"
     if not path.exists():
         return []
     result = json.loads(path.read_text())
     if name == "autointerp":
-        return [v["score"] for v in result["eval_result_unstructured"].values() if "score" in v]
-    return [acc for per_set in result["eval_result_unstructured"].values()
-            for acc in per_set["sae_top_1_test_accuracy"].values()]
+        return [[v["score"] for v in result["eval_result_unstructured"].values() if "score" in v]]
+    return [list(per_set["sae_top_1_test_accuracy"].values()) for per_set in result["eval_result_unstructured"].values()]
 
 
 def family(r: dict, checkpoint: Path) -> str:
@@ -168,7 +170,7 @@ def matryoshka_vs_base(rows: list[dict], out_dir: Path) -> Path:
         ours, base = letters(checkpoint), letters(by[("batchtopk", k)])
         diffs = [ours[x] - base[x] for x in sorted(ours.keys() & base.keys())]
         if diffs:
-            lo, hi = bootstrap(diffs)
+            lo, hi = bootstrap([diffs])
             out.append({"k": k, "letters": len(diffs), "matryoshka": sum(ours[x] for x in ours.keys() & base.keys()) / len(diffs),
                         "batchtopk": sum(base[x] for x in ours.keys() & base.keys()) / len(diffs),
                         "difference": sum(diffs) / len(diffs), "difference_lo": lo, "difference_hi": hi,
