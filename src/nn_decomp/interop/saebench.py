@@ -16,7 +16,8 @@ crosscoders and MOLTs have no SAELens form (refused; a CLT layer as a transcoder
 Absorption is SAEBench's first-letter task at `blocks.L.hook_resid_post`, the only hook it reads.
 
 Per checkpoint: `saebench/<eval>.json` (SAEBench's result JSON as written) and `saebench.json`, one flat
-row ({eval}.{metric}: SAEBench's eval_result_metrics flattened, {eval}.seconds) that
+row ({eval}.{metric}: SAEBench's eval_result_metrics flattened; {eval}.seconds: the eval's wall time
+over every checkpoint of its worker call) that
 `python -m nn_decomp.collect` reads beside the training metrics.
 """
 from __future__ import annotations
