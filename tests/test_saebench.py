@@ -2,6 +2,7 @@
 (balanced, split by speech), the offline judge, the lab's side of the bridge (a fake worker), and,
 opt-in with sae-bench's own Python (`bash setup_env.sh --with sae-bench`), its absorption and core
 evals on a small SAE of SmolLM2's first blocks."""
+import importlib
 import json
 import os
 import sys
@@ -191,16 +192,21 @@ def test_saebench_scores_absorption_and_core_of_a_small_smollm2_sae(tmp_path):
     assert (ckpt / "saebench" / "absorption.json").exists()
 
 
+def worker_function(name: str):
+    """A function of the sae-bench worker, imported as the worker imports its siblings."""
+    sys.path.insert(0, str(WORKERS))
+    try:
+        return getattr(importlib.import_module("saebench_evals"), name)
+    finally:
+        sys.path.remove(str(WORKERS))
+
+
 def test_a_zero_row_encodes_to_finite_latents_in_the_worker(tmp_path):
     """Sparse probing zeroes padded positions before encoding and masks them by a product: an SAE that
     rescales its input to norm √d (act.token_norm, SAELens' constant_norm_rescale) made them NaN, and
     every probe's input with them. The worker's SAE keeps every other row as SAELens encodes it."""
     SAE = pytest.importorskip("sae_lens").SAE
-    sys.path.insert(0, str(WORKERS))
-    try:
-        from saebench_evals import zero_rows_safe
-    finally:
-        sys.path.remove(str(WORKERS))
+    zero_rows_safe = worker_function("zero_rows_safe")
     ckpt, _ = random_checkpoint(tmp_path / "ckpt", "sae", "batchtopk")
     out = export(export_cfg(f"checkpoint={ckpt}", "format=saelens", f"out={tmp_path / 'sl'}"))
     assert json.loads((out / "cfg.json").read_text())["normalize_activations"] == "constant_norm_rescale"
@@ -219,11 +225,7 @@ def test_absorption_reads_a_rescaling_saes_latents_as_contributions_to_the_input
     input: for an SAE that rescales its input to norm √d the worker hands it latents × ‖x‖/√d, whose sum
     over unit decoder rows is the reconstruction of x itself (minus its bias term); the others unchanged."""
     SAE = pytest.importorskip("sae_lens").SAE
-    sys.path.insert(0, str(WORKERS))
-    try:
-        from saebench_evals import latents_in_input_units
-    finally:
-        sys.path.remove(str(WORKERS))
+    latents_in_input_units = worker_function("latents_in_input_units")
     saes = {}
     for name, act in (("rescaled", "batchtopk"), ("plain", "topk")):
         ckpt, _ = random_checkpoint(tmp_path / name, "sae", act)

@@ -81,8 +81,8 @@ def train_peers(rows: list[dict], peers_dir: Path) -> None:
 
 
 def score(checkpoints: dict[Path, str], scale: str) -> None:
-    """Each eval over every dictionary in one worker, filed before the next starts. Absorption (~10 min
-    per dictionary on 2 cores) runs one dictionary per worker: the families Matryoshka's claim is about
+    """Each eval over every dictionary in one worker, filed before the next starts. Absorption (~3.5 min
+    per dictionary on 2 cores once the layer's ground-truth probes exist) runs one dictionary per worker: the families Matryoshka's claim is about
     right after core, the others last, so that a run cut short keeps the comparison."""
     from nn_decomp.interop.saebench import saebench
 
@@ -168,12 +168,13 @@ def matryoshka_vs_base(rows: list[dict], out_dir: Path) -> Path:
         if fam != "matryoshka" or ("batchtopk", k) not in by:
             continue
         ours, base = letters(checkpoint), letters(by[("batchtopk", k)])
-        diffs = [ours[x] - base[x] for x in sorted(ours.keys() & base.keys())]
-        if diffs:
+        common = sorted(ours.keys() & base.keys())
+        if common:
+            diffs = [ours[x] - base[x] for x in common]
             lo, hi = bootstrap([diffs])
-            out.append({"k": k, "letters": len(diffs), "matryoshka": sum(ours[x] for x in ours.keys() & base.keys()) / len(diffs),
-                        "batchtopk": sum(base[x] for x in ours.keys() & base.keys()) / len(diffs),
-                        "difference": sum(diffs) / len(diffs), "difference_lo": lo, "difference_hi": hi,
+            out.append({"k": k, "letters": len(common), "matryoshka": sum(ours[x] for x in common) / len(common),
+                        "batchtopk": sum(base[x] for x in common) / len(common),
+                        "difference": sum(diffs) / len(common), "difference_lo": lo, "difference_hi": hi,
                         "letters_lower": sum(d < 0 for d in diffs)})
     return write_points(out, out_dir / "matryoshka_vs_batchtopk.csv", ["k", "letters", "matryoshka", "batchtopk",
                                                                      "difference", "difference_lo", "difference_hi",
@@ -184,6 +185,8 @@ def plot(pts: list[dict], out_dir: Path) -> list[Path]:
     plt = pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(11, 8.4))
     axes = axes.ravel()
+    l0s = [p["l0"] for p in pts]
+    ticks = [t for t in (2 ** i for i in range(1, 10)) if min(l0s) / 1.5 <= t <= max(l0s) * 1.5]
     columns = {"absorption.mean.mean_absorption_fraction_score": "absorption",
                "sparse_probing.sae.sae_top_1_test_accuracy": "probing_top1",
                "autointerp.autointerp.autointerp_score": "autointerp",
@@ -195,8 +198,6 @@ def plot(pts: list[dict], out_dir: Path) -> list[Path]:
             lo = [p[key] - p.get(f"{key}_lo", p[key]) for p in series]
             hi = [p.get(f"{key}_hi", p[key]) - p[key] for p in series]
             ax.errorbar([p["l0"] for p in series], [p[key] for p in series], yerr=[lo, hi], fmt="o-", capsize=3, label=fam)
-        l0s = [p["l0"] for p in pts]
-        ticks = [t for t in (2 ** i for i in range(1, 10)) if min(l0s) / 1.5 <= t <= max(l0s) * 1.5]
         ax.set(xscale="log", xlabel="L0 (SAEBench core)", ylabel=label + (" (lower is better)" if lower_better else ""),
                xticks=ticks, xticklabels=[str(t) for t in ticks])
         ax.minorticks_off()

@@ -126,8 +126,6 @@ def convert(cfg: DictConfig, model=None) -> list[dict]:
     (`checkpoints=[...]`, e.g. a transcoder per layer) is fitted from one LM pass over the held-out
     text of every layer it covers, each written next to its source as <checkpoint>_jumprelu."""
     check_command(cfg)
-    if cfg.to != "jumprelu":
-        raise UsageError(f"to={cfg.to}: only to=jumprelu is supported")
     paths = checkpoint_list(cfg)
     if len(paths) > 1 and cfg.out:
         raise UsageError("out= names one converted checkpoint: drop it for a set (each is written next to its "

@@ -83,6 +83,7 @@ class ConvertConfig(LMCommandConfig):
     """Further held-out tokens for the before/after report."""
 
     def __post_init__(self):
+        require(self.to == "jumprelu", f"to={self.to}: only to=jumprelu is supported")
         require(self.estimator in ESTIMATORS, f"estimator={self.estimator!r}: choose one of {ESTIMATORS}")
 
 
