@@ -20,7 +20,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from safetensors.torch import load_file, save_file
 
 from helpers import CONF, arch_act_cfg, make_coder
-from nn_decomp.runtime.checkpoint import load_dictionary, save_checkpoint
+from nn_decomp.runtime.checkpoint import load_dictionary, read_config, save_checkpoint
 from nn_decomp.analysis.evaluation import evaluate
 from nn_decomp.config import UsageError
 from nn_decomp.config.arch import arch_hooks
@@ -28,8 +28,8 @@ from nn_decomp.export import export
 from nn_decomp.interop.bridge import WORKERS, find_python, run_worker
 from nn_decomp.interop.circuit_tracer import CIRCUIT_TRACER
 from nn_decomp.dictionaries import load_dictionaries
-from nn_decomp.interop.formats import export_decoders
-from nn_decomp.interop.saelens import SAELENS_CFG, SAELENS_WEIGHTS, import_saelens
+from nn_decomp.interop.formats import export_decoders, write_dir
+from nn_decomp.interop.saelens import SAELENS_CFG, SAELENS_WEIGHTS, import_saelens, saelens_files
 from test_evaluate import eval_cfg, lm, run_cli, save  # noqa: F401  (lm: fixture)
 from test_patching import mlp_transcoder
 
@@ -116,6 +116,31 @@ def test_saelens_loads_the_export_and_computes_what_we_do(tmp_path, arch, act):
     feats = sae.encode(x_ND)
     torch.testing.assert_close(feats, ours.latents.dense()[:, 0] * norms_F, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(sae(x_ND), ours.recon[:, 0], atol=1e-5, rtol=1e-5)
+
+
+@needs_saelens
+@pytest.mark.parametrize("act", ["relu", "batchtopk"])
+def test_a_clt_layer_as_a_saelens_transcoder_encodes_its_latents_in_units_of_all_they_write(tmp_path, act):
+    """SAEBench's encoder-side evals read a CLT layer by layer: layer i's latents, each scaled by the
+    norm of its decoder rows to every later layer together."""
+    from sae_lens import SAE
+
+    ckpt, coder = random_checkpoint(tmp_path / "ckpt", "clt", act, "arch.decoder_tying=per_source",
+                                    "arch.per_target_scale=true", decoder_scale=5.18)
+    d = load_dictionaries([ckpt])[0]
+    cfg, meta = read_config(ckpt)
+    x_NLD = torch.randn(50, 3, 12)
+    with torch.no_grad():
+        latents_NLF = coder(x_NLD).latents.dense()
+    for i, W_dec_FTD in enumerate(export_decoders(d, "test")):
+        out = write_dir(tmp_path / f"layer{i}", saelens_files(d, meta, cfg, clt_layer=i), overwrite=False)
+        sae = SAE.load_from_disk(out)
+        assert sae.cfg.metadata.hook_name == f"blocks.{i}.ln2.hook_normalized"
+        norms_F = W_dec_FTD.flatten(1).norm(dim=-1)
+        torch.testing.assert_close(sae.encode(x_NLD[:, i]), latents_NLF[:, i] * norms_F, atol=1e-5, rtol=1e-5)
+        own_rows_F = sae.W_dec.norm(dim=-1)  # the l→l share of everything the latent writes
+        torch.testing.assert_close(own_rows_F, W_dec_FTD[:, 0].norm(dim=-1) / norms_F)
+        assert (own_rows_F < 1 - 1e-3).all() if i < 2 else torch.allclose(own_rows_F, torch.ones(64))
 
 
 @needs_saelens

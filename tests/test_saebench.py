@@ -5,6 +5,7 @@ evals on a small SAE of SmolLM2's first blocks."""
 import importlib
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -19,7 +20,9 @@ from nn_decomp.interop import saebench as saebench_module
 from nn_decomp.export import export
 from nn_decomp.interop.bridge import WORKERS
 from nn_decomp.interop.saebench import SAE_BENCH, saebench
+from nn_decomp.interop.saelens import SAELENS_CFG
 from nn_decomp.interop.workers.offline_judge import respond
+from nn_decomp.runtime.jobs import run_cli
 from test_export import export_cfg, random_checkpoint
 
 
@@ -38,6 +41,8 @@ def no_models(monkeypatch):
     ("crosscoder", r"cannot take evals \['core'\]: SAEBench reads SAEs and, through their encoder side, transcoders"),
     ("transcoder_core", r"cannot take evals \['core'\].*encoder side only.*pass evals=\['sparse_probing', 'autointerp'\]"),
     ("absorption_off_the_residual", r"absorption reads hook_resid_post only"),
+    ("clt_core", r"cannot take evals \['core'\].*a CLT is scored through its encoder side only"),
+    ("clt_topk", r"SAELens cannot represent arch=clt with act=topk: convert first with python -m nn_decomp.convert"),
     ("unlabelled", r"line 2 lacks a text or a label"),
     ("one_label", "has 1 label"),
     ("no_key", r"judge=openai reads its API key from \$NN_DECOMP_NO_SUCH_KEY"),
@@ -45,9 +50,10 @@ def no_models(monkeypatch):
 def test_bad_input_is_refused_before_anything_runs(tmp_path, monkeypatch, no_models, case, message):
     monkeypatch.setenv(SAE_BENCH.env_var, str(tmp_path / "no_python") if case == "no_environment" else "python")
     arch, evals = {"crosscoder": ("crosscoder", "[core]"), "transcoder_core": ("transcoder", "[core,sparse_probing]"),
-                   "absorption_off_the_residual": ("sae", "[absorption]")}.get(case, ("sae", "[sparse_probing]"))
+                   "absorption_off_the_residual": ("sae", "[absorption]"), "clt_core": ("clt", "[core]"),
+                   "clt_topk": ("clt", "[sparse_probing]")}.get(case, ("sae", "[sparse_probing]"))
     extra = ["arch.hook_in='blocks.{layer}.hook_mlp_out'"] if case == "absorption_off_the_residual" else []
-    ckpt, _ = random_checkpoint(tmp_path / "ckpt", arch, "relu", *extra)
+    ckpt, _ = random_checkpoint(tmp_path / "ckpt", arch, "topk" if case == "clt_topk" else "relu", *extra)
     probing = tmp_path / "set.jsonl"
     lines = [{"text": "a b c", "label": "x", "group": "1"}, {"text": "d e f"}] if case == "unlabelled" else \
         [{"text": f"t{i}", "label": "x", "group": str(i)} for i in range(4)]
@@ -153,6 +159,36 @@ def test_results_are_filed_per_checkpoint_and_done_evals_are_skipped(tmp_path, m
     assert rows[sae]["core.seconds"] == 2.0
 
 
+def test_a_clt_is_scored_layer_by_layer_through_its_encoder_side(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(SAE_BENCH.env_var, "python")
+    calls, handed = [], {}
+
+    def worker(tool, script, args, tensors=None, timeout=None):  # what the worker is handed, read before it goes
+        handed.update({s["name"]: json.loads((Path(s["dir"]) / SAELENS_CFG).read_text()) for s in args["saes"]})
+        return fake_worker(calls)(tool, script, args, tensors, timeout)
+
+    monkeypatch.setattr(saebench_module, "run_worker", worker)
+    monkeypatch.setattr(saebench_module, "smollm2_dir", lambda cache_dir: tmp_path / "smollm2")
+    clt, _ = random_checkpoint(tmp_path / "clt", "clt", "jumprelu", model="smollm2_135m")
+    sae, _ = random_checkpoint(tmp_path / "sae", "sae", "relu", model="smollm2_135m")
+    rows = saebench(saebench_cfg(f"checkpoints=[{clt},{sae}]", "evals=[sparse_probing]", "probing_sets=[sotu_party]",
+                                 "probe_train_per_class=8", "probe_test_per_class=2"))
+    assert len(calls) == 1  # one worker call, one model load, for every layer and checkpoint
+    assert {name: (c["architecture"], c["metadata"]["hook_name"]) for name, c in handed.items()} == {
+        **{f"sae0_layer{i}": ("jumprelu_transcoder", f"blocks.{i}.ln2.hook_normalized") for i in range(3)},
+        "sae1": ("standard", "blocks.2.hook_resid_post")}
+    assert rows[clt] == {**{f"sparse_probing.layer{i}.mean.score": 1 for i in range(3)}, "sparse_probing.seconds": 2.0}
+    assert rows[sae] == {"sparse_probing.mean.score": 1, "sparse_probing.seconds": 2.0}
+    assert sorted(p.name for p in (clt / "saebench").iterdir()) == [f"sparse_probing.layer{i}.json" for i in range(3)]
+    row = {"sparse_probing.layer1.sae.sae_top_1_test_accuracy": 0.75, "sparse_probing.layer1.sae.sae_top_2_test_accuracy": 0.5}
+    (clt / "saebench.json").write_text(json.dumps(row))
+    capsys.readouterr()
+    assert run_cli("nn_decomp.saebench", [f"checkpoint={clt}", "evals=[sparse_probing]"]) == 0  # done: printed, not rerun
+    assert len(calls) == 1
+    out = capsys.readouterr().out
+    assert re.search(r"sparse_probing.layer1.sae.sae_top_1_test_accuracy +0.7500\n$", out), out
+
+
 # 17 minutes: opt-in by naming the Python, so that the default suite stays fast where the environment exists
 needs_saebench = pytest.mark.skipif(not os.environ.get(SAE_BENCH.env_var), reason=(
     f"opt-in: {SAE_BENCH.env_var}=.venv-sae-bench/bin/python (bash setup_env.sh --with sae-bench)"))
@@ -161,8 +197,6 @@ needs_saebench = pytest.mark.skipif(not os.environ.get(SAE_BENCH.env_var), reaso
 @pytest.mark.slow
 @needs_saebench
 def test_saebench_scores_absorption_and_core_of_a_small_smollm2_sae(tmp_path):
-    from nn_decomp.runtime.jobs import run_cli
-
     run = tmp_path / "run"
     run_cli("nn_decomp.train", ["arch=sae", "act=topk", "act.k=16", "arch.n_latents=512", "model.first_n_layers=3",
                                 "train.n_tokens=40960", "data.context_size=64", f"hydra.run.dir={run}"])

@@ -3,8 +3,10 @@ SAEBench's evals on a trained dictionary (or each of `checkpoints=[...]`), offli
 0.6.0 in its own Python (`bash setup_env.sh --with sae-bench` creates it). Writes SAEBench's result
 JSON per eval into <checkpoint>/saebench/ and a flat row, <checkpoint>/saebench.json, that
 `python -m nn_decomp.collect` adds to the sweep table (nn_decomp/interop/saebench.py: data, and what
-each eval means for a transcoder).
+each eval means for a transcoder, and for a CLT, scored layer by layer).
 """
+import re
+
 import hydra
 from omegaconf import DictConfig
 
@@ -22,9 +24,9 @@ def main(cfg: DictConfig) -> None:
     rows = exit_on_usage_error(saebench, cfg)
     for path, row in rows.items():
         print(f"{path}/saebench.json")
-        for key in HEADLINE:
-            if key in row:
-                print(f"  {key:55s} {row[key]:.4f}")
+        for key, value in row.items():
+            if re.sub(r"\.layer\d+\.", ".", key) in HEADLINE:  # a CLT's, per layer
+                print(f"  {key:55s} {value:.4f}")
 
 
 if __name__ == "__main__":

@@ -11,12 +11,17 @@ The model is the lab's own (SmolLM2 from its cached TL weights, or a Transformer
 What the evals mean here. An SAE takes all four. A transcoder (or skip transcoder) is scored through
 its encoder side only: sparse probing and autointerp read its latents on its input hook, as for an
 SAE; core would splice its MLP-output reconstruction into its input hook and absorption compares its
-decoder rows (output space) with a probe of the residual stream, so both are refused. CLTs,
-crosscoders and MOLTs have no SAELens form (refused; a CLT layer as a transcoder is a later step).
+decoder rows (output space) with a probe of the residual stream, so both are refused. A CLT is
+scored layer by layer the same way: each layer's latents on that layer's input hook, read in the units
+of everything the latent writes (its decoder rows to every later layer, concatenated, have norm 1 —
+the scale sparse probing's latent selection by class-mean difference sees; autointerp's per-latent
+quantiles do not depend on it). Crosscoders (one encoder over several layers at once) and MOLTs have
+no SAELens form: refused.
 Absorption is SAEBench's first-letter task at `blocks.L.hook_resid_post`, the only hook it reads.
 
 Per checkpoint: `saebench/<eval>.json` (SAEBench's result JSON as written) and `saebench.json`, one flat
-row ({eval}.{metric}: SAEBench's eval_result_metrics flattened; {eval}.seconds: the eval's wall time
+row ({eval}.{metric}: SAEBench's eval_result_metrics flattened; a CLT's per layer, `<eval>.layer<L>.json`
+and {eval}.layer<L>.{metric} for model layer L; {eval}.seconds: the eval's wall time
 over every checkpoint of its worker call) that
 `python -m nn_decomp.collect` reads beside the training metrics.
 """
@@ -56,7 +61,7 @@ def takes(d: HookedDictionary, arch: str) -> tuple[str, ...]:
     if arch == "sae":
         return ("core", "sparse_probing", "autointerp") + (("absorption",) if d.hooks_in[0].endswith(ABSORPTION_HOOK)
                                                            else ())
-    return ENCODER_SIDE if arch in ("transcoder", "skip_transcoder") else ()
+    return ENCODER_SIDE if arch in ("transcoder", "skip_transcoder", "clt") else ()
 
 
 def read_row(path: Path) -> dict:
@@ -78,12 +83,16 @@ class Job:
         arch = self.meta["arch"]
         refused = [e for e in evals if e not in takes(self.dictionary, arch)]
         if refused:
-            why = ("SAEBench reads SAEs and, through their encoder side, transcoders" if arch not in ("sae", "transcoder", "skip_transcoder")
-                   else f"absorption reads {ABSORPTION_HOOK} only" if arch == "sae"
-                   else "a transcoder is scored through its encoder side only (sparse_probing, autointerp)")
+            why = ("SAEBench reads SAEs and, through their encoder side, transcoders and CLT layers"
+                   if not takes(self.dictionary, arch) else f"absorption reads {ABSORPTION_HOOK} only" if arch == "sae"
+                   else f"a{' CLT' if arch == 'clt' else ' transcoder'} is scored through its encoder side only "
+                        "(sparse_probing, autointerp)")
             raise UsageError(f"{path} (arch={arch}, {self.dictionary.hooks_in[0]}) cannot take evals {refused}: {why}; "
                              f"pass evals={list(takes(self.dictionary, arch)) or '[]'}")
-        self.files = saelens_files(self.dictionary, self.meta, self.cfg)  # refuses what SAELens cannot hold
+        # {part: SAELens files}, refusing what SAELens cannot hold; a CLT's parts are its layers
+        self.parts = ({f"layer{layer}": saelens_files(self.dictionary, self.meta, self.cfg, clt_layer=i)
+                       for i, layer in enumerate(self.dictionary.layers)} if arch == "clt"
+                      else {"": saelens_files(self.dictionary, self.meta, self.cfg)})
         self.evals = [e for e in evals if overwrite or e not in done_evals(path)]
 
     @property
@@ -170,10 +179,12 @@ def score_group(cfg: DictConfig, jobs: list[Job], evals: list[str], probing: dic
                    for e, n in wanted.items()}
     n_core = len(tensors["core_contexts"]["tokens"]) if "core" in evals else cfg.llm_batch_size
     with tempfile.TemporaryDirectory(prefix="saebench_") as tmp:
-        saes = []
+        saes, names = [], {}  # names[(job, part)]: the worker's name of that SAE
         for i, job in enumerate(jobs):
-            write_dir(Path(tmp) / f"sae{i}", job.files, overwrite=False)
-            saes.append({"name": f"sae{i}", "dir": str(Path(tmp) / f"sae{i}")})
+            for part, files in job.parts.items():
+                names[i, part] = f"sae{i}_{part}" if part else f"sae{i}"
+                write_dir(Path(tmp) / names[i, part], files, overwrite=False)
+                saes.append({"name": names[i, part], "dir": str(Path(tmp) / names[i, part])})
         args = {"saes": saes, "model": model_spec(name, first_n_layers, cfg.cache_dir), "device": str(resolve_device(cfg.device)),
                 "evals": evals, "out": str(Path(tmp) / "results"), "settings": settings(cfg, name, n_core),
                 "probing": probing if "sparse_probing" in evals else None,
@@ -181,18 +192,21 @@ def score_group(cfg: DictConfig, jobs: list[Job], evals: list[str], probing: dic
                           "api_key_env": cfg.judge_api_key_env}}
         answer = run_worker(SAE_BENCH, WORKER, args, tensors)
         for i, job in enumerate(jobs):
-            file_results(job, {e: Path(answer["files"][e][f"sae{i}"]) for e in evals}, answer["seconds"])
+            file_results(job, {e: {part: Path(answer["files"][e][names[i, part]]) for part in job.parts} for e in evals},
+                         answer["seconds"])
 
 
-def file_results(job: Job, files: dict[str, Path], seconds: dict[str, float]) -> None:
-    """SAEBench's JSON per eval into <checkpoint>/saebench/, its metrics into the flat row."""
+def file_results(job: Job, files: dict[str, dict[str, Path]], seconds: dict[str, float]) -> None:
+    """SAEBench's JSON per eval (and CLT layer) into <checkpoint>/saebench/, its metrics into the flat row."""
     row = read_row(job.path)
     (job.path / RESULTS_DIR).mkdir(exist_ok=True)
-    for name, file in files.items():
-        result = json.loads(file.read_text())
-        write_atomic(job.path / RESULTS_DIR / f"{name}.json", json.dumps(result, indent=1))
+    for name, part_files in files.items():
         row = {k: v for k, v in row.items() if not k.startswith(f"{name}.")}
-        row |= {f"{name}.{k}": v for k, v in flatten(result["eval_result_metrics"]).items()}
+        for part, file in part_files.items():
+            key = f"{name}.{part}" if part else name
+            result = json.loads(file.read_text())
+            write_atomic(job.path / RESULTS_DIR / f"{key}.json", json.dumps(result, indent=1))
+            row |= {f"{key}.{k}": v for k, v in flatten(result["eval_result_metrics"]).items()}
         row[f"{name}.seconds"] = seconds[name]
     write_atomic(job.path / RESULT, json.dumps(row, indent=1))
 

@@ -12,6 +12,8 @@ loaded dictionary (`saelens_files`) and read back as our checkpoint (`import_sae
   | transcoder      | transcoder      |   —    | jumprelu_transcoder                        |
   | skip_transcoder | skip_transcoder |   —    | jumprelu_skip_transcoder                   |
   SAELens has no TopK transcoder and no CLT: convert (nn_decomp.convert) or use circuit_tracer.
+  One layer of a CLT can be written for encoder-side use only (SAEBench's sparse probing and
+  autointerp): that layer's encoder, its own l→l decoder rows, its writes to later layers dropped.
 """
 import json
 from pathlib import Path
@@ -40,29 +42,37 @@ SAELENS_ARCH = {("sae", "relu"): "standard", ("sae", "topk"): "topk", ("sae", "j
 CONF = Path(__file__).resolve().parents[3] / "conf"
 
 
-def saelens_files(d: HookedDictionary, meta: dict, ckpt_cfg: DictConfig) -> dict:
+def saelens_files(d: HookedDictionary, meta: dict, ckpt_cfg: DictConfig, clt_layer: int | None = None) -> dict:
+    """SAELens' files of `d`; for a CLT, of its `clt_layer`-th layer as a transcoder whose latents are
+    the CLT's there (encoder side only: the writes to later layers are dropped, so its reconstruction
+    is not the CLT's). Each latent is scaled by the norm of everything it writes, all target layers
+    concatenated: for an SAE or transcoder that is the unit-row export; for a CLT layer the latents are
+    in the units of their whole contribution, and the l→l rows written have norm ≤ 1."""
     arch, act = meta["arch"], act_family(meta["act"])
-    if arch == "clt":
+    if arch == "clt" and clt_layer is None:
         raise UsageError("SAELens has no cross-layer transcoder: use format=circuit_tracer")
-    if (arch, act) not in SAELENS_ARCH:
+    assert clt_layer is None or arch == "clt"
+    i = clt_layer or 0
+    kind = "transcoder" if arch == "clt" else arch
+    if (kind, act) not in SAELENS_ARCH:
         hint = convert_hint([d], [d]) if act == "topk" else "retrain with act=jumprelu or relu"
         raise UsageError(f"SAELens cannot represent arch={arch} with act={meta['act']}: {hint}")
     coder = d.coder
     rescale = coder.activation.token_norm and arch == "sae"
     if coder.activation.token_norm and arch != "sae" and not token_norm_is_identity(d):
-        raise UsageError(f"SAELens applies constant_norm_rescale to an SAE's output only, and at {d.hooks_in[0]} "
+        raise UsageError(f"SAELens applies constant_norm_rescale to an SAE's output only, and at {d.hooks_in[i]} "
                          f"(no norm's output) act.token_norm is not the identity: retrain the {arch} with "
                          "act.token_norm=false")
-    W_dec = export_decoders(d, "SAELens")[0][:, 0]
-    norms = unit_norm_scale(W_dec, act, d)
-    tensors = {"W_enc": coder.W_enc[0].T * norms, "b_enc": coder.b_enc[0] * norms, "W_dec": W_dec / norms[:, None],
-               "b_dec": coder.b_dec[0]}
+    W_dec_FTD = export_decoders(d, "SAELens")[i]
+    norms = unit_norm_scale(W_dec_FTD.flatten(1), act, d)
+    tensors = {"W_enc": coder.W_enc[i].T * norms, "b_enc": coder.b_enc[i] * norms, "W_dec": W_dec_FTD[:, 0] / norms[:, None],
+               "b_dec": coder.b_dec[i]}
     if coder.W_skip is not None:
-        tensors["W_skip"] = coder.W_skip[0].T  # ours: x @ W_skip; SAELens: x @ W_skip.T
+        tensors["W_skip"] = coder.W_skip[i].T  # ours: x @ W_skip; SAELens: x @ W_skip.T
     theta = thresholds(d)
     if theta is not None:
-        tensors["threshold"] = theta[0] * norms
-    architecture = SAELENS_ARCH[(arch, act)]
+        tensors["threshold"] = theta[i] * norms
+    architecture = SAELENS_ARCH[(kind, act)]
     cfg = {"architecture": architecture, "d_in": coder.d_in, "d_sae": coder.n_latents, "dtype": "float32",
            "device": "cpu", "apply_b_dec_to_input": False,
            # an SAE's token_norm is SAELens' constant_norm_rescale: x·√d/‖x‖ in, the output divided back
@@ -72,18 +82,21 @@ def saelens_files(d: HookedDictionary, meta: dict, ckpt_cfg: DictConfig) -> dict
         cfg["d_out"] = coder.d_out
     if architecture == "topk":
         cfg |= {"k": coder.activation.k, "rescale_acts_by_decoder_norm": False}
+    ours = {"checkpoint": str(d.path), "arch": arch, "act": meta["act"], "layer": d.layers[i]}
+    if arch == "clt":
+        ours["encoder_side_only"] = True
     cfg["metadata"] = {
-        "sae_lens_version": SAELENS_FORMAT_VERSION, "model_name": meta["model"], "hook_name": d.hooks_in[0],
+        "sae_lens_version": SAELENS_FORMAT_VERSION, "model_name": meta["model"], "hook_name": d.hooks_in[i],
         "hook_head_index": None, "prepend_bos": ckpt_cfg.data.prepend_bos,
         "context_size": ckpt_cfg.data.context_size, "dataset_path": ckpt_cfg.data.path or ckpt_cfg.data.source,
-        "nn_decomp": {"checkpoint": str(d.path), "arch": arch, "act": meta["act"], "layer": d.layers[0]}}
+        "nn_decomp": ours}
     if arch != "sae":
-        cfg["metadata"] |= {"hook_name_out": d.hooks_out[0], "hook_head_index_out": None}
+        cfg["metadata"] |= {"hook_name_out": d.hooks_out[i], "hook_head_index_out": None}
     return {SAELENS_CFG: json.dumps(cfg, indent=2), SAELENS_WEIGHTS: tensors}
 
 
 def unit_norm_scale(W_dec: Tensor, act: str, d: HookedDictionary) -> Tensor:
-    """[F] decoder row norms, to be folded into the encoder side so the exported rows have norm 1, as
+    """[F] decoder row norms (W_dec [F, D]), to be folded into the encoder side so the exported rows have norm 1, as
     SAELens-based tools assume (SAEBench's absorption reads cosines and magnitudes off W_dec; it moved
     10x on rows left at the folded normalisation's norm). Exact for ReLU / JumpReLU (positively
     homogeneous, thresholds scaled alike) and for TopK when every row has the same norm (the selection
