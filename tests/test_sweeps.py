@@ -101,9 +101,11 @@ def test_resume_auto_resumes_only_when_a_trainer_state_exists(tmp_path):
     assert resolve_resume("auto", state) is True and resolve_resume(True, state) is True
     with pytest.raises(UsageError, match="true, false or auto"):
         resolve_resume("yes", state)
-    assert finished_run("auto", tmp_path) is None
+    assert finished_run("auto", tmp_path, 10) is None
     (tmp_path / "metrics.json").write_text('{"nmse": 0.5}')
-    assert finished_run("auto", tmp_path) == {"nmse": 0.5} and finished_run(True, tmp_path) is None
+    assert finished_run("auto", tmp_path, 10) == {"nmse": 0.5} and finished_run(True, tmp_path, 10) is None
+    (tmp_path / "checkpoint" / "metadata.json").write_text('{"step": 6}')  # stopped by train.max_steps: resumes
+    assert finished_run("auto", tmp_path, 10) is None and finished_run("auto", tmp_path, 6) == {"nmse": 0.5}
 
 
 def test_only_the_first_rank_of_a_multi_process_job_writes_the_status(monkeypatch):

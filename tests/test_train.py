@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 from helpers import ACTS, ARCHS, MULTI_LAYER, arch_act_cfg
 from nn_decomp.core import kernels
 from nn_decomp.runtime import trainer as trainer_module, training as training_module
-from nn_decomp.runtime.checkpoint import TRAINER_STATE, WEIGHTS, build_coder, load_dictionary, read_config, save_checkpoint
+from nn_decomp.runtime.checkpoint import (CHECKSUMS, TRAINER_STATE, WEIGHTS, DamagedCheckpoint, build_coder,
+                                         load_dictionary, read_config, save_checkpoint)
 from nn_decomp.runtime.files import recover_dir, siblings
 from nn_decomp.config import UsageError
 from nn_decomp.runtime.trainer import evaluate_coder
@@ -234,7 +235,10 @@ def test_checkpoint_whose_weights_do_not_match_its_config_is_refused(tiny_lm, tm
     weights = load_file(tmp_path / "checkpoint" / WEIGHTS)
     weights["W_enc"] = weights["W_enc"][:, :32].contiguous()
     save_file(weights, tmp_path / "checkpoint" / WEIGHTS)
-    with pytest.raises(ValueError, match="do not match its config"):
+    with pytest.raises(DamagedCheckpoint, match=f"{WEIGHTS} is damaged: .* bytes, .* written"):
+        load_dictionary(tmp_path / "checkpoint")
+    (tmp_path / "checkpoint" / CHECKSUMS).unlink()  # as written before checksums: the shapes still tell
+    with pytest.raises(DamagedCheckpoint, match="do not match its config"):
         load_dictionary(tmp_path / "checkpoint")
     with pytest.raises(FileNotFoundError, match="not a checkpoint"):
         load_dictionary(tmp_path)

@@ -41,6 +41,9 @@ class TrainConfig:
     eval_every: int = 100
     eval_tokens: int = 8192
     checkpoint_every: int = 200
+    keep_last: int = 2
+    """Complete checkpoints kept: 2 keeps the one before the newest (`checkpoint.prev/`), which resume
+    falls back to when the newest is damaged; 1 keeps only the newest."""
     resume: Any = False
     """true: continue from the checkpoint in the run dir (optimizer, scheduler, RNG, tokens seen);
     auto: resume when that checkpoint exists and skip a finished run (requeued SLURM jobs)."""
@@ -64,6 +67,7 @@ class TrainConfig:
         require(0 <= self.decay_fraction <= 1, f"train.decay_fraction={self.decay_fraction}: must be in [0, 1]")
         require(self.batch_size > 0, f"train.batch_size={self.batch_size}: must be positive")
         require(self.n_tokens >= self.batch_size, "train.n_tokens must be >= train.batch_size")
+        require(self.keep_last in (1, 2), f"train.keep_last={self.keep_last}: use 1 or 2")
         require(min(self.log_every, self.eval_every, self.checkpoint_every, self.eval_tokens, self.dead_tokens) > 0,
                 "train.log_every, eval_every, checkpoint_every, eval_tokens and dead_tokens must be positive")
         require(self.warmup_steps >= 0 and self.sparsity_warmup_steps >= 0 and self.grad_clip > 0,

@@ -163,3 +163,12 @@ def broadcast_object(obj, info: DistInfo):
 def barrier(info: DistInfo) -> None:
     if info.active:
         dist.barrier()
+
+
+def max_over_ranks(value: int, device: torch.device, info: DistInfo) -> int:
+    """The largest of every rank's `value` (a stop signal seen by any rank stops them all at one step)."""
+    if not info.active:
+        return value
+    box = torch.tensor([value], device=device)
+    dist.all_reduce(box, op=dist.ReduceOp.MAX)
+    return int(box.item())

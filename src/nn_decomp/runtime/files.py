@@ -5,7 +5,8 @@ directories are published.
   atomic): a reader sees the old file or the new one, and a crash leaves the old one. `write_atomic`
   is its text / bytes form.
 - `replacing_dir(out)`: the same for a directory (a checkpoint, an export): written into `out`.tmp,
-  synced and swapped in by two renames (`publish_dir`); `recover_dir` undoes a crash between them.
+  synced and swapped in by two renames (`publish_dir`, optionally keeping the replaced one as
+  `out`.prev); `recover_dir` undoes a crash between them.
 - `refuse_existing`: a command that would replace a result refuses unless told `overwrite=true`.
 """
 import os
@@ -38,14 +39,18 @@ def write_atomic(path: str | Path, data: str | bytes) -> None:
 
 
 @contextmanager
-def replacing_dir(out: str | Path) -> Iterator[Path]:
+def replacing_dir(out: str | Path, keep_previous: bool = False) -> Iterator[Path]:
     """Yields an empty `out`.tmp to write the new version of the directory `out` into; on leaving the
-    block without an error it is swapped in (`publish_dir`). After an error the partial .tmp stays,
-    and the next `fresh_tmp` clears it."""
+    block without an error it is swapped in (`publish_dir`; `keep_previous`: the version it replaces
+    becomes `out`.prev). After an error the partial .tmp is removed (a full disk gets its space back)."""
     out = Path(out)
     tmp = fresh_tmp(out)
-    yield tmp
-    publish_dir(tmp, out)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    publish_dir(tmp, out, keep_previous)
 
 
 def refuse_existing(paths: list[Path], overwrite: bool) -> None:
@@ -68,6 +73,11 @@ def siblings(out: Path) -> tuple[Path, Path]:
     return out.with_name(out.name + ".tmp"), out.with_name(out.name + ".old")
 
 
+def previous(out: Path) -> Path:
+    """`out`.prev: the version before `out`, kept by publish_dir(keep_previous=True)."""
+    return out.with_name(out.name + ".prev")
+
+
 def fresh_tmp(out: Path) -> Path:
     """An empty `out`.tmp to write the next version of `out` into (after recovering a crashed swap,
     so that `out` exists whenever a .tmp is only partly written)."""
@@ -78,9 +88,10 @@ def fresh_tmp(out: Path) -> Path:
     return tmp
 
 
-def publish_dir(tmp: Path, out: Path) -> None:
+def publish_dir(tmp: Path, out: Path, keep_previous: bool = False) -> None:
     """Swap the fully written `tmp` in as `out`: sync tmp's files, `out` → `out`.old, tmp → `out`,
-    remove `out`.old. Between the two renames only .old and a complete .tmp exist (recover_dir).
+    `out`.old → `out`.prev or removed. Between the two renames only .old and a complete .tmp exist
+    (recover_dir; a crash just after them costs the .prev, never `out`).
     Files get the mode the umask allows (safetensors writes 0600: others on a cluster could not read)."""
     mask = os.umask(0)
     os.umask(mask)
@@ -94,6 +105,10 @@ def publish_dir(tmp: Path, out: Path) -> None:
         out.rename(old)
     tmp.rename(out)
     sync(out.parent)
+    if keep_previous and old.exists():
+        shutil.rmtree(previous(out), ignore_errors=True)
+        old.rename(previous(out))
+        sync(out.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 

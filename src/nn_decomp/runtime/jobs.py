@@ -11,7 +11,7 @@
   failed job. A job killed outright (OOM, SIGKILL, a SLURM requeue) stays `running`; `attempts`
   counts its starts.
 - `resolve_resume(resume, trainer_state)`: `train.resume=auto` resumes when the run dir already
-  holds a trainer state; `finished_run` skips a run that already wrote metrics.json. A preempted
+  holds a trainer state; `finished_run` skips a run that already reached its last step. A preempted
   or timed-out SLURM job is requeued by submitit into the same sweep subdir (the launcher's
   `checkpoint()` resubmits the same overrides, and the sweep dir's `${now:}` comes from the
   pickled config's resolver cache), so `auto` is what makes it continue (train.train calls both).
@@ -20,16 +20,19 @@
 - `UsageError` + `exit_on_usage_error`: what the evaluate / convert / export CLIs share: bad input
   ends the command with one `error: ...` line, while their plain functions raise it for tests.
 """
+import fcntl
 import json
 import logging
 import os
 import runpy
+import signal
 import socket
 import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +45,9 @@ from omegaconf import DictConfig, OmegaConf
 from nn_decomp.config import UsageError, require
 from nn_decomp.config.experiments import AnalysisConfig
 from nn_decomp.config.train import check_resume
+from nn_decomp.runtime.checkpoint import METADATA
 from nn_decomp.runtime.files import write_atomic
+from nn_decomp.runtime.signals import Preempted
 from nn_decomp.runtime.sweep_table import STATUS_JSON, collect, read_status, summary
 
 log = logging.getLogger(__name__)
@@ -74,11 +79,13 @@ class JobStatusCallback(Callback):
         if not is_first_rank():
             return
         job_dir = Path(config.hydra.runtime.output_dir)
+        if (owner := lock_owner(job_dir)) is not None:  # before its status is touched: it is another run's
+            raise SystemExit(f"error: {in_use(job_dir, owner)}")
         previous = read_status(job_dir)
         self._start = time.time()
         write_status(job_dir, {
             "status": "running", "attempts": previous.get("attempts", 0) + 1,
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "host": socket.gethostname(), "pid": os.getpid(),
             "job_id": str(OmegaConf.select(config, "hydra.job.id", default="")),
             "overrides": list(OmegaConf.select(config, "hydra.overrides.task", default=[]))})
 
@@ -109,6 +116,62 @@ class JobStatusCallback(Callback):
         print(f"{summary(collect(sweep_dir))}\ntable: python -m nn_decomp.collect {sweep_dir}", flush=True)
 
 
+def update_status(job_dir: Path, **fields) -> None:
+    """Add `fields` to a job's status.json, if the job has one (runs under Hydra's callback do)."""
+    if (Path(job_dir) / STATUS_JSON).exists():
+        write_status(job_dir, read_status(job_dir) | fields)
+
+
+def hydra_job_dir() -> Path | None:
+    return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
+
+
+# --- one run per run dir -----------------------------------------------------------------------
+
+LOCK = ".lock"
+
+
+def lock_owner(run_dir: Path) -> str | None:
+    """Who holds `run_dir` (its lock's line), None if nobody: flock is released by the kernel when
+    its process dies, so a lock file left by a killed run is free again."""
+    path = Path(run_dir) / LOCK
+    if not path.exists():
+        return None
+    with open(path) as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return f.read().strip() or "another process"
+    return None
+
+
+@contextmanager
+def hold_run_dir(run_dir: Path) -> Iterator[None]:
+    """Hold `run_dir` while training into it: a second run into the same dir is refused in one line
+    (two would overwrite each other's checkpoint and interleave their metrics)."""
+    f = open(Path(run_dir) / LOCK, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        owner = f.read().strip() or "another process"
+        f.close()
+        raise UsageError(in_use(run_dir, owner)) from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+    f.flush()
+    try:
+        yield
+    finally:
+        f.close()
+
+
+def in_use(run_dir: Path, owner: str) -> str:
+    return (f"{run_dir} is in use by a run ({owner}): wait for it to end, or train into another dir "
+            "(hydra.run.dir=DIR)")
+
+
 # --- resume ------------------------------------------------------------------------------------
 
 def resolve_resume(resume: bool | str, trainer_state: Path) -> bool:
@@ -122,11 +185,19 @@ def resolve_resume(resume: bool | str, trainer_state: Path) -> bool:
     return bool(resume)
 
 
-def finished_run(resume: bool | str, run_dir: Path) -> dict | None:
-    """With train.resume=auto, a run dir that already holds metrics.json is a finished run (a
-    re-run sweep): its metrics, to return instead of training again. None otherwise."""
+def finished_run(resume: bool | str, run_dir: Path, total_steps: int) -> dict | None:
+    """With train.resume=auto, a run that already finished (`reached_end`; a re-run sweep): its
+    metrics, to return instead of training again. None otherwise."""
     metrics = Path(run_dir) / "metrics.json"
-    return json.loads(metrics.read_text()) if resume == "auto" and metrics.exists() else None
+    return json.loads(metrics.read_text()) if resume == "auto" and reached_end(run_dir, total_steps) else None
+
+
+def reached_end(run_dir: Path, total_steps: int) -> bool:
+    """metrics.json written and the checkpoint at the run's last step (one stopped early by
+    train.max_steps writes metrics.json too, and resumes)."""
+    meta = Path(run_dir) / "checkpoint" / METADATA
+    return (Path(run_dir) / "metrics.json").exists() and (
+        not meta.exists() or json.loads(meta.read_text()).get("step", 0) >= total_steps)
 
 
 # --- sizes of the analyses of an experiment (conf/scale/*.yaml: `analysis`) ----------------------
@@ -142,7 +213,9 @@ def exit_on_usage_error(run: Callable[[DictConfig], Any], cfg: DictConfig) -> An
     """A CLI's `main`: `run(cfg)`, a UsageError ending the process with `error: ...` (one line, no
     traceback; exit code 1) instead; NN_DECOMP_DEBUG=1 prints its traceback first (HYDRA_FULL_ERROR
     stays Hydra's own, for errors that are not the user's). It is raised in a sweep: Hydra records
-    that job as failed in status.json and runs the others."""
+    that job as failed in status.json and runs the others. A run with a status.json gets it marked
+    failed; a signal that preempted training (runtime/signals.py) marks it preempted, hands the
+    signal on to submitit's requeue if submitit runs the job, and exits with how to resume."""
     try:
         return run(cfg)
     except UsageError as e:
@@ -150,7 +223,16 @@ def exit_on_usage_error(run: Callable[[DictConfig], Any], cfg: DictConfig) -> An
             raise
         if os.environ.get("NN_DECOMP_DEBUG") == "1":
             traceback.print_exc()
+        if (job_dir := hydra_job_dir()) is not None and lock_owner(job_dir) is None:  # not another run's status
+            update_status(job_dir, status="failed", error=f"{type(e).__name__}: {e}")
         sys.exit(f"error: {e}")
+    except Preempted as stop:
+        if (job_dir := hydra_job_dir()) is not None:
+            update_status(job_dir, status="preempted", signal=signal.Signals(stop.signum).name, step=stop.step)
+        stop.hand_on()
+        print(f"stopped by {signal.Signals(stop.signum).name} after step {stop.step}: checkpoint written; continue "
+              "with the same command and train.resume=auto", file=sys.stderr, flush=True)
+        sys.exit(stop.exit_code)
 
 
 def run_cli(module: str, args: list[str], in_process: bool = True, cwd: Path | None = None) -> int:

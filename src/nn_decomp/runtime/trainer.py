@@ -233,6 +233,7 @@ class Run:
     """Its layers in the shared stream's batches (None: all of them)."""
     eval_metrics: dict = field(default_factory=dict)
     error: Exception | None = None
+    saved_step: int | None = None
 
     @property
     def last_step(self) -> int:
@@ -262,11 +263,26 @@ class Run:
                 self.eval_metrics = evaluate_coder(whole, x_eval, y_eval, tc.batch_size) | {"dead_fraction": dead}
                 self.logger.log("eval", self.eval_metrics, trainer.step)
             if save:
-                meta = self.metadata | {"eval": self.eval_metrics, "tokens_seen": trainer.tokens_seen,
-                                        "step": trainer.step}
-                save_checkpoint(self.run_dir / "checkpoint", whole, trainer.cfg, meta, state)
+                self.write_checkpoint(whole, state)
+        if save:
+            self.saved_step = trainer.step
         self.rng_state = torch.get_rng_state()
         return row
+
+    def write_checkpoint(self, whole: SparseCoder, state: dict) -> None:
+        trainer = self.trainer
+        meta = self.metadata | {"eval": self.eval_metrics, "tokens_seen": trainer.tokens_seen, "step": trainer.step}
+        save_checkpoint(self.run_dir / "checkpoint", whole, trainer.cfg, meta, state, trainer.cfg.train.keep_last)
+
+    def save(self) -> None:
+        """A checkpoint at this step unless one was written at it: a preempted run's last act (with
+        tensor parallelism a collective)."""
+        if self.saved_step == self.trainer.step:
+            return
+        self.saved_step = self.trainer.step
+        torch.set_rng_state(self.rng_state)  # the state this run's next step starts from, as step() saves it
+        if (saved := snapshot(self.trainer)) is not None:
+            self.write_checkpoint(*saved)
 
     def finish(self) -> dict:
         """The final metrics; rank 0 writes them to metrics.json."""

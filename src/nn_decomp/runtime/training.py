@@ -7,7 +7,11 @@ the one loop. With `data=cache` the LM is never loaded, nor even imported.
 from __future__ import annotations
 
 import json
+import logging
+import os
+import shutil
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,21 +19,26 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from nn_decomp.config import require, validate
+from nn_decomp.config import UsageError, require, validate
 from nn_decomp.config.arch import arch_hooks
 from nn_decomp.core.coder import SparseCoder
 from nn_decomp.data.sources import open_source, take_tokens
 from nn_decomp.data.synthetic import task_of
 from nn_decomp.runtime import distributed, tensor_parallel
-from nn_decomp.runtime.checkpoint import TRAINER_STATE, build_coder
+from nn_decomp.runtime.checkpoint import (CHECKPOINT_FILES, METADATA, TRAINER_STATE, DamagedCheckpoint, build_coder,
+                                         load_trainer_state, read_config, verify)
 from nn_decomp.runtime.distributed import SINGLE, DistInfo
-from nn_decomp.runtime.files import recover_dir
-from nn_decomp.runtime.jobs import finished_run, resolve_resume
+from nn_decomp.runtime.files import previous, recover_dir
+from nn_decomp.runtime.jobs import finished_run, hold_run_dir, reached_end, resolve_resume
+from nn_decomp.runtime.sweep_table import flatten
 from nn_decomp.runtime.logger import MetricsLogger
+from nn_decomp.runtime.signals import stop_requests
 from nn_decomp.runtime.trainer import Run, Trainer, pick_layers
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
+
+log = logging.getLogger(__name__)
 
 
 def train(cfg: DictConfig, run_dir: str | Path | None = None, model: HookedTransformer | None = None) -> dict:
@@ -83,20 +92,115 @@ def train_together(cfgs: list[DictConfig], run_dirs: list[Path], model: HookedTr
     `train(cfg)` alone would give it. Returns each run's final metrics, or the exception it
     failed with (the others go on). Runs that already finished (train.resume=auto) are skipped."""
     results: list[dict | Exception | None] = [None] * len(cfgs)
-    jobs = []
-    for i, (cfg, run_dir) in enumerate(zip(cfgs, run_dirs)):
-        run_dir = Path(run_dir)
+    with ExitStack() as held:
+        jobs = []
+        for i, (cfg, run_dir) in enumerate(zip(cfgs, run_dirs)):
+            run_dir = Path(run_dir)
+            if info.is_main:
+                make_run_dir(run_dir)
+                held.enter_context(hold_run_dir(run_dir))  # one run per dir
+            cfg = resolved(cfg, run_dir)
+            if (done := finished_run(cfg.train.resume, run_dir, total_steps(cfg))) is not None:
+                results[i] = done  # train.resume=auto on a run that already finished (a re-run sweep)
+                continue
+            jobs.append((i, cfg, run_dir, prepare_resume(cfg, run_dir, info)))
+        if jobs:
+            train_jobs(jobs, results, model, info)
+    return results
+
+
+def total_steps(cfg: DictConfig) -> int:
+    return cfg.train.n_tokens // cfg.train.batch_size
+
+
+def make_run_dir(run_dir: Path) -> None:
+    """Create `run_dir` or say in one line why it cannot be written (before any LM loads)."""
+    try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        cfg = resolved(cfg, run_dir)
-        if (done := finished_run(cfg.train.resume, run_dir)) is not None:
-            results[i] = done  # train.resume=auto on a run that already finished (a re-run sweep)
-            continue
-        if info.is_main:  # a crash while the last checkpoint was being swapped in
-            recover_dir(run_dir / "checkpoint")
-        distributed.barrier(info)
-        jobs.append((i, cfg, run_dir, resolve_resume(cfg.train.resume, run_dir / "checkpoint" / TRAINER_STATE)))
-    if not jobs:
-        return results
+    except PermissionError:
+        pass
+    if not (run_dir.is_dir() and os.access(run_dir, os.W_OK | os.X_OK)):
+        raise UsageError(f"cannot write the run dir {run_dir} (permission denied or read-only): pick a writable one "
+                         "with hydra.run.dir=DIR (hydra.sweep.dir=DIR for --multirun)")
+
+
+def prepare_resume(cfg: DictConfig, run_dir: Path, info: DistInfo) -> bool:
+    """Whether to resume `run_dir`'s checkpoint, after the checks a resume needs; rank 0 reads the
+    files, and every rank gets its answer or its error."""
+    answer: bool | str = False
+    if info.is_main:
+        try:
+            answer = checked_resume(cfg, run_dir)
+        except UsageError as e:
+            answer = str(e)
+    answer = distributed.broadcast_object(answer, info)
+    if isinstance(answer, str):
+        raise (DamagedCheckpoint if " is damaged" in answer else UsageError)(answer)
+    return answer
+
+
+def checked_resume(cfg: DictConfig, run_dir: Path) -> bool:
+    """train.resume for `run_dir`: a crashed checkpoint swap undone, a damaged newest checkpoint
+    replaced by the one before it, and a finished run or another run's config refused."""
+    ckpt = run_dir / "checkpoint"
+    recover_dir(ckpt)  # a crash while the last checkpoint was being swapped in
+    if cfg.train.resume is False:
+        return False
+    fall_back_if_damaged(ckpt)
+    if not resolve_resume(cfg.train.resume, ckpt / TRAINER_STATE):
+        return False
+    if reached_end(run_dir, total_steps(cfg)):
+        raise UsageError(f"{run_dir} holds a finished run (metrics.json, step {total_steps(cfg)} of {total_steps(cfg)}): "
+                         "nothing to resume; train into a new run dir, or pass train.resume=auto, which returns its metrics")
+    saved, _ = read_config(ckpt)
+    differ = [f"{key}: {old!r} in the checkpoint, {new!r} now" for key, old, new in config_differences(saved, cfg)]
+    if differ:
+        raise UsageError(f"train.resume: {ckpt} was trained with another config ({'; '.join(differ)}); resume "
+                         "with the checkpoint's values, or train into a new run dir")
+    return True
+
+
+RESUME_MUST_MATCH = ("arch", "act", "model.name", "train.batch_size", "train.n_tokens", "train.dtype",
+                     "train.tensor_parallel")
+"""What decides the shapes and the schedule a trainer state belongs to."""
+
+
+def config_differences(saved: DictConfig, cfg: DictConfig) -> list[tuple[str, object, object]]:
+    diffs = []
+    for key in RESUME_MUST_MATCH:
+        old, new = OmegaConf.select(saved, key), OmegaConf.select(cfg, key)
+        old, new = (flatten(OmegaConf.to_container(v), key) if isinstance(v, DictConfig) else {key: v}
+                    for v in (old, new))
+        diffs += [(k, old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
+    return diffs
+
+
+def fall_back_if_damaged(ckpt: Path) -> None:
+    """A damaged newest checkpoint is set aside as checkpoint.damaged and checkpoint.prev takes its
+    place, with a warning; with nothing to fall back to, one error line naming the file."""
+    if not ckpt.exists():
+        return
+    try:
+        verify(ckpt, CHECKPOINT_FILES)
+    except DamagedCheckpoint as damage:
+        prev = previous(ckpt)
+        if not prev.exists():
+            raise DamagedCheckpoint(f"{damage}, and there is no earlier checkpoint to fall back to (train.keep_last=2 "
+                                    "keeps one): train again into a new run dir") from None
+        try:
+            verify(prev, CHECKPOINT_FILES)
+        except DamagedCheckpoint as also:
+            raise DamagedCheckpoint(f"{damage}, and the previous checkpoint too: {also}") from None
+        aside = ckpt.with_name(ckpt.name + ".damaged")
+        shutil.rmtree(aside, ignore_errors=True)
+        ckpt.rename(aside)
+        prev.rename(ckpt)
+        step = json.loads((ckpt / METADATA).read_text()).get("step")
+        log.warning(f"{damage}: resuming from the previous checkpoint (step {step}); the damaged one is in {aside}")
+
+
+def train_jobs(jobs: list, results: list, model: HookedTransformer | None, info: DistInfo) -> None:
+    """train_together's runs that train (not finished), into `results`."""
     assert len({stream_key(cfg) for _, cfg, _, _ in jobs}) == 1, "train_together: runs need one stream"
     for _, cfg, _, _ in jobs:
         validate(cfg)  # every run's config, before the LM or the data is touched
@@ -118,7 +222,6 @@ def train_together(cfgs: list[DictConfig], run_dirs: list[Path], model: HookedTr
     finally:
         store.close()
     distributed.barrier(info)  # no rank returns before rank 0's files are written
-    return results
 
 
 def resolved(cfg: DictConfig, run_dir: Path) -> DictConfig:
@@ -216,11 +319,13 @@ def open_run(cfg: DictConfig, run_dir: Path, resume: bool, rows, store, device, 
     the stream's batches (stream_index)."""
     torch.set_rng_state(rng_state)
     coder, scale_in, scale_out = init_coder(cfg, tuple(pick_layers(r, index) for r in rows), device, info)
-    trainer = Trainer(cfg, coder, cfg.train.n_tokens // cfg.train.batch_size, scale_in, scale_out, info)
+    trainer = Trainer(cfg, coder, total_steps(cfg), scale_in, scale_out, info)
+    eval_metrics = {}
     if resume:  # tensor parallel: the whole state stays on the CPU (mapped, not read) until sliced
         sharded = info.tensor_parallel > 1
-        trainer.load_state_dict(torch.load(run_dir / "checkpoint" / TRAINER_STATE, weights_only=False,
-                                           map_location="cpu" if sharded else device, mmap=sharded))
+        trainer.load_state_dict(load_trainer_state(run_dir / "checkpoint", map_location="cpu" if sharded else device,
+                                                   mmap=sharded))
+        eval_metrics = read_config(run_dir / "checkpoint")[1].get("eval", {})  # a finished state's, for metrics.json
     hooks_in, hooks_out = arch_hooks(cfg.arch)
     model_name = "synthetic" if cfg.data.source == "synthetic" else cfg.model.name
     metadata = {"model": model_name, "arch": cfg.arch.name, "act": type(coder.activation).__name__.lower(),
@@ -231,7 +336,7 @@ def open_run(cfg: DictConfig, run_dir: Path, resume: bool, rows, store, device, 
         metadata["cache"] = {"path": str(store.meta.path), "text_source": store.meta.text_source,
                              "n_tokens": store.meta.n_tokens, "dtype": store.meta.dtype}
     logger = MetricsLogger(cfg, run_dir) if info.is_main else None
-    return Run(trainer, run_dir, metadata, logger, torch.get_rng_state(), start, index)
+    return Run(trainer, run_dir, metadata, logger, torch.get_rng_state(), start, index, eval_metrics)
 
 
 def train_encoder(runs: list[Run], store, eval_set) -> None:
@@ -246,19 +351,27 @@ def train_encoder(runs: list[Run], store, eval_set) -> None:
     main = runs[0].trainer.info.is_main
     progress = tqdm(total=last, initial=step, desc="train", mininterval=2, disable=not main)
     live = list(runs)
-    while step < last and live:
-        x_BLD, y_BLD = store.next_batch()
-        for run in [r for r in live if r.trainer.step == step < r.last_step]:
-            try:
-                row = run.step(x_BLD, y_BLD, eval_set)
-            except Exception as error:
-                if len(runs) == 1:
-                    raise
-                live.remove(run)
-                run.error = error
-                continue
-            if row is not None and len(runs) == 1:
-                progress.set_postfix(loss=f"{row['loss']:.3g}", l0=f"{row['l0']:.1f}", nmse=f"{row['nmse']:.3f}")
-        step += 1
-        progress.update(1)
+    info, device = runs[0].trainer.info, runs[0].trainer.scale_in_L.device
+    with stop_requests() as stop:
+        while step < last and live:
+            x_BLD, y_BLD = store.next_batch()
+            for run in [r for r in live if r.trainer.step == step < r.last_step]:
+                try:
+                    row = run.step(x_BLD, y_BLD, eval_set)
+                except Exception as error:
+                    if len(runs) == 1:
+                        raise
+                    live.remove(run)
+                    run.error = error
+                    continue
+                if row is not None and len(runs) == 1:
+                    progress.set_postfix(loss=f"{row['loss']:.3g}", l0=f"{row['l0']:.1f}", nmse=f"{row['nmse']:.3f}")
+            step += 1
+            progress.update(1)
+            if (signum := distributed.max_over_ranks(stop.signum or 0, device, info)):
+                stop.signum = signum
+                for run in live:
+                    run.save()
+                progress.close()
+                raise stop.preempted(step)
     progress.close()
