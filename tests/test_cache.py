@@ -153,9 +153,11 @@ def test_a_shuffle_budget_below_two_chunks_fails_before_the_lm_runs(tiny_lm, tmp
         build_cache(cfg, tiny_lm)
 
 
-def test_float16_overflow_names_the_fix():
-    with pytest.raises(ValueError, match="cache.dtype=bfloat16"):
+def test_float16_overflow_and_non_finite_rows_name_the_fix():
+    with pytest.raises(UsageError, match="cache.dtype=bfloat16"):
         to_storage(torch.tensor([[7e4, 0.0]]), "float16", "blocks.0.hook_resid_post")
+    with pytest.raises(UsageError, match="2 of 3 rows of activations at h hold NaN / Inf"):
+        to_storage(torch.tensor([[1.0, float("nan")], [0.0, 1.0], [float("inf"), 0.0]]), "bfloat16", "h")
     assert torch.equal(from_storage(to_storage(torch.tensor([[7e4]]), "bfloat16", "h"), "bfloat16").float(),
                        torch.tensor([[7e4]]).bfloat16().float())
 

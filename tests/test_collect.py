@@ -2,6 +2,9 @@
 included with their status; CSV and Parquet hold the same table."""
 import csv
 import json
+import os
+import socket
+import subprocess
 
 import pytest
 import yaml
@@ -96,12 +99,21 @@ def test_a_single_run_dir_is_one_job(sweep):
     assert len(rows) == 1 and rows[0]["job"] == "0_act.k=8" and rows[0]["status"] == "completed"
 
 
-def test_status_is_inferred_without_status_json(tmp_path):
+def test_status_is_inferred_where_status_json_does_not_say(tmp_path):
     (tmp_path / "checkpoint").mkdir()
-    assert job_status(tmp_path, {}, {}) == "incomplete"
-    assert job_status(tmp_path, {}, {"nmse": 1.0}) == "completed"
-    assert job_status(tmp_path / "none", {}, {}) == "failed"
-    assert job_status(tmp_path, {"status": "running"}, {"nmse": 1.0}) == "completed"
+    assert job_status(tmp_path, {}, {}) == ("incomplete", None)
+    assert job_status(tmp_path, {}, {"nmse": 1.0}) == ("completed", None)
+    assert job_status(tmp_path / "none", {}, {}) == ("failed", None)
+    assert job_status(tmp_path, {"status": "running"}, {"nmse": 1.0}) == ("completed", None)
+    assert job_status(tmp_path, {"status": "preempted"}, {}) == ("preempted", None)
+    # a job killed outright (SIGKILL, OOM) never writes its end: its process is gone from this host
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    here = {"status": "running", "host": socket.gethostname()}
+    status, error = job_status(tmp_path, here | {"pid": dead.pid}, {})
+    assert status == "failed" and f"pid {dead.pid}" in error and "is gone" in error
+    assert job_status(tmp_path, here | {"pid": os.getpid()}, {}) == ("running", None)
+    assert job_status(tmp_path, here | {"pid": dead.pid, "host": "elsewhere"}, {}) == ("running", None)
 
 
 def test_flatten_and_parse_override():

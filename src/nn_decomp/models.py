@@ -7,6 +7,7 @@ goes to `HookedTransformer.from_pretrained` (needs the Hugging Face Hub).
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import json
 import os
@@ -52,11 +53,23 @@ def load_model(name: str, device: str = "auto", dtype: str = "float32",
     torch_device, torch_dtype = resolve_device(device), _resolve_dtype(dtype)
     if name == SMOLLM2:
         return _load_smollm2(torch_device, torch_dtype, first_n_layers, cache_dir)
+    check_model_name(name)
     if first_n_layers is not None:  # check before downloading the weights
         n_layers = tl_loading.get_pretrained_model_config(name).n_layers
         _check_first_n_layers(first_n_layers, n_layers)
     return HookedTransformer.from_pretrained(name, device=torch_device, dtype=torch_dtype,
                                              first_n_layers=first_n_layers, **PROCESSING)
+
+
+def check_model_name(name: str) -> None:
+    """An unknown model.name in one line with its close matches, not TransformerLens' list of all."""
+    known = [SMOLLM2, *tl_loading.OFFICIAL_MODEL_NAMES, *tl_loading.make_model_alias_map()]
+    if name in known or name.lower() in tl_loading.make_model_alias_map():
+        return
+    close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
+    raise UsageError(f"model.name={name!r} is not a model TransformerLens knows"
+                     + (f"; close matches: {', '.join(close)}" if close else "")
+                     + f" (the offline default: model={SMOLLM2})")
 
 
 def hub_name(name: str) -> str:
@@ -70,6 +83,7 @@ def model_n_layers(name: str, cache_dir: str | Path = "~/.cache/nn_decomp") -> i
     """The model's block count from its config alone (no weights read)."""
     if name == SMOLLM2:
         return AutoConfig.from_pretrained(smollm2_dir(cache_dir)).num_hidden_layers
+    check_model_name(name)
     return tl_loading.get_pretrained_model_config(name).n_layers
 
 

@@ -55,10 +55,14 @@ def escape(hook: str) -> str:
 def to_storage(rows_ND: Tensor, dtype: str, hook: str) -> np.ndarray:
     """Rows in the cache's on-disk type; bfloat16 keeps its bit pattern in a uint16."""
     rows_ND = rows_ND.detach().cpu()
+    bad_N = ~torch.isfinite(rows_ND).all(-1)
+    if bad_N.any():  # refused, not skipped: row i of every hook is one token, and an LM giving NaN is broken
+        raise UsageError(f"{int(bad_N.sum())} of {len(rows_ND)} rows of activations at {hook} hold NaN / Inf, as the "
+                         "LM computed them: nothing is cached; check the model's weights and model.dtype")
     if dtype == "bfloat16":
         return rows_ND.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
     if dtype == "float16" and rows_ND.abs().max() > FLOAT16_MAX:
-        raise ValueError(f"activations at {hook} reach {rows_ND.abs().max():.4g}, beyond float16's range: "
+        raise UsageError(f"activations at {hook} reach {rows_ND.abs().max():.4g}, beyond float16's range: "
                          "use cache.dtype=bfloat16 or cache.dtype=float32")
     return rows_ND.to(getattr(torch, dtype)).numpy()
 

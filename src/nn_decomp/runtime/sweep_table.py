@@ -3,7 +3,7 @@
 
 A job is a directory under DIR holding a Hydra record (`.hydra/overrides.yaml`), a
 `status.json`, a `metrics.json` or a `checkpoint/`. Its row has, in this order:
-- `job` (path relative to DIR), `status` (completed | failed | running | incomplete; see
+- `job` (path relative to DIR), `status` (completed | failed | preempted | running | incomplete; see
   `job_status`), `attempts`, `error`;
 - `overrides` (the command-line overrides as one string) and one column per override key
   (`arch`, `act`, `act.k`, ...), values parsed as YAML;
@@ -21,6 +21,8 @@ one place).
 """
 import csv
 import json
+import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,8 @@ import yaml
 STATUS_JSON = "status.json"
 CHECKPOINT, METRICS, EVAL, SAEBENCH = "checkpoint", "metrics.json", "eval.json", "saebench.json"
 FIRST_COLUMNS = ["job", "status", "attempts", "error", "overrides"]
-SKIP_DIRS = {CHECKPOINT, ".hydra", ".submitit", "checkpoint.tmp", "checkpoint.old", "wandb"}
+SKIP_DIRS = {CHECKPOINT, ".hydra", ".submitit", "checkpoint.tmp", "checkpoint.old", "checkpoint.prev",
+             "checkpoint.damaged", "wandb"}
 
 
 def read_status(job_dir: Path) -> dict:
@@ -95,18 +98,36 @@ def read_json(path: Path) -> dict:
         return {}
 
 
-def job_status(job_dir: Path, status: dict, metrics: dict) -> str:
-    """status.json's word when the job finished; otherwise inferred: metrics.json means it
-    completed (a run from before the callback), a checkpoint without metrics.json means it stopped
-    mid-training (incomplete), and nothing at all means it failed before training."""
-    word = status.get("status")
-    if word in ("completed", "failed"):
-        return word
+def job_status(job_dir: Path, status: dict, metrics: dict) -> tuple[str, str | None]:
+    """(status, error): status.json's word when the job ended (completed, failed, preempted);
+    otherwise inferred: metrics.json means it completed (a run from before the callback), "running"
+    whose process is gone from this host means it was killed (failed), a checkpoint without
+    metrics.json means it stopped mid-training (incomplete), and nothing at all means it failed
+    before training."""
+    word, error = status.get("status"), status.get("error")
+    if word in ("completed", "failed", "preempted"):
+        return word, error
     if metrics:
-        return "completed"
+        return "completed", error
     if word == "running":
-        return "running"
-    return "incomplete" if (job_dir / CHECKPOINT).exists() else "failed"
+        if process_gone(status):
+            return "failed", f"its process (pid {status['pid']} on {status['host']}) is gone: killed (SIGKILL, out of memory?)"
+        return "running", error
+    return ("incomplete" if (job_dir / CHECKPOINT).exists() else "failed"), error
+
+
+def process_gone(status: dict) -> bool:
+    """Whether the job's process is known to be gone: it ran on this host and its pid is free (a job
+    on another host cannot be checked from here)."""
+    if status.get("host") != socket.gethostname() or not status.get("pid"):
+        return False
+    try:
+        os.kill(status["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 def job_row(job_dir: Path, root: Path) -> dict[str, Any]:
@@ -116,8 +137,8 @@ def job_row(job_dir: Path, root: Path) -> dict[str, Any]:
     overrides = job_overrides(job_dir)
     row: dict[str, Any] = {
         "job": str(job_dir.relative_to(root)) if job_dir != root else job_dir.name,
-        "status": job_status(job_dir, status, metrics), "attempts": status.get("attempts"),
-        "error": status.get("error"), "overrides": " ".join(overrides)}
+        "attempts": status.get("attempts"), "overrides": " ".join(overrides)}
+    row["status"], row["error"] = job_status(job_dir, status, metrics)
     row |= dict(parse_override(o) for o in overrides if not o.startswith("hydra"))
     row |= {k: v for k, v in job_config(job_dir).items() if k not in row}
     row |= metrics

@@ -15,12 +15,17 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from nn_decomp.config import UsageError
 from nn_decomp.core.coder import SparseCoder
 from nn_decomp.core.losses import LossOutput, coder_loss, explained_variance, fvu
 from nn_decomp.runtime import distributed, tensor_parallel
 from nn_decomp.runtime.checkpoint import build_coder, save_checkpoint
 from nn_decomp.runtime.distributed import SINGLE, DistInfo
 from nn_decomp.runtime.logger import MetricsLogger
+
+
+class NonFiniteLoss(UsageError, FloatingPointError):
+    """The loss became NaN / Inf; the message names the likely cause."""
 
 
 def lr_lambda(step: int, warmup_steps: int, total_steps: int, decay_fraction: float, decay: str) -> float:
@@ -121,9 +126,7 @@ class Trainer:
         # After the average, so that every rank sees the same loss and stops at the same step.
         losses, fired_LF = self.average_over_ranks(losses, out.latents.fired())
         if not torch.isfinite(losses.loss):
-            raise FloatingPointError(
-                f"loss is {losses.loss.item()} at step {self.step}; the last good checkpoint is kept. "
-                "Lower train.optimizer.lr or the sparsity coefficient and resume with train.resume=true")
+            raise NonFiniteLoss(self.non_finite_cause(losses.loss.item(), x_BLD, y_BLD))
         self.scaler.unscale_(self.optimizer)  # the true gradients, for the projection and the clip
         if act.unit_norm_decoder:
             coder.remove_parallel_decoder_grad()
@@ -139,6 +142,16 @@ class Trainer:
         self.step += 1
         self.tokens_seen += n_tokens
         return losses
+
+    def non_finite_cause(self, loss: float, x_BLD, y_BLD) -> str:
+        """Why the loss is not finite: bad input rows (the batch is checked only now, at no cost to
+        healthy steps), or else the optimisation itself."""
+        bad_B = ~(torch.isfinite(x_BLD).flatten(1).all(1) & torch.isfinite(y_BLD).flatten(1).all(1))
+        where = f"loss is {loss} at step {self.step}; the last good checkpoint is kept"
+        if bad_B.any():
+            return (f"{where}. {int(bad_B.sum())} of {len(bad_B)} activation rows of this batch hold NaN / Inf: the "
+                    "data is bad, not the learning rate (a cache: rebuild it; the LM: check its weights and dtype)")
+        return f"{where}. Lower train.optimizer.lr or the sparsity coefficient and resume with train.resume=true"
 
     def average_over_ranks(self, losses: LossOutput, fired_LF: torch.Tensor) -> tuple[LossOutput, torch.Tensor]:
         """Average gradients, float buffers (BatchTopK's threshold) and loss terms over ranks, and

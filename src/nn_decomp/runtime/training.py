@@ -243,6 +243,12 @@ def setup(cfg: DictConfig, model: HookedTransformer | None = None, info: DistInf
             f"train.batch_size={cfg.train.batch_size} must be a multiple of the {info.dp_size} data-parallel ranks")
     # the ranks of one tensor-parallel group read the same rows
     source = open_source(cfg, model, device, info.data_shard(), info.is_main)
+    if source.eval_set is not None:
+        bad_N = ~torch.stack([torch.isfinite(rows).flatten(1).all(1) for rows in source.eval_set]).all(0)
+        if bad_N.any():
+            where = f"the cache {cfg.data.path}" if cfg.data.source == "cache" else "the activations"
+            raise UsageError(f"{int(bad_N.sum())} of {len(bad_N)} held-out rows from {where} hold NaN / Inf: every "
+                             "held-out metric would be NaN; rebuild the cache (or check the LM's weights and dtype)")
     return source.model, source.store, source.eval_set, device
 
 
