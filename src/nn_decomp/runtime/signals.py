@@ -27,8 +27,9 @@ class Preempted(Exception):
         return 128 + self.signum  # what a shell reports for a process the signal ended
 
     def hand_on(self) -> None:
-        """Call the handler that was installed before ours (submitit's requeue), if any."""
-        if callable(self.previous_handler):
+        """Call the handler that was installed before ours (submitit's requeue), if any: not Python's
+        own SIGINT handler, whose KeyboardInterrupt would only add a traceback."""
+        if callable(self.previous_handler) and self.previous_handler is not signal.default_int_handler:
             self.previous_handler(self.signum, None)
 
 

@@ -115,13 +115,14 @@ def total_steps(cfg: DictConfig) -> int:
 
 def make_run_dir(run_dir: Path) -> None:
     """Create `run_dir` or say in one line why it cannot be written (before any LM loads)."""
+    why = "permission denied"
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-    except PermissionError:
-        pass
+    except OSError as e:
+        why = e.strerror.lower()
     if not (run_dir.is_dir() and os.access(run_dir, os.W_OK | os.X_OK)):
-        raise UsageError(f"cannot write the run dir {run_dir} (permission denied or read-only): pick a writable one "
-                         "with hydra.run.dir=DIR (hydra.sweep.dir=DIR for --multirun)")
+        raise UsageError(f"cannot write the run dir {run_dir} ({why}): pick a writable one with hydra.run.dir=DIR "
+                         "(hydra.sweep.dir=DIR for --multirun)")
 
 
 def prepare_resume(cfg: DictConfig, run_dir: Path, info: DistInfo) -> bool:
@@ -169,7 +170,7 @@ def config_differences(saved: DictConfig, cfg: DictConfig) -> list[tuple[str, ob
     diffs = []
     for key in RESUME_MUST_MATCH:
         old, new = OmegaConf.select(saved, key), OmegaConf.select(cfg, key)
-        old, new = (flatten(OmegaConf.to_container(v), key) if isinstance(v, DictConfig) else {key: v}
+        old, new = (flatten(OmegaConf.to_container(v), f"{key}.") if isinstance(v, DictConfig) else {key: v}
                     for v in (old, new))
         diffs += [(k, old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
     return diffs
