@@ -8,8 +8,10 @@
   `python -m nn_decomp.collect` and to a person listing the sweep dir; when the sweep ends it prints
   one line per job (status, held-out metrics) and the collect command. `fail_fast=true`
   (`hydra.callbacks.job_status.fail_fast=true`) instead stops a basic-launcher sweep at the first
-  failed job. A job killed outright (OOM, SIGKILL, a SLURM requeue) stays `running`; `attempts`
-  counts its starts.
+  failed job. A single run's `error:` exit marks it `failed`, a signal `preempted`
+  (`exit_on_usage_error`); a job killed outright (OOM, SIGKILL) stays `running` with its host and
+  pid, which `collect` reads as failed once that process is gone; `attempts` counts its starts.
+- `hold_run_dir`: one run per run dir (an flock on `.lock`, released by the kernel with its process).
 - `resolve_resume(resume, trainer_state)`: `train.resume=auto` resumes when the run dir already
   holds a trainer state; `finished_run` skips a run that already reached its last step. A preempted
   or timed-out SLURM job is requeued by submitit into the same sweep subdir (the launcher's
