@@ -88,6 +88,8 @@ class SharedStreamLauncher(Launcher):
 
     def run_group(self, group: list[Job]) -> None:
         """Start every job (callbacks: status.json 'running'), train them together, end each."""
+        from nn_decomp.runtime.jobs import end_preempted
+        from nn_decomp.runtime.signals import Preempted
         from nn_decomp.runtime.training import train_together
 
         callbacks = self.hydra_context.callbacks
@@ -97,6 +99,8 @@ class SharedStreamLauncher(Launcher):
         try:
             results = train_together([j.task_cfg for j in group], [Path(j.config.hydra.runtime.output_dir)
                                                                     for j in group])
+        except Preempted as stop:  # every run checkpointed: the sweep ends here, to be resumed
+            end_preempted(stop, [Path(j.config.hydra.runtime.output_dir) for j in group])
         except Exception as error:  # before any run began (setup, a bad config): every job of the group
             results = [error] * len(group)
         for job, result in zip(group, results):

@@ -229,12 +229,17 @@ def exit_on_usage_error(run: Callable[[DictConfig], Any], cfg: DictConfig) -> An
             update_status(job_dir, status="failed", error=f"{type(e).__name__}: {e}")
         sys.exit(f"error: {e}")
     except Preempted as stop:
-        if (job_dir := hydra_job_dir()) is not None:
-            update_status(job_dir, status="preempted", signal=signal.Signals(stop.signum).name, step=stop.step)
-        stop.hand_on()
-        print(f"stopped by {signal.Signals(stop.signum).name} after step {stop.step}: checkpoint written; continue "
-              "with the same command and train.resume=auto", file=sys.stderr, flush=True)
-        sys.exit(stop.exit_code)
+        end_preempted(stop, [job_dir] if (job_dir := hydra_job_dir()) is not None else [])
+
+
+def end_preempted(stop: Preempted, job_dirs: list[Path]) -> None:
+    """Mark the jobs preempted, hand the signal on (submitit's requeue), exit saying how to resume."""
+    for job_dir in job_dirs:
+        update_status(job_dir, status="preempted", signal=signal.Signals(stop.signum).name, step=stop.step)
+    stop.hand_on()
+    print(f"stopped by {signal.Signals(stop.signum).name} after step {stop.step}: checkpoint written; continue "
+          "with the same command and train.resume=auto", file=sys.stderr, flush=True)
+    sys.exit(stop.exit_code)
 
 
 def run_cli(module: str, args: list[str], in_process: bool = True, cwd: Path | None = None) -> int:
