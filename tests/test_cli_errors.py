@@ -38,6 +38,7 @@ def run(module: str, args: list[str], capsys) -> tuple[int, str]:
 @pytest.fixture
 def files(tmp_path):
     (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "one.txt").write_text("One speech, so one document.")
     with h5py.File(tmp_path / "garbage.h5", "w") as f:
         f["x"] = [1, 2, 3]
     (tmp_path / "notes.txt").write_text("not a cache")
@@ -75,7 +76,8 @@ CASES = [  # (module, args, a fragment the one line must name)
     (TRAIN, ["act=jumprelu", "act.bandwidth=0"], "act.bandwidth"),
     (TRAIN, ["data.eval_fraction=1.5"], "data.eval_fraction=1.5"),
     (TRAIN, ["data.source=text", "data.path=/nonexistent/*.txt"], "data.path='/nonexistent/*.txt' matches no files"),
-    (TRAIN, ["data.source=text", "data.path={tmp}/empty.txt"], "at least 2"),
+    (TRAIN, ["data.source=text", "data.path={tmp}/empty.txt"], "empty.txt' is empty: its 1 file(s) hold no text"),
+    (TRAIN, ["data.source=text", "data.path={tmp}/one.txt"], "at least 2"),
     (TRAIN, ["data=cache", "data.path=/nonexistent/acts.h5"], "python -m nn_decomp.cache"),
     (TRAIN, ["data=cache", "data.path={tmp}/notes.txt"], "notes.txt"),
     (TRAIN, ["data=cache", "data.path={tmp}/garbage.h5"], "not an nn_decomp activation cache"),

@@ -63,7 +63,8 @@ def test_two_ranks_follow_the_one_process_loss_curve_and_resume(tiny_lm, tmp_pat
     assert meta["world_size"] == 2 and meta["tokens_seen"] == 2048
     names = {p.name for p in two.iterdir()}
     assert {"checkpoint", "metrics.json", "metrics.jsonl"} <= names
-    assert not any(name.startswith("checkpoint.") for name in names)  # no half-written or stale copy
+    assert not names & {"checkpoint.tmp", "checkpoint.old"}  # no half-written or stale copy
+    assert json.loads((two / "checkpoint.prev" / "metadata.json").read_text())["step"] == 12  # the one before
 
 
 def test_lm_contexts_are_sharded_by_rank(tiny_lm):

@@ -7,10 +7,12 @@ import itertools
 import json
 import math
 import os
+import re
 import runpy
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -228,9 +230,9 @@ def children(pid: int) -> list[int]:
     return [int(c) for c in path.read_text().split()] if path.exists() else []
 
 
-def preempt_when_checkpointed(proc: subprocess.Popen, sweep_dir: Path, job_glob: str) -> Path:
-    """Send USR2 (what SLURM sends before a preemption or time-out) to the job's process once it
-    has written a checkpoint; returns the job dir."""
+def signal_when_checkpointed(proc: subprocess.Popen, sweep_dir: Path, job_glob: str, signum: int) -> Path:
+    """Send `signum` to the job's process once it has written a checkpoint (USR2: what SLURM sends
+    before a preemption or time-out); returns the job dir."""
     deadline = time.time() + 400
     while not list(sweep_dir.glob(f"{job_glob}/checkpoint/trainer_state.pt")):
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[0]
@@ -238,7 +240,7 @@ def preempt_when_checkpointed(proc: subprocess.Popen, sweep_dir: Path, job_glob:
     (job,) = sweep_dir.glob(job_glob)
     controller = int(read_status(job)["job_id"])  # submitit's local job id is its controller's pid
     for task in children(controller):
-        os.kill(task, signal.SIGUSR2)
+        os.kill(task, signum)
     return job
 
 
@@ -251,13 +253,21 @@ def test_submitit_local_sweep_isolates_a_failed_job_and_resumes_a_preempted_one(
     length = (["train.n_tokens=6400", "train.checkpoint_every=5", "train.log_every=1", "train.eval_every=1000",
                "train.resume=auto"] if resume else ["train.n_tokens=1280"])
     proc = sweep_cli("hydra/launcher=submitit_local", "hydra.launcher.timeout_min=15", *TINY, *length,
-                     "act.k=300,8", f"hydra.sweep.dir={tmp_path}")
+                     "act.k=300,8,16", f"hydra.sweep.dir={tmp_path}")
+    # k=16 dies outright (out of memory, say) while k=8 is preempted
+    killer = threading.Thread(target=signal_when_checkpointed, args=(proc, tmp_path, "2_*", signal.SIGKILL))
+    killer.start()
     if resume:
-        preempt_when_checkpointed(proc, tmp_path, "1_*")
+        signal_when_checkpointed(proc, tmp_path, "1_*", signal.SIGUSR2)
+    killer.join()
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 1, out  # the first failure is re-raised once every job has run
+    # the launcher raised for the dead job, and the sweep's summary is printed all the same
+    assert re.search(r"3 jobs: 1 completed, 2 failed\n.*failed +2_act\.k-16\S*  \(its process \(pid \d+ on .*\) is gone",
+                     out, re.S), out
     rows = {r["act.k"]: r for r in collect(tmp_path)}
-    assert set(rows) == {8, 300}
+    assert set(rows) == {8, 16, 300}
+    assert rows[16]["status"] == "failed" and "is gone: killed" in rows[16]["error"]
     assert rows[300]["status"] == "failed" and "act.k=300 must be < arch.n_latents=256" in rows[300]["error"]
     ok, job = rows[8], tmp_path / rows[8]["job"]
     assert ok["status"] == "completed" and math.isfinite(ok["nmse"])

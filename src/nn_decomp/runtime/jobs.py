@@ -22,6 +22,7 @@
 - `UsageError` + `exit_on_usage_error`: what the evaluate / convert / export CLIs share: bad input
   ends the command with one `error: ...` line, while their plain functions raise it for tests.
 """
+import atexit
 import fcntl
 import json
 import logging
@@ -76,6 +77,7 @@ class JobStatusCallback(Callback):
     def __init__(self, fail_fast: bool = False):
         self.fail_fast = fail_fast
         self._start = 0.0
+        self._summarised = False
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not is_first_rank():
@@ -113,7 +115,15 @@ class JobStatusCallback(Callback):
             # through run_job and the launcher, which ends the sweep here.
             raise SystemExit(f"{name} failed and fail_fast=true: stopping the sweep")
 
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # A launcher that raises (submitit's, when a job was killed) never reaches on_multirun_end:
+        # the summary is printed at exit then, with the dead job's status as collect infers it.
+        atexit.register(self.on_multirun_end, config)
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self._summarised:
+            return
+        self._summarised = True
         sweep_dir = Path(config.hydra.sweep.dir)
         print(f"{summary(collect(sweep_dir))}\ntable: python -m nn_decomp.collect {sweep_dir}", flush=True)
 

@@ -100,6 +100,7 @@ def train_together(cfgs: list[DictConfig], run_dirs: list[Path], model: HookedTr
                 make_run_dir(run_dir)
                 held.enter_context(hold_run_dir(run_dir))  # one run per dir
             cfg = resolved(cfg, run_dir)
+            validate(cfg)  # every run's config, before its files, the LM or the data are touched
             if (done := finished_run(cfg.train.resume, run_dir, total_steps(cfg))) is not None:
                 results[i] = done  # train.resume=auto on a run that already finished (a re-run sweep)
                 continue
@@ -203,8 +204,6 @@ def fall_back_if_damaged(ckpt: Path) -> None:
 def train_jobs(jobs: list, results: list, model: HookedTransformer | None, info: DistInfo) -> None:
     """train_together's runs that train (not finished), into `results`."""
     assert len({stream_key(cfg) for _, cfg, _, _ in jobs}) == 1, "train_together: runs need one stream"
-    for _, cfg, _, _ in jobs:
-        validate(cfg)  # every run's config, before the LM or the data is touched
     tp = jobs[0][1].train.tensor_parallel
     require(info.world_size % tp == 0, f"train.tensor_parallel={tp} must divide the number of ranks, "
             f"{info.world_size} (torchrun --nproc-per-node, or SLURM tasks)")
