@@ -166,6 +166,17 @@ def test_an_unwritable_run_dir_is_refused_before_the_lm_loads(tiny_lm, tmp_path,
         train(tiny_cfg("transcoder", "topk"), tmp_path / "a_file" / "run", model=tiny_lm)
 
 
+@pytest.mark.parametrize("key, flags", [("hydra.run.dir", []), ("hydra.sweep.dir", ["--multirun"])])
+def test_an_unwritable_run_dir_on_the_command_line_is_one_line_before_hydra_writes_there(key, flags, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    out = tmp_path / "a_file" / "run"
+    proc = subprocess.run([sys.executable, "-m", "nn_decomp.train", *flags, *SYNTHETIC, f"{key}={out}"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"error: cannot write {key}={out} ({tmp_path / 'a_file'}: not a "
+                                                f"directory): pick a writable one with {key}=DIR"]
+
+
 def test_a_resume_with_another_config_names_the_keys_and_leaves_the_checkpoint(tiny_lm, tmp_path, monkeypatch):
     train(tiny_cfg("transcoder", "topk", "train.max_steps=6"), tmp_path, model=tiny_lm)
     monkeypatch.setattr(training_module, "setup", lambda *a: pytest.fail("the LM was loaded"))

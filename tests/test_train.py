@@ -274,7 +274,9 @@ def test_threshold_lr_scale_multiplies_only_the_jumprelu_threshold_step():
 
 def test_run_summary_offers_export_only_for_archs_a_format_holds():
     final = {"nmse": 0.1, "explained_variance": 0.9, "l0": 8.0, "dead_fraction_eval": 0.0, "tokens_seen": 1}
-    assert "nn_decomp.export checkpoint=run/checkpoint" in run_summary(Path("run"), final, "clt")
+    assert "nn_decomp.export checkpoint=run/checkpoint format=circuit_tracer out" in run_summary(Path("run"), final, "clt")
+    assert "format=saelens out" in run_summary(Path("run"), final, "sae")
+    assert "format=saelens|circuit_tracer out" in run_summary(Path("run"), final, "transcoder")
     for arch in ("crosscoder", "molt"):
         summary = run_summary(Path("run"), final, arch)
         assert "nn_decomp.evaluate checkpoint=run/checkpoint" in summary and "nn_decomp.export" not in summary

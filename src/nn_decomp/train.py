@@ -21,8 +21,9 @@ def run_summary(run_dir: Path, final: dict, arch: str) -> str:
     not for a crosscoder or MOLT, which no other format holds)."""
     ckpt = run_dir / "checkpoint"
     minutes, seconds = divmod(round(final.get("wall_time_s", 0)), 60)
+    formats = {"sae": "saelens", "clt": "circuit_tracer"}.get(arch, "saelens|circuit_tracer")
     export = [] if arch in CHECKPOINT_ONLY else [
-        f"export      python -m nn_decomp.export checkpoint={ckpt} format=saelens|circuit_tracer out=DIR"]
+        f"export      python -m nn_decomp.export checkpoint={ckpt} format={formats} out=DIR"]
     return "\n".join([
         f"run dir     {run_dir}",
         f"checkpoint  {ckpt}",

@@ -79,6 +79,9 @@ class JobStatusCallback(Callback):
         self._start = 0.0
         self._summarised = False
 
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        refuse_unwritable(config, "hydra.run.dir")
+
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not is_first_rank():
             return
@@ -118,6 +121,7 @@ class JobStatusCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         # A launcher that raises (submitit's, when a job was killed) never reaches on_multirun_end:
         # the summary is printed at exit then, with the dead job's status as collect infers it.
+        refuse_unwritable(config, "hydra.sweep.dir")
         atexit.register(self.on_multirun_end, config)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
@@ -136,6 +140,17 @@ def update_status(job_dir: Path, **fields) -> None:
 
 def hydra_job_dir() -> Path | None:
     return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
+
+
+def refuse_unwritable(config: DictConfig, key: str) -> None:
+    """End the command in one line if the run (or sweep) dir cannot be created or written: before
+    Hydra writes its config and log file there, which would end in its own traceback."""
+    HydraConfig.instance().set_config(config)  # what Hydra does next: ${hydra:...} in the dir's name resolve
+    out = Path(str(OmegaConf.select(config, key))).absolute()
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not (existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)):
+        why = "not a directory" if not existing.is_dir() else "permission denied or read-only"
+        raise SystemExit(f"error: cannot write {key}={out} ({existing}: {why}): pick a writable one with {key}=DIR")
 
 
 # --- one run per run dir -----------------------------------------------------------------------
