@@ -255,6 +255,11 @@ def exit_on_usage_error(run: Callable[[DictConfig], Any], cfg: DictConfig) -> An
         sys.exit(f"error: {e}")
     except Preempted as stop:
         end_preempted(stop, [job_dir] if (job_dir := hydra_job_dir()) is not None else [])
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (loading the LM, evaluating): nothing to save
+        if (job_dir := hydra_job_dir()) is not None and lock_owner(job_dir) is None:
+            update_status(job_dir, status="failed", error="interrupted (Ctrl-C) outside the training loop")
+        print("interrupted (Ctrl-C)", file=sys.stderr, flush=True)
+        sys.exit(128 + signal.SIGINT)
 
 
 def end_preempted(stop: Preempted, job_dirs: list[Path]) -> None:
