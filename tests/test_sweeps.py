@@ -21,7 +21,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from helpers import CONF, compose_cfg, one_thread  # noqa: F401  (fixture)
 from nn_decomp.config import UsageError, validate
-from nn_decomp.runtime.jobs import finished_run, is_first_rank, resolve_resume, run_cli
+from nn_decomp.runtime.jobs import is_first_rank, run_cli
+from nn_decomp.runtime.resume import finished_run, resolve_resume
 from nn_decomp.runtime.sweep_table import collect, read_status
 from nn_decomp.analysis.sweeps import SCALES, Experiment, pareto_front
 

@@ -1,4 +1,4 @@
-"""Sweep jobs: a status file per job, resume of requeued jobs, and running the CLIs from scripts.
+"""Jobs: a status file per job, one run per run dir, and running the CLIs from scripts.
 
 - `JobStatusCallback` (a Hydra callback, conf/hydra/default.yaml) writes `status.json` into every
   job's output dir: `running` when the job starts, then `completed` or `failed` with the error and
@@ -12,11 +12,9 @@
   (`exit_on_usage_error`); a job killed outright (OOM, SIGKILL) stays `running` with its host and
   pid, which `collect` reads as failed once that process is gone; `attempts` counts its starts.
 - `hold_run_dir`: one run per run dir (an flock on `.lock`, released by the kernel with its process).
-- `resolve_resume(resume, trainer_state)`: `train.resume=auto` resumes when the run dir already
-  holds a trainer state; `finished_run` skips a run that already reached its last step. A preempted
-  or timed-out SLURM job is requeued by submitit into the same sweep subdir (the launcher's
-  `checkpoint()` resubmits the same overrides, and the sweep dir's `${now:}` comes from the
-  pickled config's resolver cache), so `auto` is what makes it continue (train.train calls both).
+- A preempted or timed-out SLURM job is requeued by submitit into the same sweep subdir (the
+  launcher's `checkpoint()` resubmits the same overrides, and the sweep dir's `${now:}` comes from the
+  pickled config's resolver cache), so `train.resume=auto` (runtime/resume.py) is what makes it continue.
 - `run_cli(module, args)`: `python -m module args` in this process (experiment scripts run several
   sweeps and evaluations without paying the imports each time) or as a subprocess.
 - `UsageError` + `exit_on_usage_error`: what the evaluate / convert / export CLIs share: bad input
@@ -45,10 +43,8 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from nn_decomp.config import UsageError, require
+from nn_decomp.config import UsageError
 from nn_decomp.config.experiments import AnalysisConfig
-from nn_decomp.config.train import check_resume
-from nn_decomp.runtime.checkpoint import METADATA
 from nn_decomp.runtime.files import write_atomic
 from nn_decomp.runtime.signals import Preempted
 from nn_decomp.runtime.sweep_table import STATUS_JSON, collect, read_status, summary
@@ -197,34 +193,6 @@ def hold_run_dir(run_dir: Path) -> Iterator[None]:
 def in_use(run_dir: Path, owner: str) -> str:
     return (f"{run_dir} is in use by a run ({owner}): wait for it to end, or train into another dir "
             "(hydra.run.dir=DIR)")
-
-
-# --- resume ------------------------------------------------------------------------------------
-
-def resolve_resume(resume: bool | str, trainer_state: Path) -> bool:
-    """train.resume → whether to load `trainer_state`. true: it must exist; auto: when it exists
-    (a requeued SLURM job, a re-run sweep); false: never."""
-    check_resume(resume)
-    if resume == "auto":
-        return Path(trainer_state).exists()
-    require(not resume or Path(trainer_state).exists(),
-            f"train.resume=true but {trainer_state} does not exist: train without resume first")
-    return bool(resume)
-
-
-def finished_run(resume: bool | str, run_dir: Path, total_steps: int) -> dict | None:
-    """With train.resume=auto, a run that already finished (`reached_end`; a re-run sweep): its
-    metrics, to return instead of training again. None otherwise."""
-    metrics = Path(run_dir) / "metrics.json"
-    return json.loads(metrics.read_text()) if resume == "auto" and reached_end(run_dir, total_steps) else None
-
-
-def reached_end(run_dir: Path, total_steps: int) -> bool:
-    """metrics.json written and the checkpoint at the run's last step (one stopped early by
-    train.max_steps writes metrics.json too, and resumes)."""
-    meta = Path(run_dir) / "checkpoint" / METADATA
-    return (Path(run_dir) / "metrics.json").exists() and (
-        not meta.exists() or json.loads(meta.read_text()).get("step", 0) >= total_steps)
 
 
 # --- sizes of the analyses of an experiment (conf/scale/*.yaml: `analysis`) ----------------------

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -25,12 +24,10 @@ from nn_decomp.core.coder import SparseCoder
 from nn_decomp.data.sources import open_source, take_tokens
 from nn_decomp.data.synthetic import task_of
 from nn_decomp.runtime import distributed, tensor_parallel
-from nn_decomp.runtime.checkpoint import (CHECKPOINT_FILES, METADATA, TRAINER_STATE, DamagedCheckpoint, build_coder,
-                                         load_trainer_state, read_config, verify)
+from nn_decomp.runtime.checkpoint import build_coder, load_trainer_state, read_config
 from nn_decomp.runtime.distributed import SINGLE, DistInfo
-from nn_decomp.runtime.files import previous, recover_dir
-from nn_decomp.runtime.jobs import finished_run, hold_run_dir, reached_end, resolve_resume
-from nn_decomp.runtime.sweep_table import flatten
+from nn_decomp.runtime.jobs import hold_run_dir
+from nn_decomp.runtime.resume import finished_run, prepare_resume, total_steps
 from nn_decomp.runtime.logger import MetricsLogger
 from nn_decomp.runtime.signals import stop_requests
 from nn_decomp.runtime.trainer import Run, Trainer, pick_layers
@@ -110,10 +107,6 @@ def train_together(cfgs: list[DictConfig], run_dirs: list[Path], model: HookedTr
     return results
 
 
-def total_steps(cfg: DictConfig) -> int:
-    return cfg.train.n_tokens // cfg.train.batch_size
-
-
 def make_run_dir(run_dir: Path) -> None:
     """Create `run_dir` or say in one line why it cannot be written (before any LM loads)."""
     why = "permission denied"
@@ -124,81 +117,6 @@ def make_run_dir(run_dir: Path) -> None:
     if not (run_dir.is_dir() and os.access(run_dir, os.W_OK | os.X_OK)):
         raise UsageError(f"cannot write the run dir {run_dir} ({why}): pick a writable one with hydra.run.dir=DIR "
                          "(hydra.sweep.dir=DIR for --multirun)")
-
-
-def prepare_resume(cfg: DictConfig, run_dir: Path, info: DistInfo) -> bool:
-    """Whether to resume `run_dir`'s checkpoint, after the checks a resume needs; rank 0 reads the
-    files, and every rank gets its answer or its error."""
-    answer: bool | str = False
-    if info.is_main:
-        try:
-            answer = checked_resume(cfg, run_dir)
-        except UsageError as e:
-            answer = str(e)
-    answer = distributed.broadcast_object(answer, info)
-    if isinstance(answer, str):
-        raise (DamagedCheckpoint if " is damaged" in answer else UsageError)(answer)
-    return answer
-
-
-def checked_resume(cfg: DictConfig, run_dir: Path) -> bool:
-    """train.resume for `run_dir`: a crashed checkpoint swap undone, a damaged newest checkpoint
-    replaced by the one before it, and a finished run or another run's config refused."""
-    ckpt = run_dir / "checkpoint"
-    recover_dir(ckpt)  # a crash while the last checkpoint was being swapped in
-    if cfg.train.resume is False:
-        return False
-    fall_back_if_damaged(ckpt)
-    if not resolve_resume(cfg.train.resume, ckpt / TRAINER_STATE):
-        return False
-    if reached_end(run_dir, total_steps(cfg)):
-        raise UsageError(f"{run_dir} holds a finished run (metrics.json, step {total_steps(cfg)} of {total_steps(cfg)}): "
-                         "nothing to resume; train into a new run dir, or pass train.resume=auto, which returns its metrics")
-    saved, _ = read_config(ckpt)
-    differ = [f"{key}: {old!r} in the checkpoint, {new!r} now" for key, old, new in config_differences(saved, cfg)]
-    if differ:
-        raise UsageError(f"train.resume: {ckpt} was trained with another config ({'; '.join(differ)}); resume "
-                         "with the checkpoint's values, or train into a new run dir")
-    return True
-
-
-RESUME_MUST_MATCH = ("arch", "act", "model.name", "train.batch_size", "train.n_tokens", "train.dtype",
-                     "train.tensor_parallel")
-"""What decides the shapes and the schedule a trainer state belongs to."""
-
-
-def config_differences(saved: DictConfig, cfg: DictConfig) -> list[tuple[str, object, object]]:
-    diffs = []
-    for key in RESUME_MUST_MATCH:
-        old, new = OmegaConf.select(saved, key), OmegaConf.select(cfg, key)
-        old, new = (flatten(OmegaConf.to_container(v), f"{key}.") if isinstance(v, DictConfig) else {key: v}
-                    for v in (old, new))
-        diffs += [(k, old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
-    return diffs
-
-
-def fall_back_if_damaged(ckpt: Path) -> None:
-    """A damaged newest checkpoint is set aside as checkpoint.damaged and checkpoint.prev takes its
-    place, with a warning; with nothing to fall back to, one error line naming the file."""
-    if not ckpt.exists():
-        return
-    try:
-        verify(ckpt, CHECKPOINT_FILES)
-    except DamagedCheckpoint as damage:
-        prev = previous(ckpt)
-        if not prev.exists():
-            raise DamagedCheckpoint(f"{damage}, and there is no earlier checkpoint to fall back to (train.keep_last=2 "
-                                    "keeps one): train again into a new run dir") from None
-        try:
-            verify(prev, CHECKPOINT_FILES)
-        except DamagedCheckpoint as also:
-            raise DamagedCheckpoint(f"{damage}, and the previous checkpoint too: {also}") from None
-        aside = ckpt.with_name(ckpt.name + ".damaged")
-        shutil.rmtree(aside, ignore_errors=True)
-        ckpt.rename(aside)
-        prev.rename(ckpt)
-        step = json.loads((ckpt / METADATA).read_text()).get("step")
-        log.warning(f"{damage}: resuming from the previous checkpoint (step {step}); the damaged one is in {aside}")
 
 
 def train_jobs(jobs: list, results: list, model: HookedTransformer | None, info: DistInfo) -> None:
