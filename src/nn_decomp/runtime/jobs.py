@@ -218,16 +218,20 @@ def exit_on_usage_error(run: Callable[[DictConfig], Any], cfg: DictConfig) -> An
             raise
         if os.environ.get("NN_DECOMP_DEBUG") == "1":
             traceback.print_exc()
-        if (job_dir := hydra_job_dir()) is not None and lock_owner(job_dir) is None:  # not another run's status
-            update_status(job_dir, status="failed", error=f"{type(e).__name__}: {e}")
+        mark_failed(f"{type(e).__name__}: {e}")
         sys.exit(f"error: {e}")
     except Preempted as stop:
         end_preempted(stop, [job_dir] if (job_dir := hydra_job_dir()) is not None else [])
     except KeyboardInterrupt:  # Ctrl-C outside the training loop (loading the LM, evaluating): nothing to save
-        if (job_dir := hydra_job_dir()) is not None and lock_owner(job_dir) is None:
-            update_status(job_dir, status="failed", error="interrupted (Ctrl-C) outside the training loop")
+        mark_failed("interrupted (Ctrl-C) outside the training loop")
         print("interrupted (Ctrl-C)", file=sys.stderr, flush=True)
         sys.exit(128 + signal.SIGINT)
+
+
+def mark_failed(error: str) -> None:
+    """A single run's status.json says how it ended (not when another run holds the dir: its status)."""
+    if (job_dir := hydra_job_dir()) is not None and lock_owner(job_dir) is None:
+        update_status(job_dir, status="failed", error=error)
 
 
 def end_preempted(stop: Preempted, job_dirs: list[Path]) -> None:
