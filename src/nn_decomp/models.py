@@ -63,8 +63,9 @@ def load_model(name: str, device: str = "auto", dtype: str = "float32",
 
 def check_model_name(name: str) -> None:
     """An unknown model.name in one line with its close matches, not TransformerLens' list of all."""
-    known = [SMOLLM2, *tl_loading.OFFICIAL_MODEL_NAMES, *tl_loading.make_model_alias_map()]
-    if name in known or name.lower() in tl_loading.make_model_alias_map():
+    aliases = tl_loading.make_model_alias_map()
+    known = [SMOLLM2, *tl_loading.OFFICIAL_MODEL_NAMES, *aliases]
+    if name in known or name.lower() in aliases:
         return
     close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
     raise UsageError(f"model.name={name!r} is not a model TransformerLens knows"

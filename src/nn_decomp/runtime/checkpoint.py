@@ -7,7 +7,7 @@ temporary sibling, then swapped in by rename. A crash at any point leaves a comp
 `recover_dir` puts back in place: the previous one, or the new one once it was fully written. With
 train.keep_last=2 the one before stays as `checkpoint.prev/`. Every reader verifies the files it reads
 against checksums.json (`verify`) and refuses non-finite weights, so a damaged checkpoint ends in one
-line naming the file (resume falls back to checkpoint.prev: runtime/training.py). Hashing costs about
+line naming the file (resume falls back to checkpoint.prev: runtime/resume.py). Hashing costs about
 a second per GB written or read; checkpoints written before checksums.json load unverified.
 """
 import errno

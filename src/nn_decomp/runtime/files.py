@@ -7,7 +7,8 @@ directories are published.
 - `replacing_dir(out)`: the same for a directory (a checkpoint, an export): written into `out`.tmp,
   synced and swapped in by two renames (`publish_dir`, optionally keeping the replaced one as
   `out`.prev); `recover_dir` undoes a crash between them.
-- `refuse_existing`: a command that would replace a result refuses unless told `overwrite=true`.
+- `refuse_existing`: a command that would replace a result refuses unless told `overwrite=true`;
+  `unwritable`: why a run dir could not be written, asked before anything is.
 """
 import os
 import shutil
@@ -57,6 +58,18 @@ def refuse_existing(paths: list[Path], overwrite: bool) -> None:
     existing = [str(p) for p in paths if Path(p).exists()]
     if existing and not overwrite:
         raise UsageError(f"{existing[0]} exists; pass overwrite=true to replace it, or out=DIR to write elsewhere")
+
+
+def unwritable(out: str | Path) -> str | None:
+    """Why the directory `out` cannot be created or written into (its nearest existing ancestor
+    decides), or None if it can."""
+    out = Path(out).absolute()
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        return f"{existing}: not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing}: permission denied or read-only"
+    return None
 
 
 def sync(path: Path) -> None:

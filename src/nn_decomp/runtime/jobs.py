@@ -45,7 +45,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from nn_decomp.config import UsageError
 from nn_decomp.config.experiments import AnalysisConfig
-from nn_decomp.runtime.files import write_atomic
+from nn_decomp.runtime.files import unwritable, write_atomic
 from nn_decomp.runtime.signals import Preempted
 from nn_decomp.runtime.sweep_table import STATUS_JSON, collect, read_status, summary
 
@@ -143,10 +143,8 @@ def refuse_unwritable(config: DictConfig, key: str) -> None:
     Hydra writes its config and log file there, which would end in its own traceback."""
     HydraConfig.instance().set_config(config)  # what Hydra does next: ${hydra:...} in the dir's name resolve
     out = Path(str(OmegaConf.select(config, key))).absolute()
-    existing = next(p for p in (out, *out.parents) if p.exists())
-    if not (existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)):
-        why = "not a directory" if not existing.is_dir() else "permission denied or read-only"
-        raise SystemExit(f"error: cannot write {key}={out} ({existing}: {why}): pick a writable one with {key}=DIR")
+    if (why := unwritable(out)) is not None:
+        raise SystemExit(f"error: cannot write {key}={out} ({why}): pick a writable one with {key}=DIR")
 
 
 # --- one run per run dir -----------------------------------------------------------------------

@@ -11,6 +11,7 @@ import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
 
@@ -33,9 +34,12 @@ class Preempted(Exception):
             self.previous_handler(self.signum, None)
 
 
+@dataclass
 class StopRequest:
+    """The first stop signal received (None: none yet) and the handlers ours replaced."""
+
     signum: int | None = None
-    previous: dict
+    previous: dict = field(default_factory=dict)
 
     def handler(self, signum: int, frame) -> None:
         if self.signum is None:
@@ -50,7 +54,6 @@ def stop_requests() -> Iterator[StopRequest]:
     """Catch the stop signals while training (main thread only: Python delivers signals there); the
     handlers before are back afterwards."""
     request = StopRequest()
-    request.previous = {}
     if threading.current_thread() is not threading.main_thread():
         yield request
         return

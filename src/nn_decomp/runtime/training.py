@@ -7,8 +7,6 @@ the one loop. With `data=cache` the LM is never loaded, nor even imported.
 from __future__ import annotations
 
 import json
-import logging
-import os
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -26,6 +24,7 @@ from nn_decomp.data.synthetic import task_of
 from nn_decomp.runtime import distributed, tensor_parallel
 from nn_decomp.runtime.checkpoint import build_coder, load_trainer_state, read_config
 from nn_decomp.runtime.distributed import SINGLE, DistInfo
+from nn_decomp.runtime.files import unwritable
 from nn_decomp.runtime.jobs import hold_run_dir
 from nn_decomp.runtime.resume import finished_run, prepare_resume, total_steps
 from nn_decomp.runtime.logger import MetricsLogger
@@ -34,9 +33,6 @@ from nn_decomp.runtime.trainer import Run, Trainer, pick_layers
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
-
-log = logging.getLogger(__name__)
-
 
 def train(cfg: DictConfig, run_dir: str | Path | None = None, model: HookedTransformer | None = None) -> dict:
     """Train one dictionary as `cfg` says; returns the final eval metrics. Writes checkpoint/,
@@ -109,14 +105,10 @@ def train_together(cfgs: list[DictConfig], run_dirs: list[Path], model: HookedTr
 
 def make_run_dir(run_dir: Path) -> None:
     """Create `run_dir` or say in one line why it cannot be written (before any LM loads)."""
-    why = "permission denied"
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        why = e.strerror.lower()
-    if not (run_dir.is_dir() and os.access(run_dir, os.W_OK | os.X_OK)):
+    if (why := unwritable(run_dir)) is not None:
         raise UsageError(f"cannot write the run dir {run_dir} ({why}): pick a writable one with hydra.run.dir=DIR "
                          "(hydra.sweep.dir=DIR for --multirun)")
+    run_dir.mkdir(parents=True, exist_ok=True)
 
 
 def train_jobs(jobs: list, results: list, model: HookedTransformer | None, info: DistInfo) -> None:
@@ -276,7 +268,7 @@ def train_encoder(runs: list[Run], store, eval_set) -> None:
     progress = tqdm(total=last, initial=step, desc="train", mininterval=2, disable=not main)
     live = list(runs)
     info, device = runs[0].trainer.info, runs[0].trainer.scale_in_L.device
-    with stop_requests() as stop:
+    with stop_requests() as stop, progress:
         while step < last and live:
             x_BLD, y_BLD = store.next_batch()
             for run in [r for r in live if r.trainer.step == step < r.last_step]:
@@ -296,6 +288,4 @@ def train_encoder(runs: list[Run], store, eval_set) -> None:
                 stop.signum = signum
                 for run in live:
                     run.save()
-                progress.close()
                 raise stop.preempted(step)
-    progress.close()
